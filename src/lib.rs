@@ -1,1 +1,3 @@
-//! giftcast
+//! giftcast: a live-streaming gifting server.
+pub mod money;
+pub mod record;
