@@ -1,0 +1,258 @@
+//! Command line and environment: parsed once with clap into typed, validated settings.
+
+use crate::money::Split;
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "giftcast",
+    version,
+    about = "Live-streaming gifting server: room hub, wallets, durable revenue ledger"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print a user token signed with the server's secret (the data dir's, or --token-secret).
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// User id (for a streamer, also its stream id): 1-64 of [A-Za-z0-9_-].
+    #[arg(long)]
+    pub user: String,
+    /// Display name.
+    #[arg(long)]
+    pub name: String,
+    /// viewer or streamer.
+    #[arg(long, default_value = "viewer")]
+    pub role: String,
+    /// Lifetime of the token in seconds.
+    #[arg(long, default_value_t = 86_400)]
+    pub ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(
+        long,
+        env = "GIFTCAST_LISTEN",
+        default_value = "127.0.0.1:8080",
+        global = true
+    )]
+    pub listen: String,
+    /// Directory for the journal, the embedded database and the token secret.
+    #[arg(
+        long,
+        env = "GIFTCAST_DATA_DIR",
+        default_value = "./giftcast-data",
+        global = true
+    )]
+    pub data_dir: PathBuf,
+    /// Storage: unset = embedded SQLite in the data dir; postgres://… for PostgreSQL.
+    #[arg(long, env = "GIFTCAST_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Allow guest sign-up (default: on when listening on loopback only).
+    #[arg(long, env = "GIFTCAST_GUEST_SIGNUP", overrides_with = "no_guest_signup", num_args = 0..=1, default_missing_value = "true")]
+    pub guest_signup: Option<bool>,
+    /// Refuse guest sign-up.
+    #[arg(long, overrides_with = "guest_signup")]
+    pub no_guest_signup: bool,
+    /// Coins granted once to each new guest viewer.
+    #[arg(long, env = "GIFTCAST_WELCOME_COINS", default_value_t = 1000)]
+    pub welcome_coins: u64,
+    /// Bearer token for /api/admin/* (no admin API when unset).
+    #[arg(long, env = "GIFTCAST_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// HS256 key for user tokens (default: generated once, kept in the data dir).
+    #[arg(
+        long,
+        env = "GIFTCAST_TOKEN_SECRET",
+        hide_env_values = true,
+        global = true
+    )]
+    pub token_secret: Option<String>,
+    /// Revenue split in basis points, must sum to 10000.
+    #[arg(
+        long,
+        env = "GIFTCAST_SPLIT",
+        default_value = "store=3000,streamer=5000,platform=2000"
+    )]
+    pub split: String,
+    /// Chat messages per user per minute (0 = no limit).
+    #[arg(long, env = "GIFTCAST_CHAT_RATE", default_value_t = 60)]
+    pub chat_rate: u32,
+    /// Gifts per user per minute (0 = no limit).
+    #[arg(long, env = "GIFTCAST_GIFT_RATE", default_value_t = 600)]
+    pub gift_rate: u32,
+    /// Open WebSockets per client address (0 = no limit).
+    #[arg(long, env = "GIFTCAST_MAX_CONNS_PER_IP", default_value_t = 1000)]
+    pub max_conns_per_ip: u32,
+    /// Open WebSockets in total (0 = no limit; this machine allows 20,000 open files per process).
+    #[arg(long, env = "GIFTCAST_MAX_CONNS", default_value_t = 19_000)]
+    pub max_conns: u32,
+    /// Extra Origins allowed to open /ws, comma separated (same origin and loopback always are).
+    #[arg(long, env = "GIFTCAST_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+    /// Sticker catalog file, JSON or TOML (default: the built-in catalog).
+    #[arg(long, env = "GIFTCAST_CATALOG")]
+    pub catalog: Option<PathBuf>,
+    /// Cluster mode: NATS server URL.
+    #[arg(long, env = "GIFTCAST_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// Cluster mode: this node's id.
+    #[arg(long, env = "GIFTCAST_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Cluster mode: every node's id, comma separated.
+    #[arg(long, env = "GIFTCAST_NODES", value_delimiter = ',')]
+    pub nodes: Vec<String>,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "GIFTCAST_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// Settings after validation: what the server runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub database_url: Option<String>,
+    pub guest_signup: bool,
+    pub welcome_coins: u64,
+    pub admin_token: Option<String>,
+    pub token_secret: Option<String>,
+    pub split: Split,
+    pub chat_rate_per_min: u32,
+    pub gift_rate_per_min: u32,
+    pub max_conns_per_ip: u32,
+    pub max_conns: u32,
+    pub allowed_origins: Vec<String>,
+    pub catalog: crate::catalog::Catalog,
+}
+
+impl ServeArgs {
+    /// Validates every setting; the error is one line fit for a person.
+    pub fn into_config(self) -> Result<Config, String> {
+        let listen: SocketAddr = self.listen.parse().map_err(|_| {
+            format!(
+                "--listen `{}` is not an address like 127.0.0.1:8080",
+                self.listen
+            )
+        })?;
+        let split: Split = self
+            .split
+            .parse()
+            .map_err(|e| format!("--split `{}`: {e}", self.split))?;
+        let guest_signup = if self.no_guest_signup {
+            false
+        } else {
+            self.guest_signup.unwrap_or(listen.ip().is_loopback())
+        };
+        if self.welcome_coins > crate::money::AMOUNT_MAX {
+            return Err(format!(
+                "--welcome-coins must be at most {}",
+                crate::money::AMOUNT_MAX
+            ));
+        }
+        if let Some(t) = &self.admin_token {
+            if t.len() < 8 {
+                return Err("--admin-token must be at least 8 characters".into());
+            }
+        }
+        if let Some(url) = &self.database_url {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(format!("--database-url must be postgres://…, not `{url}` (leave it unset for embedded SQLite)"));
+            }
+        }
+        let catalog = match &self.catalog {
+            Some(p) => crate::catalog::Catalog::load(p).map_err(|e| e.to_string())?,
+            None => crate::catalog::Catalog::default(),
+        };
+        if self.nats_url.is_some() {
+            return Err(
+                "cluster mode (--nats-url) is not available in this build yet; see docs/cluster.md"
+                    .into(),
+            );
+        }
+        Ok(Config {
+            listen,
+            data_dir: self.data_dir,
+            database_url: self.database_url,
+            guest_signup,
+            welcome_coins: self.welcome_coins,
+            admin_token: self.admin_token,
+            token_secret: self.token_secret,
+            split,
+            chat_rate_per_min: self.chat_rate,
+            gift_rate_per_min: self.gift_rate,
+            max_conns_per_ip: self.max_conns_per_ip,
+            max_conns: self.max_conns,
+            allowed_origins: self.allowed_origins,
+            catalog,
+        })
+    }
+}
+
+impl Config {
+    /// A config for tests and embedding: loopback port 0, limits as the defaults.
+    pub fn for_tests(data_dir: PathBuf) -> Config {
+        let args = Cli::parse_from(["giftcast", "--listen", "127.0.0.1:0"]).serve;
+        let mut c = args.into_config().expect("default config is valid");
+        c.data_dir = data_dir;
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(args: &[&str]) -> Result<Config, String> {
+        let mut v = vec!["giftcast"];
+        v.extend_from_slice(args);
+        Cli::try_parse_from(v)
+            .map_err(|e| e.to_string())?
+            .serve
+            .into_config()
+    }
+
+    #[test]
+    fn defaults_follow_the_protocol() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert!(c.guest_signup);
+        assert_eq!(c.welcome_coins, 1000);
+        assert_eq!(c.chat_rate_per_min, 60);
+        assert_eq!(c.gift_rate_per_min, 600);
+        assert_eq!(c.max_conns_per_ip, 1000);
+    }
+
+    #[test]
+    fn guest_signup_defaults_off_off_loopback_and_flags_win() {
+        assert!(!cfg(&["--listen", "0.0.0.0:8080"]).unwrap().guest_signup);
+        assert!(
+            cfg(&["--listen", "0.0.0.0:8080", "--guest-signup"])
+                .unwrap()
+                .guest_signup
+        );
+        assert!(!cfg(&["--no-guest-signup"]).unwrap().guest_signup);
+    }
+
+    #[test]
+    fn bad_config_is_one_line() {
+        let e = cfg(&["--split", "store=1,streamer=2,platform=3"]).unwrap_err();
+        assert!(e.contains("10000") && !e.contains('\n'), "{e}");
+        let e = cfg(&["--listen", "nowhere"]).unwrap_err();
+        assert!(e.contains("--listen"), "{e}");
+        assert!(cfg(&["--database-url", "mysql://x"]).is_err());
+    }
+}

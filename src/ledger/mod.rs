@@ -1,0 +1,476 @@
+//! Wallets, idempotency and revenue: synchronous, in memory, no I/O and no `.await`.
+//!
+//! Every debit and credit is one critical section under its wallet's map entry: check, change,
+//! hand the record to the journal (a non-blocking `submit`), remember the id. Because the record
+//! is submitted while the entry is held, the journal order of one wallet's records is the order
+//! they were applied in memory, so replay reproduces every `balance_after` exactly.
+//!
+//! Architecture invariant: the ledger knows nothing of sockets, rooms or storage.
+
+mod revenue;
+
+pub use revenue::{RevenueReport, StreamRevenue};
+
+use crate::money::{Coins, Shares, Split, AMOUNT_MAX};
+use crate::record::{CreditRecord, GiftRecord, Record};
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::watch;
+
+/// Resolves once the record handed to the sink is durable.
+pub type DurableTicket = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SinkError {
+    /// Too much waits to be written or stored: refuse now, the client retries later.
+    #[error("journal backlog is full")]
+    Full,
+    /// The journal cannot make anything durable any more.
+    #[error("journal failed: {0}")]
+    Failed(String),
+}
+
+/// Where records go to become durable: the journal, or (before it exists) memory.
+pub trait RecordSink: Send + Sync + 'static {
+    /// Must not block: called while a wallet entry is held.
+    fn submit(&self, record: Record) -> Result<DurableTicket, SinkError>;
+}
+
+/// A sink that makes nothing durable: records are "durable" at once. For unit tests and for
+/// tools; the server always uses the journal.
+pub struct MemorySink;
+
+impl RecordSink for MemorySink {
+    fn submit(&self, _record: Record) -> Result<DurableTicket, SinkError> {
+        Ok(Box::pin(async { Ok(()) }))
+    }
+}
+
+/// The state of an accepted debit or credit, shared by the first request and its retries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SlotState {
+    /// Debited in memory, waiting for the journal.
+    Pending,
+    /// Durable. For gifts: the shout-out's room seq (0 when not known, e.g. recovered after a
+    /// crash before it was announced).
+    Done { seq: u64 },
+    /// The journal refused it; the debit was undone.
+    Failed,
+}
+
+/// One accepted gift or credit, remembered for idempotency.
+#[derive(Debug)]
+pub struct Slot {
+    /// What the request contained, to tell a retry from a conflict.
+    fingerprint: String,
+    pub balance_after: u64,
+    pub state: watch::Sender<SlotState>,
+}
+
+impl Slot {
+    fn new(fingerprint: String, balance_after: u64, state: SlotState) -> Arc<Slot> {
+        Arc::new(Slot {
+            fingerprint,
+            balance_after,
+            state: watch::Sender::new(state),
+        })
+    }
+    /// Waits until the slot is no longer pending.
+    pub async fn settled(&self) -> SlotState {
+        let mut rx = self.state.subscribe();
+        let state = rx.wait_for(|s| *s != SlotState::Pending).await;
+        match state {
+            Ok(s) => s.clone(),
+            Err(_) => SlotState::Failed,
+        }
+    }
+}
+
+#[derive(Default, Debug)]
+struct Wallet {
+    balance: u64,
+    /// Accepted gift ids with their outcome.
+    gifts: HashMap<String, Arc<Slot>>,
+}
+
+/// A gift as the ledger sees it, already validated for shape by the protocol layer.
+#[derive(Debug, Clone)]
+pub struct GiftRequest<'a> {
+    pub user_id: &'a str,
+    pub user_name: &'a str,
+    pub gift_id: &'a str,
+    pub stream: &'a str,
+    pub sticker: &'a str,
+    pub price: u64,
+    pub count: u32,
+    pub message: Option<&'a str>,
+    pub ts_ms: u64,
+}
+
+impl GiftRequest<'_> {
+    fn fingerprint(&self) -> String {
+        gift_fingerprint(self.stream, self.sticker, self.count, self.message)
+    }
+}
+
+fn gift_fingerprint(stream: &str, sticker: &str, count: u32, message: Option<&str>) -> String {
+    format!(
+        "{stream}\u{0}{sticker}\u{0}{count}\u{0}{}",
+        message.unwrap_or("\u{1}")
+    )
+}
+
+pub enum GiftStart {
+    /// New and debited: wait for `ticket`, then call `Ledger::gift_durable` or `gift_failed`.
+    New {
+        slot: Arc<Slot>,
+        ticket: DurableTicket,
+        record: Arc<GiftRecord>,
+    },
+    /// A retry of an accepted gift: answer from the slot, debit nothing.
+    Retry(Arc<Slot>),
+    Rejected {
+        code: &'static str,
+        balance: Option<u64>,
+    },
+}
+
+pub enum CreditStart {
+    New {
+        slot: Arc<Slot>,
+        ticket: DurableTicket,
+        record: CreditRecord,
+    },
+    Retry(Arc<Slot>),
+    /// Same reference, other user or amount.
+    Conflict,
+    /// The balance would overflow `AMOUNT_MAX`.
+    TooLarge,
+    Unavailable(SinkError),
+}
+
+/// `credited == balances + gifted` at every quiet moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Audit {
+    pub credited: u64,
+    pub balances: u64,
+    pub gifted: u64,
+    pub ok: bool,
+}
+
+pub struct Ledger {
+    split: Split,
+    sink: Arc<dyn RecordSink>,
+    wallets: DashMap<String, Wallet>,
+    /// Credit reference → slot.
+    credits: DashMap<String, Arc<Slot>>,
+    credited: AtomicU64,
+    gifted: AtomicU64,
+    revenue: DashMap<String, StreamRevenue>,
+}
+
+impl Ledger {
+    pub fn new(split: Split, sink: Arc<dyn RecordSink>) -> Ledger {
+        Ledger {
+            split,
+            sink,
+            wallets: DashMap::new(),
+            credits: DashMap::new(),
+            credited: AtomicU64::new(0),
+            gifted: AtomicU64::new(0),
+            revenue: DashMap::new(),
+        }
+    }
+
+    pub fn split(&self) -> Split {
+        self.split
+    }
+
+    pub fn balance(&self, user_id: &str) -> u64 {
+        self.wallets.get(user_id).map(|w| w.balance).unwrap_or(0)
+    }
+
+    /// Check, debit, journal, remember: one critical section.
+    pub fn begin_gift(&self, req: &GiftRequest<'_>) -> GiftStart {
+        let fingerprint = req.fingerprint();
+        let Some(amount) = Coins(req.price)
+            .checked_mul(req.count as u64)
+            .filter(|a| a.0 <= AMOUNT_MAX)
+        else {
+            return GiftStart::Rejected {
+                code: "invalid",
+                balance: None,
+            };
+        };
+        let Some(shares) = self.split.shares(amount) else {
+            return GiftStart::Rejected {
+                code: "invalid",
+                balance: None,
+            };
+        };
+        let Some(mut wallet) = self.wallets.get_mut(req.user_id) else {
+            return GiftStart::Rejected {
+                code: "insufficient_funds",
+                balance: Some(0),
+            };
+        };
+        if let Some(slot) = wallet.gifts.get(req.gift_id) {
+            if slot.fingerprint != fingerprint {
+                return GiftStart::Rejected {
+                    code: "conflict",
+                    balance: Some(wallet.balance),
+                };
+            }
+            return GiftStart::Retry(slot.clone());
+        }
+        let Some(balance_after) = wallet.balance.checked_sub(amount.0) else {
+            return GiftStart::Rejected {
+                code: "insufficient_funds",
+                balance: Some(wallet.balance),
+            };
+        };
+        let record = Arc::new(GiftRecord {
+            user_id: req.user_id.to_string(),
+            user_name: req.user_name.to_string(),
+            gift_id: req.gift_id.to_string(),
+            stream: req.stream.to_string(),
+            sticker: req.sticker.to_string(),
+            count: req.count,
+            price: req.price,
+            amount: amount.0,
+            shares,
+            message: req.message.map(str::to_string),
+            balance_after,
+            ts_ms: req.ts_ms,
+        });
+        let ticket = match self.sink.submit(Record::Gift((*record).clone())) {
+            Ok(t) => t,
+            Err(_) => {
+                return GiftStart::Rejected {
+                    code: "unavailable",
+                    balance: Some(wallet.balance),
+                }
+            }
+        };
+        wallet.balance = balance_after;
+        let slot = Slot::new(fingerprint, balance_after, SlotState::Pending);
+        wallet.gifts.insert(req.gift_id.to_string(), slot.clone());
+        self.gifted.fetch_add(amount.0, Ordering::SeqCst);
+        GiftStart::New {
+            slot,
+            ticket,
+            record,
+        }
+    }
+
+    /// The gift's record is durable: count its revenue. The caller then announces it and
+    /// settles the slot with the shout-out's seq.
+    pub fn gift_durable(&self, record: &GiftRecord) {
+        self.revenue
+            .entry(record.stream.clone())
+            .or_default()
+            .add(record);
+    }
+
+    /// The journal refused the gift's record: undo the debit and forget the id, so a retry is a
+    /// fresh attempt.
+    pub fn gift_failed(&self, record: &GiftRecord, slot: &Slot) {
+        if let Some(mut wallet) = self.wallets.get_mut(&record.user_id) {
+            wallet.balance = wallet
+                .balance
+                .checked_add(record.amount)
+                .expect("undo of a debit fits");
+            wallet.gifts.remove(&record.gift_id);
+        }
+        self.gifted.fetch_sub(record.amount, Ordering::SeqCst);
+        slot.state.send_replace(SlotState::Failed);
+    }
+
+    /// Credit a wallet, idempotent on `reference`.
+    pub fn begin_credit(
+        &self,
+        user_id: &str,
+        coins: u64,
+        reference: &str,
+        ts_ms: u64,
+    ) -> CreditStart {
+        let fingerprint = format!("{user_id}\u{0}{coins}");
+        let entry = self.credits.entry(reference.to_string());
+        let vacant = match entry {
+            Entry::Occupied(o) => {
+                return if o.get().fingerprint == fingerprint {
+                    CreditStart::Retry(o.get().clone())
+                } else {
+                    CreditStart::Conflict
+                };
+            }
+            Entry::Vacant(v) => v,
+        };
+        // Lock order: credit reference entry, then wallet entry (the only path holding both).
+        let mut wallet = self.wallets.entry(user_id.to_string()).or_default();
+        let Some(balance_after) = wallet
+            .balance
+            .checked_add(coins)
+            .filter(|b| *b <= AMOUNT_MAX)
+        else {
+            return CreditStart::TooLarge;
+        };
+        let record = CreditRecord {
+            user_id: user_id.to_string(),
+            coins,
+            reference: reference.to_string(),
+            balance_after,
+            ts_ms,
+        };
+        let ticket = match self.sink.submit(Record::Credit(record.clone())) {
+            Ok(t) => t,
+            Err(e) => return CreditStart::Unavailable(e),
+        };
+        wallet.balance = balance_after;
+        self.credited.fetch_add(coins, Ordering::SeqCst);
+        let slot = Slot::new(fingerprint, balance_after, SlotState::Pending);
+        vacant.insert(slot.clone());
+        CreditStart::New {
+            slot,
+            ticket,
+            record,
+        }
+    }
+
+    pub fn credit_failed(&self, record: &CreditRecord, slot: &Slot) {
+        if let Some(mut wallet) = self.wallets.get_mut(&record.user_id) {
+            wallet.balance = wallet
+                .balance
+                .checked_sub(record.coins)
+                .expect("undo of a credit fits");
+        }
+        self.credited.fetch_sub(record.coins, Ordering::SeqCst);
+        self.credits.remove(&record.reference);
+        slot.state.send_replace(SlotState::Failed);
+    }
+
+    pub fn audit(&self) -> Audit {
+        // Read the counters around the balances; equal readings on both sides mean quiet.
+        let credited = self.credited.load(Ordering::SeqCst);
+        let gifted = self.gifted.load(Ordering::SeqCst);
+        let balances: u64 = self.wallets.iter().map(|w| w.balance).sum();
+        Audit {
+            credited,
+            balances,
+            gifted,
+            ok: credited == balances + gifted,
+        }
+    }
+
+    pub fn revenue(&self, stream: &str) -> RevenueReport {
+        match self.revenue.get(stream) {
+            Some(r) => r.report(stream),
+            None => StreamRevenue::default().report(stream),
+        }
+    }
+
+    // ---- recovery: state from storage, then the journal tail ----
+
+    /// A wallet's balance as stored at the checkpoint.
+    pub fn restore_balance(&self, user_id: &str, balance: u64) {
+        self.wallets.entry(user_id.to_string()).or_default().balance = balance;
+    }
+
+    /// A stored credit: remembered for idempotency (its coins are in the stored balance).
+    pub fn restore_credit(&self, c: &CreditRecord) {
+        let slot = Slot::new(
+            format!("{}\u{0}{}", c.user_id, c.coins),
+            c.balance_after,
+            SlotState::Done { seq: 0 },
+        );
+        self.credits.insert(c.reference.clone(), slot);
+    }
+
+    /// A stored gift: remembered for idempotency (its debit is in the stored balance).
+    pub fn restore_gift(&self, g: &GiftRecord) {
+        let fp = gift_fingerprint(&g.stream, &g.sticker, g.count, g.message.as_deref());
+        let slot = Slot::new(fp, g.balance_after, SlotState::Done { seq: 0 });
+        self.wallets
+            .entry(g.user_id.clone())
+            .or_default()
+            .gifts
+            .insert(g.gift_id.clone(), slot);
+    }
+
+    pub fn restore_revenue(&self, stream: &str, row: revenue::RevenueRow) {
+        self.revenue
+            .entry(stream.to_string())
+            .or_default()
+            .restore(row);
+    }
+
+    pub fn restore_totals(&self, credited: u64, gifted: u64) {
+        self.credited.store(credited, Ordering::SeqCst);
+        self.gifted.store(gifted, Ordering::SeqCst);
+    }
+
+    /// Re-applies a journal record written after the storage checkpoint. The record's
+    /// `balance_after` must come out exactly: anything else means the journal and the stored
+    /// state disagree, and the start stops.
+    pub fn replay(&self, record: &Record) -> Result<(), String> {
+        match record {
+            Record::Credit(c) => {
+                if self.credits.contains_key(&c.reference) {
+                    return Err(format!("credit {} replayed twice", c.reference));
+                }
+                let mut wallet = self.wallets.entry(c.user_id.clone()).or_default();
+                let after = wallet
+                    .balance
+                    .checked_add(c.coins)
+                    .ok_or("credit overflows")?;
+                if after != c.balance_after {
+                    return Err(format!(
+                        "credit {} of {}: balance would be {after}, journal says {}",
+                        c.reference, c.user_id, c.balance_after
+                    ));
+                }
+                wallet.balance = after;
+                drop(wallet);
+                self.credited.fetch_add(c.coins, Ordering::SeqCst);
+                self.restore_credit(c);
+            }
+            Record::Gift(g) => {
+                let mut wallet = self.wallets.entry(g.user_id.clone()).or_default();
+                if wallet.gifts.contains_key(&g.gift_id) {
+                    return Err(format!("gift {}/{} replayed twice", g.user_id, g.gift_id));
+                }
+                let after = wallet.balance.checked_sub(g.amount).ok_or_else(|| {
+                    format!(
+                        "gift {}/{} would take the wallet below zero",
+                        g.user_id, g.gift_id
+                    )
+                })?;
+                if after != g.balance_after {
+                    return Err(format!(
+                        "gift {}/{}: balance would be {after}, journal says {}",
+                        g.user_id, g.gift_id, g.balance_after
+                    ));
+                }
+                wallet.balance = after;
+                drop(wallet);
+                self.gifted.fetch_add(g.amount, Ordering::SeqCst);
+                self.restore_gift(g);
+                self.gift_durable(g);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Shares for a record, recomputed: used by tests and by the audit of stored gifts.
+pub fn expected_shares(split: Split, amount: u64) -> Option<Shares> {
+    split.shares(Coins(amount))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,159 @@
+//! Revenue totals per stream: gross coins and the three exact shares, by sticker and by gifter.
+
+use crate::money::SHARE_UNIT;
+use crate::record::GiftRecord;
+use serde::Serialize;
+use std::collections::HashMap;
+
+/// How many gifters `top_gifters` lists.
+pub const TOP_GIFTERS_MAX: usize = 10;
+
+#[derive(Default, Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Totals {
+    pub gifts: u64,
+    pub stickers: u64,
+    pub gross: u64,
+    pub store: u64,
+    pub streamer: u64,
+    pub platform: u64,
+}
+
+impl Totals {
+    fn add(&mut self, t: &Totals) {
+        self.gifts += t.gifts;
+        self.stickers += t.stickers;
+        self.gross += t.gross;
+        self.store += t.store;
+        self.streamer += t.streamer;
+        self.platform += t.platform;
+    }
+}
+
+/// A stored aggregate: one (stream, sticker, gifter) group.
+#[derive(Debug, Clone)]
+pub struct RevenueRow {
+    pub sticker: String,
+    pub user_id: String,
+    pub user_name: String,
+    pub totals: Totals,
+}
+
+#[derive(Default, Debug)]
+pub struct StreamRevenue {
+    total: Totals,
+    by_sticker: HashMap<String, Totals>,
+    by_gifter: HashMap<String, (String, Totals)>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StickerTotals {
+    pub sticker: String,
+    #[serde(flatten)]
+    pub totals: Totals,
+}
+
+#[derive(Debug, Serialize)]
+pub struct GifterTotals {
+    pub user_id: String,
+    pub name: String,
+    #[serde(flatten)]
+    pub totals: Totals,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RevenueReport {
+    pub stream: String,
+    pub gifts: u64,
+    pub gross: u64,
+    pub store: u64,
+    pub streamer: u64,
+    pub platform: u64,
+    pub unit: u64,
+    pub by_sticker: Vec<StickerTotals>,
+    pub top_gifters: Vec<GifterTotals>,
+}
+
+impl StreamRevenue {
+    pub fn add(&mut self, g: &GiftRecord) {
+        let t = Totals {
+            gifts: 1,
+            stickers: g.count as u64,
+            gross: g.amount,
+            store: g.shares.store,
+            streamer: g.shares.streamer,
+            platform: g.shares.platform,
+        };
+        self.total.add(&t);
+        self.by_sticker
+            .entry(g.sticker.clone())
+            .or_default()
+            .add(&t);
+        let gifter = self
+            .by_gifter
+            .entry(g.user_id.clone())
+            .or_insert_with(|| (g.user_name.clone(), Totals::default()));
+        gifter.0.clone_from(&g.user_name);
+        gifter.1.add(&t);
+    }
+
+    pub fn restore(&mut self, row: RevenueRow) {
+        self.total.add(&row.totals);
+        self.by_sticker
+            .entry(row.sticker)
+            .or_default()
+            .add(&row.totals);
+        let gifter = self
+            .by_gifter
+            .entry(row.user_id)
+            .or_insert_with(|| (row.user_name, Totals::default()));
+        gifter.1.add(&row.totals);
+    }
+
+    pub fn report(&self, stream: &str) -> RevenueReport {
+        debug_assert_eq!(
+            self.total.store + self.total.streamer + self.total.platform,
+            self.total.gross * SHARE_UNIT
+        );
+        let mut by_sticker: Vec<StickerTotals> = self
+            .by_sticker
+            .iter()
+            .map(|(k, t)| StickerTotals {
+                sticker: k.clone(),
+                totals: *t,
+            })
+            .collect();
+        by_sticker.sort_by(|a, b| {
+            b.totals
+                .gross
+                .cmp(&a.totals.gross)
+                .then(a.sticker.cmp(&b.sticker))
+        });
+        let mut top: Vec<GifterTotals> = self
+            .by_gifter
+            .iter()
+            .map(|(k, (name, t))| GifterTotals {
+                user_id: k.clone(),
+                name: name.clone(),
+                totals: *t,
+            })
+            .collect();
+        top.sort_by(|a, b| {
+            b.totals
+                .gross
+                .cmp(&a.totals.gross)
+                .then(a.user_id.cmp(&b.user_id))
+        });
+        top.truncate(TOP_GIFTERS_MAX);
+        RevenueReport {
+            stream: stream.to_string(),
+            gifts: self.total.gifts,
+            gross: self.total.gross,
+            store: self.total.store,
+            streamer: self.total.streamer,
+            platform: self.total.platform,
+            unit: SHARE_UNIT,
+            by_sticker,
+            top_gifters: top,
+        }
+    }
+}

@@ -1,0 +1,289 @@
+use super::*;
+use proptest::prelude::*;
+use std::sync::Mutex;
+
+fn ledger() -> Ledger {
+    Ledger::new(Split::default(), Arc::new(MemorySink))
+}
+
+fn gift<'a>(user: &'a str, id: &'a str, price: u64, count: u32) -> GiftRequest<'a> {
+    GiftRequest {
+        user_id: user,
+        user_name: "U",
+        gift_id: id,
+        stream: "s1",
+        // One sticker per price, as in a catalog.
+        sticker: Box::leak(format!("k{price}").into_boxed_str()),
+        price,
+        count,
+        message: None,
+        ts_ms: 1,
+    }
+}
+
+/// Runs a gift to completion as the server does (durable at once with the memory sink).
+fn run_gift(l: &Ledger, req: &GiftRequest<'_>) -> Result<u64, &'static str> {
+    match l.begin_gift(req) {
+        GiftStart::New { slot, record, .. } => {
+            l.gift_durable(&record);
+            slot.state.send_replace(SlotState::Done { seq: 1 });
+            Ok(slot.balance_after)
+        }
+        GiftStart::Retry(slot) => Ok(slot.balance_after),
+        GiftStart::Rejected { code, .. } => Err(code),
+    }
+}
+
+fn credit(l: &Ledger, user: &str, coins: u64, reference: &str) {
+    match l.begin_credit(user, coins, reference, 1) {
+        CreditStart::New { slot, .. } => {
+            slot.state.send_replace(SlotState::Done { seq: 0 });
+        }
+        CreditStart::Retry(_) => {}
+        _ => panic!("credit refused"),
+    }
+}
+
+#[test]
+fn debit_never_below_zero_and_insufficient_reports_balance() {
+    let l = ledger();
+    credit(&l, "a", 10, "r1");
+    assert_eq!(run_gift(&l, &gift("a", "g1", 4, 2)), Ok(2));
+    assert_eq!(
+        run_gift(&l, &gift("a", "g2", 4, 1)),
+        Err("insufficient_funds")
+    );
+    assert_eq!(l.balance("a"), 2);
+    assert_eq!(
+        run_gift(&l, &gift("nobody", "g1", 1, 1)),
+        Err("insufficient_funds")
+    );
+    assert!(l.audit().ok);
+}
+
+#[test]
+fn retry_debits_once_and_other_contents_conflict() {
+    let l = ledger();
+    credit(&l, "a", 100, "r1");
+    assert_eq!(run_gift(&l, &gift("a", "g1", 10, 1)), Ok(90));
+    assert_eq!(run_gift(&l, &gift("a", "g1", 10, 1)), Ok(90));
+    assert_eq!(l.balance("a"), 90);
+    assert_eq!(run_gift(&l, &gift("a", "g1", 10, 2)), Err("conflict"));
+    // Another user may use the same gift id.
+    credit(&l, "b", 100, "r2");
+    assert_eq!(run_gift(&l, &gift("b", "g1", 10, 1)), Ok(90));
+    assert_eq!(l.revenue("s1").gifts, 2);
+}
+
+#[test]
+fn rejected_id_can_be_retried_after_top_up() {
+    let l = ledger();
+    credit(&l, "a", 5, "r1");
+    assert_eq!(
+        run_gift(&l, &gift("a", "g1", 10, 1)),
+        Err("insufficient_funds")
+    );
+    credit(&l, "a", 5, "r2");
+    assert_eq!(run_gift(&l, &gift("a", "g1", 10, 1)), Ok(0));
+}
+
+#[test]
+fn credits_are_idempotent_on_reference() {
+    let l = ledger();
+    credit(&l, "a", 5, "r1");
+    credit(&l, "a", 5, "r1");
+    assert_eq!(l.balance("a"), 5);
+    assert!(matches!(
+        l.begin_credit("a", 6, "r1", 1),
+        CreditStart::Conflict
+    ));
+    assert!(matches!(
+        l.begin_credit("b", 5, "r1", 1),
+        CreditStart::Conflict
+    ));
+    assert!(matches!(
+        l.begin_credit("a", AMOUNT_MAX, "r2", 1),
+        CreditStart::TooLarge
+    ));
+    assert_eq!(
+        l.audit(),
+        Audit {
+            credited: 5,
+            balances: 5,
+            gifted: 0,
+            ok: true
+        }
+    );
+}
+
+struct FailingSink;
+impl RecordSink for FailingSink {
+    fn submit(&self, _r: Record) -> Result<DurableTicket, SinkError> {
+        Err(SinkError::Failed("disk gone".into()))
+    }
+}
+
+#[test]
+fn a_sink_refusal_debits_nothing() {
+    let l = Ledger::new(Split::default(), Arc::new(FailingSink));
+    l.restore_balance("a", 50);
+    l.restore_totals(50, 0);
+    assert_eq!(run_gift(&l, &gift("a", "g1", 10, 1)), Err("unavailable"));
+    assert_eq!(l.balance("a"), 50);
+    assert!(l.audit().ok);
+}
+
+#[test]
+fn a_failed_ticket_undoes_the_debit() {
+    let l = ledger();
+    credit(&l, "a", 50, "r");
+    let GiftStart::New { slot, record, .. } = l.begin_gift(&gift("a", "g1", 10, 1)) else {
+        panic!()
+    };
+    assert_eq!(l.balance("a"), 40);
+    l.gift_failed(&record, &slot);
+    assert_eq!(l.balance("a"), 50);
+    assert!(l.audit().ok);
+    assert_eq!(l.revenue("s1").gifts, 0);
+    assert_eq!(run_gift(&l, &gift("a", "g1", 10, 1)), Ok(40));
+}
+
+#[test]
+fn many_threads_on_one_wallet_spend_exactly_what_is_there() {
+    let l = Arc::new(ledger());
+    credit(&l, "a", 1000, "r");
+    let ok = Arc::new(AtomicU64::new(0));
+    std::thread::scope(|s| {
+        for t in 0..8 {
+            let l = l.clone();
+            let ok = ok.clone();
+            s.spawn(move || {
+                for i in 0..200 {
+                    let id = format!("t{t}-{i}");
+                    if run_gift(&l, &gift("a", &id, 7, 1)).is_ok() {
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(ok.load(Ordering::SeqCst), 1000 / 7);
+    assert_eq!(l.balance("a"), 1000 % 7);
+    assert!(l.audit().ok);
+}
+
+#[test]
+fn replay_reproduces_balances_and_refuses_inconsistency() {
+    let journal = Arc::new(Mutex::new(Vec::new()));
+    struct Capture(Arc<Mutex<Vec<Record>>>);
+    impl RecordSink for Capture {
+        fn submit(&self, r: Record) -> Result<DurableTicket, SinkError> {
+            self.0.lock().unwrap().push(r);
+            Ok(Box::pin(async { Ok(()) }))
+        }
+    }
+    let l = Ledger::new(Split::default(), Arc::new(Capture(journal.clone())));
+    credit(&l, "a", 100, "r1");
+    run_gift(&l, &gift("a", "g1", 10, 3)).unwrap();
+    run_gift(&l, &gift("a", "g2", 1, 1)).unwrap();
+    let fresh = ledger();
+    for r in journal.lock().unwrap().iter() {
+        fresh.replay(r).unwrap();
+    }
+    assert_eq!(fresh.balance("a"), l.balance("a"));
+    assert_eq!(fresh.audit(), l.audit());
+    assert_eq!(fresh.revenue("s1").gross, 31);
+    // The same gift again is refused, so is a record that does not fit the balance.
+    let records = journal.lock().unwrap().clone();
+    assert!(fresh.replay(&records[1]).is_err());
+    let other = ledger();
+    assert!(other.replay(&records[1]).is_err());
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Credit {
+        user: u8,
+        coins: u64,
+        reference: u8,
+    },
+    Gift {
+        user: u8,
+        id: u8,
+        price: u64,
+        count: u32,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0u8..4, 0u64..200, 0u8..20).prop_map(|(user, coins, reference)| Op::Credit {
+            user,
+            coins,
+            reference
+        }),
+        (0u8..4, 0u8..30, 1u64..60, 1u32..5).prop_map(|(user, id, price, count)| Op::Gift {
+            user,
+            id,
+            price,
+            count
+        }),
+    ]
+}
+
+proptest! {
+    /// The ledger against a simple single-threaded model.
+    #[test]
+    fn matches_a_simple_model(ops in proptest::collection::vec(op(), 1..200)) {
+        let l = ledger();
+        let mut balances = [0u64; 4];
+        let mut refs: HashMap<u8, (u8, u64)> = HashMap::new();
+        let mut gifts: HashMap<(u8, u8), (u64, u32, u64)> = HashMap::new();
+        let (mut credited, mut gifted) = (0u64, 0u64);
+        for op in ops {
+            match op {
+                Op::Credit { user, coins, reference } => {
+                    let r = format!("r{reference}");
+                    let got = l.begin_credit(&format!("u{user}"), coins, &r, 1);
+                    match refs.get(&reference) {
+                        Some(&(u, c)) if u == user && c == coins => prop_assert!(matches!(got, CreditStart::Retry(_))),
+                        Some(_) => prop_assert!(matches!(got, CreditStart::Conflict)),
+                        None => {
+                            let CreditStart::New { slot, .. } = got else { panic!("expected new credit") };
+                            slot.state.send_replace(SlotState::Done { seq: 0 });
+                            refs.insert(reference, (user, coins));
+                            balances[user as usize] += coins;
+                            credited += coins;
+                        }
+                    }
+                }
+                Op::Gift { user, id, price, count } => {
+                    let u = format!("u{user}");
+                    let gid = format!("g{id}");
+                    let got = run_gift(&l, &gift(&u, &gid, price, count));
+                    let amount = price * count as u64;
+                    match gifts.get(&(user, id)) {
+                        Some(&(p, c, after)) if p == price && c == count => prop_assert_eq!(got, Ok(after)),
+                        Some(_) => prop_assert_eq!(got, Err("conflict")),
+                        None if balances[user as usize] >= amount => {
+                            balances[user as usize] -= amount;
+                            gifted += amount;
+                            gifts.insert((user, id), (price, count, balances[user as usize]));
+                            prop_assert_eq!(got, Ok(balances[user as usize]));
+                        }
+                        None => prop_assert_eq!(got, Err("insufficient_funds")),
+                    }
+                }
+            }
+            for (i, b) in balances.iter().enumerate() {
+                prop_assert_eq!(l.balance(&format!("u{i}")), *b);
+            }
+            let audit = l.audit();
+            prop_assert!(audit.ok);
+            prop_assert_eq!((audit.credited, audit.gifted), (credited, gifted));
+            let rev = l.revenue("s1");
+            prop_assert_eq!(rev.gross, gifted);
+            prop_assert_eq!(rev.store + rev.streamer + rev.platform, gifted * crate::money::SHARE_UNIT);
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! Every limit of giftcast, each with its reason. Limits that an operator tunes are flags in
+//! `config.rs`; these are the ones fixed by the protocol or by memory arithmetic.
+
+/// Largest WebSocket message or frame a client may send (PROTOCOL: 16 KiB). A client frame is
+/// one small JSON object; anything bigger is abuse and closes the socket with 1009.
+pub const FRAME_BYTES_MAX: usize = 16 * 1024;
+/// WebSocket read buffer per connection: small, because 19,000 idle sockets each holding the
+/// library default of 128 KiB would cost 2.4 GiB.
+pub const WS_READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Bytes the writer accumulates before it must write to the socket.
+pub const WS_WRITE_BUFFER_BYTES: usize = 8 * 1024;
+/// Bytes a connection may hold unsent in its WebSocket writer before a write fails; must exceed
+/// `WS_WRITE_BUFFER_BYTES`. With `OUTBOX_FRAMES_MAX` this bounds a slow consumer's memory.
+pub const WS_MAX_WRITE_BUFFER_BYTES: usize = 512 * 1024;
+const _: () = assert!(WS_MAX_WRITE_BUFFER_BYTES > WS_WRITE_BUFFER_BYTES);
+
+/// The `join` frame must arrive within this time (PROTOCOL: 10 s), else close 4001.
+pub const JOIN_TIMEOUT_MS: u64 = 10_000;
+/// A single write+flush to a client that takes longer than this means the client is stalled:
+/// the connection is closed so it holds no memory and no task forever.
+pub const WRITE_TIMEOUT_MS: u64 = 10_000;
+/// Frames a connection's outbox holds before the member counts as lagging. Each entry is a
+/// shared `Bytes` (one event or one batch), so the cost is pointers, not copies.
+pub const OUTBOX_FRAMES_MAX: usize = 1024;
+/// Events each room keeps for `since` resume.
+pub const ROOM_HISTORY_EVENTS_MAX: usize = 1024;
+/// Events a room coalesces into one batch frame at most.
+pub const BATCH_EVENTS_MAX: usize = 256;
+/// Replay of history is sent in batch frames of at most this many events.
+pub const REPLAY_BATCH_EVENTS_MAX: usize = 128;
+/// Rooms one node keeps; a join that would create one more is refused.
+pub const ROOMS_MAX: usize = 100_000;
+/// Room id (= streamer user id) and user id length, characters of `[A-Za-z0-9_-]`.
+pub const ID_CHARS_MAX: usize = 64;
+/// Display name length, characters.
+pub const NAME_CHARS_MAX: usize = 32;
+/// Chat text length, characters (PROTOCOL: 500).
+pub const CHAT_CHARS_MAX: usize = 500;
+/// Gift message (public question) length, characters (PROTOCOL: 200).
+pub const GIFT_MESSAGE_CHARS_MAX: usize = 200;
+/// Thanks text length, characters.
+pub const THANKS_CHARS_MAX: usize = 200;
+/// `gift_id` length (PROTOCOL: 1–64 of `[A-Za-z0-9_-]`).
+pub const GIFT_ID_CHARS_MAX: usize = 64;
+/// Stickers per gift (PROTOCOL: 1–99).
+pub const GIFT_COUNT_MAX: u32 = 99;
+/// Un-thanked gifts a stream's queue keeps; the oldest fall off beyond it.
+pub const THANKS_QUEUE_MAX: usize = 500;
+/// Combo window: gifts of the same sticker by the same sender within this gap extend a streak.
+pub const COMBO_WINDOW_MS: u64 = 10_000;
+/// Combo streaks one room tracks; stale ones are evicted beyond it.
+pub const COMBO_TRACKED_MAX: usize = 10_000;
+/// How often `viewers` counts go out (only when changed).
+pub const VIEWERS_INTERVAL_MS: u64 = 2_000;
+/// Frames per second one connection may send, sustained, before it counts as flooding (4008).
+pub const FLOOD_FRAMES_PER_SEC: u32 = 100;
+/// Burst of frames allowed above the sustained flood rate.
+pub const FLOOD_BURST_FRAMES: u32 = 200;
+/// HTTP request bodies, bytes.
+pub const HTTP_BODY_BYTES_MAX: usize = 16 * 1024;
+/// HTTP request handling time limit (not WebSockets).
+pub const HTTP_TIMEOUT_MS: u64 = 10_000;
+/// Listen backlog: the default 128 drops SYNs under connection storms.
+pub const LISTEN_BACKLOG: u32 = 4096;
+/// Guest tokens' lifetime.
+pub const GUEST_TOKEN_TTL_SECS: u64 = 24 * 3600;
+/// Credit references, characters.
+pub const REFERENCE_CHARS_MAX: usize = 128;
+/// Gift ids remembered after a restart (at least 24 h as the protocol asks; gifts older than
+/// this that are retried after a restart are not recognised).
+pub const IDEMPOTENCY_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
+/// Time allowed, on SIGTERM, for connections to close and money to become durable and stored.
+pub const SHUTDOWN_DRAIN_MS: u64 = 10_000;
