@@ -1,0 +1,539 @@
+// Viewer page: chat, balance, sticker gifts with an optional public question,
+// shout-out animations by tier, pinned paid messages, combos, the streamer's thanks.
+import {
+  $, el, fill, api, ApiError, fetchCatalog, indexCatalog, sticker, newGiftId, RoomSocket,
+  describeStatus, rejectionText, formatCoins, userColor, appendScrolled, timeOf, tsMs,
+  loadSession, store, exposeHooks,
+} from './common.js';
+
+const SESSION_KEY = 'giftcast.viewer';
+const PENDING_KEY = 'giftcast.pending';
+const params = new URLSearchParams(location.search);
+const stream = (params.get('stream') || 'demo').trim().slice(0, 64) || 'demo';
+
+let session = loadSession(SESSION_KEY);
+let catalog = new Map();
+let balance = null;
+let viewers = 0;
+let selected = null; // sticker id
+let count = 1;
+let currentGift = null; // gift_id being sent from the sheet
+let lastChat = '';
+const pending = new Map(Object.entries(store.get(PENDING_KEY) || {})); // gift_id → {frame, stream}
+const shoutoutIds = new Set();
+let noticeTimer = null;
+
+// ---------- small UI helpers ----------
+
+function toast(text, kind = '', ms = 3500) {
+  const t = el('div', { class: `toast ${kind}`, role: 'status' }, text);
+  $('#toasts').append(t);
+  setTimeout(() => t.remove(), ms);
+}
+
+/** One notice line above the chat; `code` lets tests and later updates find it. */
+function notice(code, kind, text, ms = 0) {
+  const n = $('#notice');
+  clearTimeout(noticeTimer);
+  n.className = `notice ${kind}`;
+  n.dataset.code = code;
+  n.textContent = text;
+  n.hidden = false;
+  if (ms) noticeTimer = setTimeout(() => clearNotice(code), ms);
+}
+
+function clearNotice(code) {
+  const n = $('#notice');
+  if (!code || n.dataset.code === code) {
+    n.hidden = true;
+    n.dataset.code = '';
+  }
+}
+
+function savePending() {
+  store.set(PENDING_KEY, Object.fromEntries(pending));
+}
+
+function setBalance(b) {
+  if (b == null) return;
+  balance = Number(b);
+  $('#balance-value').textContent = formatCoins(balance);
+  $('#sheet-balance').textContent = formatCoins(balance);
+  $('#account-balance').textContent = formatCoins(balance);
+  $('#balance').dataset.value = String(balance);
+  $('#balance').hidden = !session;
+  renderStickers();
+  updateGiftSummary();
+}
+
+function setViewers(n) {
+  viewers = Number(n) || 0;
+  $('#viewer-count').textContent = formatCoins(viewers);
+}
+
+function setAuth() {
+  const signedIn = !!session;
+  document.body.dataset.auth = signedIn ? 'signed-in' : 'signed-out';
+  $('#signin-bar').hidden = signedIn;
+  $('#composer').hidden = !signedIn;
+  $('#balance').hidden = !signedIn || balance == null;
+  $('#account-btn').textContent = signedIn ? session.name : 'Sign in';
+  $('#account-name').textContent = signedIn ? session.name : '';
+}
+
+// ---------- connection ----------
+
+const socket = new RoomSocket({
+  stream,
+  token: session ? session.token : null,
+  onFrame,
+  onStatus(s) {
+    const d = describeStatus(s);
+    const pill = $('#conn');
+    pill.className = `pill ${d.kind}`;
+    pill.textContent = d.text;
+    document.body.dataset.conn = s.state;
+    pill.dataset.attempt = String(s.attempt || 0);
+    if (s.state === 'reconnecting') {
+      const why = s.code === 4029 ? ' (too many connections)' : '';
+      notice('reconnecting', 'warn', `Disconnected${why}. Reconnecting, attempt ${s.attempt}… Messages you miss will be caught up.`);
+    }
+  },
+  onClose(ev) {
+    if (ev.code === 4003 && session) {
+      // Bad or expired token: fall back to read-only and ask for a new name.
+      signOut('Your session expired. Pick a name to sign in again.');
+    }
+  },
+});
+
+function onFrame(f) {
+  switch (f.type) {
+    case 'joined': return onJoined(f);
+    case 'chat': return addChat(f);
+    case 'shoutout': return addShoutout(f);
+    case 'thanks': return addThanks(f);
+    case 'viewers': return setViewers(f.count);
+    case 'gift_ok': return onGiftOk(f);
+    case 'gift_rejected': return onGiftRejected(f);
+    case 'error': return onError(f);
+    default: return undefined;
+  }
+}
+
+function onJoined(f) {
+  if (f.catalog) {
+    catalog = indexCatalog(f.catalog);
+    renderStickers();
+  }
+  if (f.viewers != null) setViewers(f.viewers);
+  if (f.balance != null) setBalance(f.balance);
+  setAuth();
+  const r = f._resume;
+  if (r.reconnect) {
+    if ($('#notice').dataset.code === 'reconnecting') notice('reconnected', 'ok', 'Reconnected.', 2500);
+  } else {
+    clearNotice('reconnecting');
+  }
+  if (r.sent && !r.resumed) {
+    sys(r.epochChanged ? 'The stream restarted while you were away.' : 'You were away for a while; some older messages were skipped.');
+  }
+  // Retry gifts the socket dropped before their gift_ok, with the same ids.
+  for (const [, p] of pending) {
+    if (p.stream === stream && session) socket.send(p.frame);
+  }
+}
+
+// ---------- chat rendering ----------
+
+function nameEl(from) {
+  const id = from && from.id;
+  return el('span', { class: 'name', style: `color:${userColor(id)}` }, (from && from.name) || 'someone');
+}
+
+function sys(text) {
+  appendScrolled($('#chat'), el('li', { class: 'sys' }, text));
+}
+
+function addChat(f) {
+  const li = el('li', { class: 'msg', dataset: { seq: f.seq, type: 'chat' } },
+    el('span', { class: 'time' }, timeOf(f.ts)), nameEl(f.from), el('span', { class: 'text' }, f.text ?? ''));
+  if (session && f.from && f.from.id === session.user_id) li.classList.add('me');
+  appendScrolled($('#chat'), li);
+}
+
+function comboEl(combo) {
+  return Number(combo) > 1 ? el('span', { class: 'combo' }, `x${combo} combo`) : null;
+}
+
+function addShoutout(f) {
+  const s = sticker(catalog, f.sticker);
+  shoutoutIds.add(f.gift_id);
+  const cnt = Number(f.count) || 1;
+  const li = el('li', { class: `gift t${s.tier}`, dataset: { seq: f.seq, type: 'shoutout', giftId: f.gift_id } },
+    el('span', { class: 'emoji' }, s.emoji),
+    nameEl(f.from),
+    el('span', { class: 'what' }, `sent ${cnt > 1 ? `${cnt}× ` : ''}${s.name}`),
+    el('span', { class: 'amt' }, `🪙 ${formatCoins(f.amount)}`),
+    comboEl(f.combo),
+    el('span', { class: 'thanked-badge' }, '✓ thanked'),
+    f.message ? el('span', { class: 'question' }, f.message) : null);
+  appendScrolled($('#chat'), li);
+  const age = Date.now() - tsMs(f.ts);
+  if (!f._replay || age < 15_000) animate(f, s);
+  if (f.message && s.pin_secs > 0) {
+    const left = f._replay ? s.pin_secs * 1000 - age : s.pin_secs * 1000;
+    if (left > 500) pin(f, s, left);
+  }
+}
+
+function addThanks(f) {
+  const li = el('li', { class: 'thanks', dataset: { seq: f.seq, type: 'thanks', giftId: f.gift_id } },
+    el('span', { class: 'emoji' }, '🙏 '),
+    el('strong', {}, `@${stream}`), ' thanked ', nameEl(f.to),
+    f.text ? el('span', { class: 'quote' }, `“${f.text}”`) : null);
+  if (session && f.to && f.to.id === session.user_id) {
+    li.classList.add('me');
+    toast(`🙏 ${stream} thanked you${f.text ? `: “${f.text}”` : '!'}`, 'ok', 5000);
+  }
+  appendScrolled($('#chat'), li);
+  for (const n of document.querySelectorAll('[data-gift-id]')) {
+    if (n.dataset.giftId === f.gift_id && n.dataset.type !== 'thanks') n.classList.add('thanked');
+  }
+}
+
+// ---------- shout-out animations (size and drama grow with the tier) ----------
+
+function animate(f, s) {
+  const fx = $('#fx');
+  while (fx.childElementCount > 8) fx.firstElementChild.remove();
+  const cnt = Number(f.count) || 1;
+  const item = el('div', { class: `fx-item t${s.tier}` },
+    el('span', { class: 'emoji' }, s.emoji),
+    el('span', { class: 'line' }, `${(f.from && f.from.name) || 'someone'}${cnt > 1 ? ` ×${cnt}` : ''}`),
+    comboEl(f.combo));
+  if (s.tier <= 2) item.style.left = `${25 + Math.random() * 50}%`;
+  item.addEventListener('animationend', () => item.remove());
+  setTimeout(() => item.remove(), 8000);
+  fx.append(item);
+  const particles = s.tier >= 5 ? 28 : s.tier === 4 ? 14 : s.tier === 3 ? 6 : 0;
+  for (let i = 0; i < particles; i++) {
+    const a = Math.random() * Math.PI * 2;
+    const r = 90 + Math.random() * (s.tier >= 5 ? 260 : 160);
+    const p = el('span', {
+      class: 'particle emoji',
+      style: `--dx:${Math.cos(a) * r}px;--dy:${Math.sin(a) * r}px;--rot:${Math.round(Math.random() * 720 - 360)}deg;animation-delay:${Math.random() * 0.4}s`,
+    }, i % 3 === 0 ? '✨' : s.emoji);
+    p.addEventListener('animationend', () => p.remove());
+    fx.append(p);
+  }
+}
+
+// ---------- pinned paid messages (Super Chat rule: pinned for the sticker's pin_secs) ----------
+
+function pin(f, s, ms) {
+  const pins = $('#pins');
+  const card = el('div', { class: `pin t${s.tier}`, dataset: { giftId: f.gift_id }, title: `pinned for ${s.pin_secs}s` },
+    el('span', { class: 'emoji' }, s.emoji),
+    el('span', { class: 'who' }, (f.from && f.from.name) || 'someone'),
+    el('span', { class: 'amt' }, `🪙 ${formatCoins(f.amount)}`),
+    el('span', { class: 'msg' }, f.message),
+    el('span', { class: 'bar' }));
+  pins.prepend(card);
+  while (pins.childElementCount > 3) pins.lastElementChild.remove();
+  const bar = card.querySelector('.bar');
+  bar.animate([{ transform: 'scaleX(1)' }, { transform: 'scaleX(0)' }], { duration: ms, easing: 'linear', fill: 'forwards' });
+  setTimeout(() => card.remove(), ms);
+}
+
+// ---------- gifts ----------
+
+function renderStickers() {
+  const grid = $('#sticker-grid');
+  const list = [...catalog.values()].sort((a, b) => a.price - b.price);
+  if (!selected && list.length) selected = list[0].id;
+  fill(grid, list.map((raw) => {
+    const s = sticker(catalog, raw.id);
+    const cant = balance != null && s.price > balance;
+    return el('button', {
+      type: 'button',
+      class: `sticker${cant ? ' cant' : ''}`,
+      'aria-pressed': String(s.id === selected),
+      dataset: { sticker: s.id },
+      title: `${s.name}: ${s.price} coins`,
+      onclick: () => { selected = s.id; renderStickers(); updateGiftSummary(); },
+    }, el('span', { class: 'emoji' }, s.emoji), el('span', { class: 'nm' }, s.name), el('span', { class: 'pr' }, `🪙 ${formatCoins(s.price)}`));
+  }));
+}
+
+function readCount() {
+  const n = Number($('#count-input').value);
+  return Number.isInteger(n) && n >= 1 && n <= 99 ? n : null;
+}
+
+function updateGiftSummary() {
+  count = readCount();
+  for (const c of document.querySelectorAll('#count-row .chip')) c.setAttribute('aria-pressed', String(Number(c.dataset.count) === count));
+  const msg = $('#gift-message').value;
+  $('#msg-counter').textContent = `${[...msg].length}/200`;
+  const btn = $('#gift-send');
+  const err = $('#gift-error');
+  if (!selected || !catalog.has(selected)) {
+    btn.disabled = true;
+    btn.textContent = 'Pick a sticker';
+    return;
+  }
+  const s = sticker(catalog, selected);
+  $('#pin-hint').textContent = s.pin_secs > 0
+    ? (msg.trim() ? `📌 Your message stays pinned for ${s.pin_secs}s` : `Add a message to pin it for ${s.pin_secs}s`)
+    : '';
+  if (count == null) {
+    btn.disabled = true;
+    btn.textContent = 'Count must be 1–99';
+    $('#gift-total').textContent = '–';
+    return;
+  }
+  const total = s.price * count;
+  $('#gift-total').textContent = formatCoins(total);
+  if (currentGift && pending.has(currentGift)) {
+    btn.disabled = true;
+    btn.textContent = 'Sending…';
+  } else if (balance != null && total > balance) {
+    btn.disabled = true;
+    btn.textContent = 'Not enough coins';
+    showGiftError('insufficient_funds', `Not enough coins: this costs 🪙 ${formatCoins(total)}, you have 🪙 ${formatCoins(balance)}.`);
+  } else {
+    btn.disabled = false;
+    btn.textContent = `Send ${s.emoji} ×${count}`;
+    if (err.dataset.code === 'insufficient_funds' && err.dataset.source === 'local') err.hidden = true;
+  }
+}
+
+function showGiftError(code, text, source = 'local') {
+  const err = $('#gift-error');
+  err.dataset.code = code;
+  err.dataset.source = source;
+  err.textContent = text;
+  err.hidden = false;
+}
+
+/** Queue and send a gift; it is retried with the same id until gift_ok or a rejection. */
+function sendGift(stickerId, cnt, message) {
+  if (!session) {
+    notice('read_only', 'warn', 'Sign in to send gifts.', 4000);
+    return null;
+  }
+  const frame = { type: 'gift', gift_id: newGiftId(), sticker: stickerId, count: cnt };
+  const m = (message || '').trim();
+  if (m) frame.message = m;
+  pending.set(frame.gift_id, { frame, stream });
+  savePending();
+  if (!socket.send(frame)) toast('Not connected: the gift will be sent when we reconnect.', 'warn');
+  return frame.gift_id;
+}
+
+function onSendClick() {
+  const msg = $('#gift-message').value;
+  if ([...msg.trim()].length > 200) {
+    showGiftError('invalid', 'Your message is over 200 characters.');
+    return;
+  }
+  $('#gift-error').hidden = true;
+  currentGift = sendGift(selected, readCount(), msg);
+  updateGiftSummary();
+}
+
+function onGiftOk(f) {
+  const p = pending.get(f.gift_id);
+  pending.delete(f.gift_id);
+  savePending();
+  setBalance(f.balance);
+  if (f.gift_id === currentGift) {
+    currentGift = null;
+    $('#gift-message').value = '';
+    closeSheet('#gift-sheet');
+    const s = sticker(catalog, p ? p.frame.sticker : selected);
+    toast(`${s.emoji} Gift sent!`, 'ok', 2500);
+  }
+  updateGiftSummary();
+}
+
+function onGiftRejected(f) {
+  const p = pending.get(f.gift_id);
+  if (f.code === 'unavailable' && p) {
+    // Nothing was debited; retry the same id shortly.
+    setTimeout(() => { if (pending.has(f.gift_id)) socket.send(p.frame); }, 2000 + Math.random() * 2000);
+    notice('unavailable', 'warn', rejectionText('unavailable'), 4000);
+    return;
+  }
+  pending.delete(f.gift_id);
+  savePending();
+  if (f.balance != null) setBalance(f.balance);
+  const text = rejectionText(f.code, f.balance);
+  if (f.gift_id === currentGift) currentGift = null;
+  showGiftError(f.code, text, 'server');
+  notice(f.code, f.code === 'rate_limited' || f.code === 'insufficient_funds' ? 'warn' : 'bad', text, 8000);
+  if (f.code === 'unauthorized') signOut(text);
+  updateGiftSummary();
+}
+
+function onError(f) {
+  switch (f.code) {
+    case 'rate_limited':
+      notice('rate_limited', 'warn', 'You are sending messages too fast. Wait a moment and try again.', 6000);
+      if (!$('#chat-input').value) $('#chat-input').value = lastChat;
+      break;
+    case 'read_only':
+      notice('read_only', 'warn', 'You are watching read-only. Pick a name to chat and send gifts.', 5000);
+      break;
+    case 'invalid':
+      toast(f.message || 'That message was not valid.', 'bad');
+      break;
+    case 'lagged':
+      notice('lagged', 'warn', 'Your connection fell behind; catching up…', 4000);
+      break;
+    default:
+      toast(f.message || `Error: ${f.code}`, 'bad');
+  }
+}
+
+// ---------- sheets ----------
+
+function openSheet(id) {
+  $(id).hidden = false;
+}
+function closeSheet(id) {
+  $(id).hidden = true;
+}
+
+// ---------- sign in / out ----------
+
+async function signIn(name) {
+  const btn = $('#signin-btn');
+  btn.disabled = true;
+  try {
+    const r = await api('/api/guest', { method: 'POST', body: { name } });
+    session = { token: r.token, user_id: r.user_id, name: r.name ?? name, role: r.role ?? 'viewer' };
+    store.set(SESSION_KEY, session);
+    setAuth();
+    clearNotice('read_only');
+    socket.setToken(session.token);
+    refreshMe();
+  } catch (e) {
+    const msg = e instanceof ApiError && (e.status === 403 || e.status === 404)
+      ? 'Guest sign-up is off on this server.'
+      : e.status === 429 ? 'Too many sign-ups right now; try again in a minute.' : `Could not sign in: ${e.message}`;
+    notice('signin_failed', 'bad', msg, 6000);
+  } finally {
+    btn.disabled = false;
+  }
+}
+
+async function refreshMe() {
+  if (!session) return;
+  try {
+    const me = await api('/api/me', { token: session.token });
+    if (me && me.balance != null) setBalance(me.balance);
+    setAuth();
+  } catch (e) {
+    if (e instanceof ApiError && e.status === 401) signOut('Your session expired. Pick a name to sign in again.');
+  }
+}
+
+function signOut(reason) {
+  session = null;
+  balance = null;
+  currentGift = null;
+  store.del(SESSION_KEY);
+  pending.clear();
+  savePending();
+  setAuth();
+  closeSheet('#gift-sheet');
+  closeSheet('#account-sheet');
+  if (socket.token) socket.setToken(null);
+  if (reason) notice('signed_out', 'warn', reason, 8000);
+}
+
+// ---------- wiring ----------
+
+function wire() {
+  $('#stream-name').textContent = stream;
+  $('#stage-title').textContent = stream;
+  document.title = `${stream} · giftcast`;
+  $('#stream-input').value = stream;
+
+  $('#signin-form').addEventListener('submit', (e) => {
+    e.preventDefault();
+    const name = $('#name-input').value.trim();
+    if (name) signIn(name);
+  });
+  $('#account-btn').addEventListener('click', () => {
+    if (session) openSheet('#account-sheet');
+    else $('#name-input').focus();
+  });
+  $('#account-close').addEventListener('click', () => closeSheet('#account-sheet'));
+  $('#signout-btn').addEventListener('click', () => signOut());
+  $('#stream-form').addEventListener('submit', (e) => {
+    e.preventDefault();
+    const s = $('#stream-input').value.trim();
+    if (s) location.search = `?stream=${encodeURIComponent(s)}`;
+  });
+
+  $('#composer').addEventListener('submit', (e) => {
+    e.preventDefault();
+    const input = $('#chat-input');
+    const text = input.value.trim();
+    if (!text) return;
+    if ([...text].length > 500) {
+      toast('Messages are at most 500 characters.', 'bad');
+      return;
+    }
+    if (!socket.send({ type: 'chat', text })) {
+      toast('Not connected: your message was not sent.', 'warn');
+      return;
+    }
+    lastChat = text;
+    input.value = '';
+  });
+
+  $('#gift-btn').addEventListener('click', () => {
+    if (!session) return;
+    $('#gift-error').hidden = true;
+    renderStickers();
+    updateGiftSummary();
+    openSheet('#gift-sheet');
+  });
+  $('#gift-close').addEventListener('click', () => closeSheet('#gift-sheet'));
+  for (const id of ['#gift-sheet', '#account-sheet']) {
+    $(id).addEventListener('click', (e) => { if (e.target === $(id)) closeSheet(id); });
+  }
+  addEventListener('keydown', (e) => {
+    if (e.key === 'Escape') { closeSheet('#gift-sheet'); closeSheet('#account-sheet'); }
+  });
+  for (const c of document.querySelectorAll('#count-row .chip')) {
+    c.addEventListener('click', () => { $('#count-input').value = c.dataset.count; updateGiftSummary(); });
+  }
+  $('#count-input').addEventListener('input', updateGiftSummary);
+  $('#gift-message').addEventListener('input', updateGiftSummary);
+  $('#gift-send').addEventListener('click', onSendClick);
+}
+
+exposeHooks({
+  socket,
+  dropSocket: (opts) => socket.drop(opts),
+  reconnect: () => socket.reconnectNow(),
+  sendGift: (stickerId, cnt = 1, message) => sendGift(stickerId, cnt, message),
+  state: () => ({ balance, viewers, lastSeq: socket.lastSeq, pending: [...pending.keys()], conn: socket.state }),
+});
+
+wire();
+setAuth();
+if (!session) $('#balance').hidden = true;
+fetchCatalog().then((c) => {
+  if (!catalog.size) {
+    catalog = c;
+    renderStickers();
+  }
+}).catch(() => {});
+refreshMe();
+socket.start();
