@@ -253,6 +253,7 @@ async function main() {
     await alert.waitFor();
     const text = await alert.textContent();
     assert(text.includes('Alice') && text.includes(giftSticker.emoji) && text.includes(`${GIFT_COUNT}×`) && text.includes(question), `alert text: ${text}`);
+    await sleep(700); // let the entry animation settle for the screenshot
     await shot(overlay, 'overlay', { omitBackground: true });
   });
 

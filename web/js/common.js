@@ -257,7 +257,7 @@ const NON_ROOM = new Set(['joined', 'gift_ok', 'gift_rejected', 'error', 'pong',
  * onStatus({state, attempt, code, reason}), onClose(closeEvent).
  */
 export class RoomSocket {
-  constructor({ stream, token = null, onFrame, onStatus, onClose }) {
+  constructor({ stream, token = null, since = null, onFrame, onStatus, onClose }) {
     this.stream = stream;
     this.token = token;
     this.onFrame = onFrame || (() => {});
@@ -277,6 +277,8 @@ export class RoomSocket {
     this.joins = 0;
     this.gaps = 0;
     this.replayUntil = 0;
+    // Optional `since` for the very first join (to show recent history on load).
+    this.firstSince = Number.isInteger(since) && since >= 0 ? since : null;
     addEventListener('online', () => {
       if (this.state === 'reconnecting' && !this.hold) this.reconnectNow();
     });
@@ -359,7 +361,8 @@ export class RoomSocket {
       if (this.ws !== ws) return;
       const join = { type: 'join', stream: this.stream };
       if (this.token) join.token = this.token;
-      this.sentSince = this.joins > 0;
+      this.sentSince = this.joins > 0 || this.firstSince != null;
+      if (this.joins === 0 && this.firstSince != null) this.lastSeq = this.firstSince;
       if (this.sentSince) join.since = this.lastSeq;
       ws.send(JSON.stringify(join));
       this.lastHeard = Date.now();
@@ -437,9 +440,10 @@ export class RoomSocket {
         this.send({ type: 'ping', t: Date.now() });
       }, 20_000);
       const wasReconnect = this.attempt > 0;
+      const first = this.joins === 1;
       this.attempt = 0;
       this._status('live');
-      this.onFrame({ ...f, _resume: { sent: this.sentSince, resumed, epochChanged, reconnect: wasReconnect } });
+      this.onFrame({ ...f, _resume: { sent: this.sentSince, resumed, epochChanged, reconnect: wasReconnect, first } });
       return;
     }
     if (typeof f.seq === 'number' && !NON_ROOM.has(f.type)) {

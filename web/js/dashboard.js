@@ -21,7 +21,8 @@ const sendingThanks = new Set();
 let rev = { gifts: 0n, gross: 0n, store: 0n, streamer: 0n, platform: 0n, unit: 10000n };
 let bps = null; // {store, streamer, platform} per coin, learned from the server's own totals
 let gifters = new Map(); // user id → {id, name, amount: BigInt}
-let points = []; // chart: {t, v: Number gross}
+let giftsLog = []; // chart: every gift seen this session (history replay + live), {t, amount}
+const loadedAt = Date.now();
 let refetchTimer = null;
 let refetchTries = 0;
 
@@ -84,9 +85,6 @@ function applyRevenue(r) {
     }
   }
   document.body.dataset.revenue = 'loaded';
-  const v = Number(rev.gross);
-  if (!points.length) points.push({ t: Date.now(), v });
-  else if (points[points.length - 1].v !== v) points.push({ t: Date.now(), v });
   renderRevenue();
 }
 
@@ -131,7 +129,6 @@ function countGift(f) {
   g.amount += amount;
   g.name = (f.from && f.from.name) || g.name;
   gifters.set(id, g);
-  points.push({ t: tsMs(f.ts), v: Number(rev.gross) });
   renderRevenue();
   scheduleRefetch();
 }
@@ -160,7 +157,17 @@ function renderChart() {
   node.setAttribute('viewBox', `0 0 ${W} ${H}`);
   const pad = { l: 48, r: 12, t: 12, b: 24 };
   const now = Date.now();
-  const pts = points.length ? [...points, { t: Math.max(now, points[points.length - 1].t), v: points[points.length - 1].v }] : [{ t: now, v: 0 }];
+  // Cumulative gross: gifts before the room's history are the base, so the line ends at the total.
+  const log = [...giftsLog].sort((a, b) => a.t - b.t);
+  const known = log.reduce((sum, g) => sum + g.amount, 0);
+  let v = Math.max(0, Number(rev.gross) - known);
+  const pts = [{ t: Math.min(loadedAt, log.length ? log[0].t : loadedAt), v }];
+  for (const g of log) {
+    v += g.amount;
+    pts.push({ t: g.t, v });
+  }
+  const dots = pts.slice(1);
+  pts.push({ t: Math.max(now, pts[pts.length - 1].t), v });
   const t0 = pts[0].t;
   const t1 = Math.max(pts[pts.length - 1].t, t0 + 60_000);
   const vmax = Math.max(10, ...pts.map((p) => p.v)) * 1.15;
@@ -189,7 +196,7 @@ function renderChart() {
   const base = y(0).toFixed(1);
   parts.push(svg('path', { class: 'area', d: `${d} V${base} H${x(pts[0].t).toFixed(1)} Z` }));
   parts.push(svg('path', { class: 'line', d }));
-  for (const p of points.slice(1)) parts.push(svg('circle', { class: 'dot', cx: x(p.t), cy: y(p.v), r: 3 }));
+  for (const p of dots) parts.push(svg('circle', { class: 'dot', cx: x(p.t), cy: y(p.v), r: 3 }));
   node.replaceChildren(...parts);
   $('#chart-note').textContent = `${formatCoins(rev.gross)} coins gross`;
 }
@@ -251,7 +258,7 @@ async function loadQueue() {
     const r = await api(`/api/streams/${encodeURIComponent(streamId())}/queue`, { token: session.token });
     for (const g of (r && r.gifts) || []) addToQueue(g);
     // Keep oldest first, as the server does.
-    const sorted = [...queue.values()].sort((a, b) => (Number(a.seq) || 0) - (Number(b.seq) || 0));
+    const sorted = [...queue.values()].sort((a, b) => (tsMs(a.ts) - tsMs(b.ts)) || ((Number(a.seq) || 0) - (Number(b.seq) || 0)));
     queue.clear();
     for (const g of sorted) queue.set(g.gift_id, g);
     renderQueue();
@@ -280,14 +287,13 @@ function onFrame(f) {
       if (f.viewers != null) $('#viewers').textContent = formatCoins(f.viewers);
       const r = f._resume;
       notice('', '');
-      if (!r.sent || !r.resumed) {
-        // Fresh view (or we missed events): the server's queue and totals are the truth.
-        loadQueue();
-        loadRevenue().then((rv) => {
-          if (rv && toBig(rv.gifts) >= rev.gifts) applyRevenue(rv);
-          else if (rv) scheduleRefetch(1000);
-        });
-      }
+      // The server's queue and totals are the truth at every (re)join; replayed events
+      // fill the feed, chart and queue but are not counted again.
+      if (r.first || !r.resumed) loadQueue();
+      loadRevenue().then((rv) => {
+        if (rv && toBig(rv.gifts) >= rev.gifts) applyRevenue(rv);
+        else if (rv) scheduleRefetch(1000);
+      });
       if (r.reconnect) toast('Reconnected.', 'ok', 2000);
       return;
     }
@@ -295,14 +301,18 @@ function onFrame(f) {
       const s = sticker(catalog, f.sticker);
       const cnt = Number(f.count) || 1;
       feed(el('li', { class: 'gift', dataset: { seq: f.seq, giftId: f.gift_id } },
-        el('span', { class: 'emoji' }, `${s.emoji} `), who(f.from),
+        el('span', { class: 'emoji' }, s.emoji), who(f.from),
         `sent ${cnt > 1 ? `${cnt}× ` : ''}${s.name}`,
         el('span', { class: 'amt' }, `🪙 ${formatCoins(f.amount)}`),
         Number(f.combo) > 1 ? el('span', { class: 'combo' }, `x${f.combo} combo`) : null,
         f.message ? el('div', { class: 'muted' }, `❝ ${f.message}`) : null));
       addToQueue({ gift_id: f.gift_id, from: f.from, sticker: f.sticker, count: f.count, amount: f.amount, message: f.message, seq: f.seq, ts: f.ts });
       renderQueue();
-      countGift(f);
+      giftsLog.push({ t: tsMs(f.ts), amount: Number(f.amount) || 0 });
+      if (giftsLog.length > 5000) giftsLog.shift();
+      // Replayed gifts are in the totals fetched at join; live ones are counted until the refetch.
+      if (f._replay) renderChart();
+      else countGift(f);
       return;
     }
     case 'thanks': {
@@ -357,6 +367,7 @@ function start() {
   socket = new RoomSocket({
     stream: id,
     token: session.token,
+    since: 0, // the whole room history the server still has: recent feed, chart, queue
     onFrame,
     onStatus(s) {
       const d = describeStatus(s);
@@ -381,7 +392,7 @@ function signOut(reason) {
   queue.clear();
   thanked.clear();
   gifters.clear();
-  points = [];
+  giftsLog = [];
   rev = { gifts: 0n, gross: 0n, store: 0n, streamer: 0n, platform: 0n, unit: 10000n };
   document.body.dataset.auth = 'signed-out';
   document.body.dataset.conn = 'idle';

@@ -8,6 +8,7 @@ import {
 
 const SESSION_KEY = 'giftcast.viewer';
 const PENDING_KEY = 'giftcast.pending';
+const HISTORY_ON_LOAD = 50; // room events shown on arrival
 const params = new URLSearchParams(location.search);
 const stream = (params.get('stream') || 'demo').trim().slice(0, 64) || 'demo';
 
@@ -69,6 +70,7 @@ function setBalance(b) {
 function setViewers(n) {
   viewers = Number(n) || 0;
   $('#viewer-count').textContent = formatCoins(viewers);
+  $('#stage-viewers').textContent = formatCoins(viewers);
 }
 
 function setAuth() {
@@ -85,6 +87,7 @@ function setAuth() {
 
 const socket = new RoomSocket({
   stream,
+  since: null, // set from the room's seq before start, to show recent chat
   token: session ? session.token : null,
   onFrame,
   onStatus(s) {
@@ -135,7 +138,7 @@ function onJoined(f) {
   } else {
     clearNotice('reconnecting');
   }
-  if (r.sent && !r.resumed) {
+  if (r.sent && !r.resumed && !r.first) {
     sys(r.epochChanged ? 'The stream restarted while you were away.' : 'You were away for a while; some older messages were skipped.');
   }
   // Retry gifts the socket dropped before their gift_ok, with the same ids.
@@ -189,12 +192,12 @@ function addShoutout(f) {
 
 function addThanks(f) {
   const li = el('li', { class: 'thanks', dataset: { seq: f.seq, type: 'thanks', giftId: f.gift_id } },
-    el('span', { class: 'emoji' }, '🙏 '),
+    el('span', { class: 'emoji' }, '🙏'),
     el('strong', {}, `@${stream}`), ' thanked ', nameEl(f.to),
     f.text ? el('span', { class: 'quote' }, `“${f.text}”`) : null);
   if (session && f.to && f.to.id === session.user_id) {
     li.classList.add('me');
-    toast(`🙏 ${stream} thanked you${f.text ? `: “${f.text}”` : '!'}`, 'ok', 5000);
+    if (!f._replay) toast(`🙏 ${stream} thanked you${f.text ? `: “${f.text}”` : '!'}`, 'ok', 5000);
   }
   appendScrolled($('#chat'), li);
   for (const n of document.querySelectorAll('[data-gift-id]')) {
@@ -241,6 +244,7 @@ function pin(f, s, ms) {
     el('span', { class: 'bar' }));
   pins.prepend(card);
   while (pins.childElementCount > 3) pins.lastElementChild.remove();
+  pins.scrollLeft = 0; // the newest paid message first
   const bar = card.querySelector('.bar');
   bar.animate([{ transform: 'scaleX(1)' }, { transform: 'scaleX(0)' }], { duration: ms, easing: 'linear', fill: 'forwards' });
   setTimeout(() => card.remove(), ms);
@@ -457,6 +461,23 @@ function signOut(reason) {
 // ---------- wiring ----------
 
 function wire() {
+  // Keep the chat pinned to its newest line when pins or the keyboard change its height.
+  // `stick` follows the reader: scrolled up to read, we leave them there.
+  const chat = $('#chat');
+  let stick = true;
+  let autoAt = 0;
+  chat.addEventListener('scroll', () => {
+    stick = chat.scrollHeight - chat.scrollTop - chat.clientHeight < 80 || Date.now() - autoAt < 150;
+  });
+  const toBottom = () => {
+    if (!stick) return;
+    autoAt = Date.now();
+    chat.scrollTop = chat.scrollHeight;
+  };
+  new ResizeObserver(toBottom).observe(chat);
+  new MutationObserver(toBottom).observe(chat, { childList: true });
+  if (document.fonts) document.fonts.addEventListener('loadingdone', toBottom);
+
   $('#stream-name').textContent = stream;
   $('#stage-title').textContent = stream;
   document.title = `${stream} · giftcast`;
@@ -536,4 +557,13 @@ fetchCatalog().then((c) => {
   }
 }).catch(() => {});
 refreshMe();
-socket.start();
+// Show the room's last few events on arrival, like a chat's scroll-back.
+api(`/api/streams/${encodeURIComponent(stream)}`)
+  .then((info) => {
+    const seq = Number(info && info.seq);
+    if (Number.isInteger(seq) && seq > 0) socket.firstSince = Math.max(0, seq - HISTORY_ON_LOAD);
+  })
+  .catch((e) => {
+    if (e instanceof ApiError && e.status === 404) notice('not_found', 'bad', `There is no stream called “${stream}”.`);
+  })
+  .finally(() => socket.start());
