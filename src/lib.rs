@@ -1,12 +1,16 @@
 //! giftcast: a live-streaming gifting server.
+pub mod app;
 pub mod auth;
 pub mod catalog;
 pub mod config;
+pub mod http;
+pub mod hub;
 pub mod ledger;
 pub mod limits;
 pub mod money;
 pub mod protocol;
 pub mod record;
+pub mod server;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {

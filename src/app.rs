@@ -1,0 +1,419 @@
+//! The application: hub, ledger, identity and limits wired together. The gift and chat paths
+//! live here because they use both the hub and the ledger (the hub calls the ledger, never the
+//! reverse).
+
+use crate::auth::{Claims, Role, TokenKeys};
+use crate::config::Config;
+use crate::hub::{Hub, QueuedGift, QueuedUser, Room};
+use crate::ledger::{CreditStart, GiftRequest, GiftStart, Ledger, SlotState};
+use crate::limits::{
+    CHAT_CHARS_MAX, GIFT_COUNT_MAX, GIFT_ID_CHARS_MAX, GIFT_MESSAGE_CHARS_MAX, THANKS_CHARS_MAX,
+};
+use crate::protocol::{self, clean_text, valid_id, UserRef};
+use dashmap::DashMap;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// Health of the durable path, as /readyz and the gift path see it.
+pub trait DurabilityStatus: Send + Sync + 'static {
+    /// `None` when healthy; otherwise why money is not taken or storage is behind.
+    fn problem(&self) -> Option<String>;
+    /// Whether gifts can be taken at all (the journal is alive).
+    fn taking_money(&self) -> bool;
+}
+
+pub struct App {
+    pub config: Config,
+    pub hub: Arc<Hub>,
+    pub ledger: Arc<Ledger>,
+    pub keys: TokenKeys,
+    pub metrics: PrometheusHandle,
+    pub catalog_json: String,
+    pub durability: Option<Arc<dyn DurabilityStatus>>,
+    chat_limiter: Option<DefaultKeyedRateLimiter<String>>,
+    gift_limiter: Option<DefaultKeyedRateLimiter<String>>,
+    conns_per_ip: DashMap<IpAddr, u32>,
+    conns_total: AtomicUsize,
+    pub shutting_down: AtomicBool,
+    /// `true` once shutdown began: connections close with 1001.
+    pub shutdown: tokio::sync::watch::Sender<bool>,
+    /// Gift completions not yet settled: shutdown waits for them.
+    pub gifts_in_flight: AtomicUsize,
+}
+
+fn per_minute(n: u32) -> Option<DefaultKeyedRateLimiter<String>> {
+    let n = NonZeroU32::new(n)?;
+    Some(RateLimiter::keyed(Quota::per_minute(n)))
+}
+
+/// Why a connection was refused before the upgrade.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ConnRefusal {
+    PerIp,
+    Total,
+}
+
+/// Counts one open WebSocket; dropping it releases the slot.
+pub struct ConnSlot {
+    app: Arc<App>,
+    ip: IpAddr,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.app.conns_total.fetch_sub(1, Ordering::SeqCst);
+        if let dashmap::mapref::entry::Entry::Occupied(mut e) = self.app.conns_per_ip.entry(self.ip)
+        {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+        metrics::gauge!("giftcast_connections").decrement(1.0);
+    }
+}
+
+pub enum GiftReply {
+    Ok {
+        balance: u64,
+        seq: u64,
+    },
+    Rejected {
+        code: &'static str,
+        balance: Option<u64>,
+    },
+}
+
+impl App {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: Config,
+        hub: Arc<Hub>,
+        ledger: Arc<Ledger>,
+        keys: TokenKeys,
+        metrics: PrometheusHandle,
+        durability: Option<Arc<dyn DurabilityStatus>>,
+    ) -> App {
+        let catalog_json = serde_json::to_string(&config.catalog).expect("catalog serialises");
+        App {
+            chat_limiter: per_minute(config.chat_rate_per_min),
+            gift_limiter: per_minute(config.gift_rate_per_min),
+            config,
+            hub,
+            ledger,
+            keys,
+            metrics,
+            catalog_json,
+            durability,
+            conns_per_ip: DashMap::new(),
+            conns_total: AtomicUsize::new(0),
+            shutting_down: AtomicBool::new(false),
+            shutdown: tokio::sync::watch::Sender::new(false),
+            gifts_in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    /// Stop taking connections and money; every connection closes with 1001.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        self.shutdown.send_replace(true);
+    }
+
+    pub fn open_conn(self: &Arc<Self>, ip: IpAddr) -> Result<ConnSlot, ConnRefusal> {
+        let total = self.conns_total.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.config.max_conns > 0 && total > self.config.max_conns as usize {
+            self.conns_total.fetch_sub(1, Ordering::SeqCst);
+            return Err(ConnRefusal::Total);
+        }
+        {
+            let mut per_ip = self.conns_per_ip.entry(ip).or_insert(0);
+            if self.config.max_conns_per_ip > 0 && *per_ip >= self.config.max_conns_per_ip {
+                drop(per_ip);
+                self.conns_total.fetch_sub(1, Ordering::SeqCst);
+                return Err(ConnRefusal::PerIp);
+            }
+            *per_ip += 1;
+        }
+        metrics::gauge!("giftcast_connections").increment(1.0);
+        Ok(ConnSlot {
+            app: self.clone(),
+            ip,
+        })
+    }
+
+    /// Chat from a signed-in member: validated, rate limited, published.
+    pub fn chat(
+        &self,
+        user: &Claims,
+        room: &Room,
+        text: &str,
+    ) -> Result<u64, (&'static str, &'static str)> {
+        let text = clean_text(text, CHAT_CHARS_MAX)
+            .ok_or(("invalid", "chat must be 1-500 characters, not blank"))?;
+        if let Some(l) = &self.chat_limiter {
+            if l.check_key(&user.sub).is_err() {
+                return Err(("rate_limited", "too many chat messages; slow down"));
+            }
+        }
+        let ts = crate::now_ms();
+        Ok(room.publish(|seq| {
+            serde_json::to_string(&protocol::ChatEvent {
+                kind: "chat",
+                seq,
+                from: UserRef {
+                    id: &user.sub,
+                    name: &user.name,
+                },
+                text,
+                ts,
+            })
+            .expect("chat serialises")
+        }))
+    }
+
+    /// Thanks from the stream's streamer for a queued gift.
+    pub fn thanks(
+        &self,
+        user: &Claims,
+        room: &Room,
+        gift_id: &str,
+        text: Option<&str>,
+    ) -> Result<u64, (&'static str, &'static str)> {
+        if user.role != Role::Streamer || user.sub != room.id {
+            return Err(("forbidden", "only this stream's streamer can thank"));
+        }
+        let text = match text {
+            None => None,
+            Some(t) if t.trim().is_empty() => None,
+            Some(t) => Some(
+                clean_text(t, THANKS_CHARS_MAX)
+                    .ok_or(("invalid", "thanks text is at most 200 characters"))?,
+            ),
+        };
+        let gift = room.take_queued(gift_id).ok_or((
+            "not_found",
+            "no un-thanked gift with that gift_id in this stream",
+        ))?;
+        let ts = crate::now_ms();
+        Ok(room.publish(|seq| {
+            serde_json::to_string(&protocol::ThanksEvent {
+                kind: "thanks",
+                seq,
+                gift_id: &gift.gift_id,
+                to: UserRef {
+                    id: &gift.from.id,
+                    name: &gift.from.name,
+                },
+                text,
+                ts,
+            })
+            .expect("thanks serialises")
+        }))
+    }
+
+    /// A gift: checks, the atomic debit, durability, the shout-out, the answer.
+    pub async fn gift(
+        self: &Arc<Self>,
+        user: &Claims,
+        room: &Arc<Room>,
+        gift_id: &str,
+        sticker_id: &str,
+        count: u32,
+        message: Option<&str>,
+    ) -> GiftReply {
+        let reject = |code| GiftReply::Rejected {
+            code,
+            balance: None,
+        };
+        if !valid_id(gift_id, GIFT_ID_CHARS_MAX) || !(1..=GIFT_COUNT_MAX).contains(&count) {
+            return reject("invalid");
+        }
+        let message = match message {
+            None => None,
+            Some(m) if m.trim().is_empty() => None,
+            Some(m) => match clean_text(m, GIFT_MESSAGE_CHARS_MAX) {
+                Some(m) => Some(m),
+                None => return reject("invalid"),
+            },
+        };
+        let Some(sticker) = self.config.catalog.get(sticker_id) else {
+            return reject("unknown_sticker");
+        };
+        if user.sub == room.id {
+            // A streamer does not tip their own stream.
+            return reject("invalid");
+        }
+        if !room.is_live() {
+            return reject("not_found");
+        }
+        if self.shutting_down.load(Ordering::SeqCst)
+            || self.durability.as_ref().is_some_and(|d| !d.taking_money())
+        {
+            return GiftReply::Rejected {
+                code: "unavailable",
+                balance: Some(self.ledger.balance(&user.sub)),
+            };
+        }
+        if let Some(l) = &self.gift_limiter {
+            if l.check_key(&user.sub).is_err() {
+                return GiftReply::Rejected {
+                    code: "rate_limited",
+                    balance: Some(self.ledger.balance(&user.sub)),
+                };
+            }
+        }
+        let req = GiftRequest {
+            user_id: &user.sub,
+            user_name: &user.name,
+            gift_id,
+            stream: &room.id,
+            sticker: &sticker.id,
+            price: sticker.price,
+            count,
+            message,
+            ts_ms: crate::now_ms(),
+        };
+        let slot = match self.ledger.begin_gift(&req) {
+            GiftStart::Rejected { code, balance } => {
+                metrics::counter!("giftcast_gifts_rejected_total", "code" => code).increment(1);
+                return GiftReply::Rejected { code, balance };
+            }
+            GiftStart::Retry(slot) => slot,
+            GiftStart::New {
+                slot,
+                ticket,
+                record,
+            } => {
+                // The completion runs on its own task so that it finishes even if this
+                // connection goes away while the journal writes.
+                self.gifts_in_flight.fetch_add(1, Ordering::SeqCst);
+                let app = self.clone();
+                let room = room.clone();
+                let tier = sticker.tier;
+                let slot2 = slot.clone();
+                tokio::spawn(async move {
+                    match ticket.await {
+                        Ok(()) => {
+                            app.ledger.gift_durable(&record);
+                            let combo = room.combo(&record.user_id, &record.sticker, record.ts_ms);
+                            let seq = room.publish(|seq| {
+                                serde_json::to_string(&protocol::ShoutoutEvent {
+                                    kind: "shoutout",
+                                    seq,
+                                    gift_id: &record.gift_id,
+                                    from: UserRef {
+                                        id: &record.user_id,
+                                        name: &record.user_name,
+                                    },
+                                    sticker: &record.sticker,
+                                    count: record.count,
+                                    amount: record.amount,
+                                    message: record.message.as_deref(),
+                                    combo,
+                                    tier,
+                                    ts: record.ts_ms,
+                                })
+                                .expect("shoutout serialises")
+                            });
+                            room.queue_gift(QueuedGift {
+                                gift_id: record.gift_id.clone(),
+                                from: QueuedUser {
+                                    id: record.user_id.clone(),
+                                    name: record.user_name.clone(),
+                                },
+                                sticker: record.sticker.clone(),
+                                count: record.count,
+                                amount: record.amount,
+                                message: record.message.clone(),
+                                seq,
+                                ts: record.ts_ms,
+                            });
+                            slot2.state.send_replace(SlotState::Done { seq });
+                            metrics::counter!("giftcast_gifts_total").increment(1);
+                            metrics::counter!("giftcast_gifted_coins_total")
+                                .increment(record.amount);
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "journal refused a gift; the debit is undone");
+                            app.ledger.gift_failed(&record, &slot2);
+                        }
+                    }
+                    app.gifts_in_flight.fetch_sub(1, Ordering::SeqCst);
+                });
+                slot
+            }
+        };
+        match slot.settled().await {
+            SlotState::Done { seq } => GiftReply::Ok {
+                balance: slot.balance_after,
+                seq,
+            },
+            _ => GiftReply::Rejected {
+                code: "unavailable",
+                balance: Some(self.ledger.balance(&user.sub)),
+            },
+        }
+    }
+
+    /// A durable credit, idempotent on `reference`. Returns the balance right after it.
+    pub async fn credit(
+        &self,
+        user_id: &str,
+        coins: u64,
+        reference: &str,
+    ) -> Result<u64, (&'static str, String)> {
+        if self.durability.as_ref().is_some_and(|d| !d.taking_money())
+            || self.shutting_down.load(Ordering::SeqCst)
+        {
+            return Err(("unavailable", "money is not being taken right now".into()));
+        }
+        let slot = match self
+            .ledger
+            .begin_credit(user_id, coins, reference, crate::now_ms())
+        {
+            CreditStart::Retry(slot) => slot,
+            CreditStart::Conflict => {
+                return Err((
+                    "conflict",
+                    format!("reference `{reference}` was used for another credit"),
+                ))
+            }
+            CreditStart::TooLarge => {
+                return Err((
+                    "invalid",
+                    "the balance would exceed the largest amount".into(),
+                ))
+            }
+            CreditStart::Unavailable(e) => return Err(("unavailable", e.to_string())),
+            CreditStart::New {
+                slot,
+                ticket,
+                record,
+            } => {
+                // Settled on its own task, so a dropped request never leaves the slot pending.
+                let ledger = self.ledger.clone();
+                let slot2 = slot.clone();
+                tokio::spawn(async move {
+                    match ticket.await {
+                        Ok(()) => {
+                            slot2.state.send_replace(SlotState::Done { seq: 0 });
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "journal refused a credit; it is undone");
+                            ledger.credit_failed(&record, &slot2);
+                        }
+                    }
+                });
+                slot
+            }
+        };
+        match slot.settled().await {
+            SlotState::Done { .. } => Ok(slot.balance_after),
+            _ => Err(("unavailable", "the credit could not be made durable".into())),
+        }
+    }
+}

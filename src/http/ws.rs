@@ -1,0 +1,479 @@
+//! One WebSocket connection: a reader (this task) and a writer task joined by a bounded outbox.
+//!
+//! The writer drains everything queued, feeds it to the socket and flushes once: many frames,
+//! one write. Every write has a deadline, so a stalled client costs a bounded time and memory
+//! and never slows anyone else (the room only ever `try_send`s to its outbox).
+
+use crate::app::{App, ConnRefusal, ConnSlot, GiftReply};
+use crate::auth::{Claims, Role};
+use crate::hub::{ConnShared, MemberHandle, Out, Room};
+use crate::limits::*;
+use crate::protocol::{self, ClientFrame, UserRef};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use governor::{Quota, RateLimiter};
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, Semaphore};
+
+/// Gifts one connection may have waiting for the journal at once.
+pub const CONN_GIFTS_IN_FLIGHT_MAX: usize = 64;
+
+/// Same origin, loopback, or listed. No `Origin` (not a browser) is allowed: CSWSH needs a
+/// browser, and browsers always send it.
+fn origin_allowed(app: &App, headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) else {
+        return true;
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    let origin_host = origin
+        .split_once("://")
+        .map(|(_, rest)| rest)
+        .unwrap_or(origin);
+    if !host.is_empty() && origin_host == host {
+        return true;
+    }
+    let hostname = origin_host
+        .rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or(origin_host);
+    if matches!(hostname, "localhost" | "127.0.0.1" | "[::1]") {
+        return true;
+    }
+    app.config.allowed_origins.iter().any(|a| a == origin)
+}
+
+fn refuse(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        axum::Json(serde_json::json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response()
+}
+
+pub async fn upgrade(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if !origin_allowed(&app, &headers) {
+        tracing::warn!(%peer, "websocket refused: origin not allowed");
+        return refuse(StatusCode::FORBIDDEN, "forbidden", "origin not allowed");
+    }
+    if app.shutting_down.load(Ordering::SeqCst) {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "server shutting down",
+        );
+    }
+    let slot = match app.open_conn(peer.ip()) {
+        Ok(s) => s,
+        Err(ConnRefusal::PerIp) => {
+            return refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many connections from this address",
+            )
+        }
+        Err(ConnRefusal::Total) => {
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "server is at its connection limit",
+            )
+        }
+    };
+    ws.read_buffer_size(WS_READ_BUFFER_BYTES)
+        .write_buffer_size(WS_WRITE_BUFFER_BYTES)
+        .max_write_buffer_size(WS_MAX_WRITE_BUFFER_BYTES)
+        .max_message_size(FRAME_BYTES_MAX)
+        .max_frame_size(FRAME_BYTES_MAX)
+        .on_upgrade(move |socket| connection(app, socket, peer, slot))
+}
+
+async fn connection(app: Arc<App>, socket: WebSocket, peer: SocketAddr, slot: ConnSlot) {
+    let (sink, mut stream) = socket.split();
+    let (tx, rx) = mpsc::channel(OUTBOX_FRAMES_MAX);
+    let shared = Arc::new(ConnShared::default());
+    let mut writer = tokio::spawn(writer(sink, rx, shared.clone()));
+    tracing::debug!(%peer, "connection opened");
+    let mut conn = Conn {
+        app: &app,
+        tx: tx.clone(),
+        shared: shared.clone(),
+        user: None,
+        joined: None,
+        gifts: Arc::new(Semaphore::new(CONN_GIFTS_IN_FLIGHT_MAX)),
+    };
+    let reason = conn.run(&mut stream, &mut writer).await;
+    let user = conn
+        .user
+        .as_ref()
+        .map(|u| u.sub.clone())
+        .unwrap_or_default();
+    let stream_id = conn
+        .joined
+        .as_ref()
+        .map(|(r, _)| r.id.clone())
+        .unwrap_or_default();
+    // Leave the room before the writer finishes, so no more events are queued.
+    drop(conn);
+    drop(tx);
+    let _ = tokio::time::timeout(Duration::from_millis(WRITE_TIMEOUT_MS), &mut writer).await;
+    writer.abort();
+    drop(slot);
+    tracing::info!(%peer, user = %user, stream = %stream_id, reason, "connection closed");
+}
+
+struct Conn<'a> {
+    app: &'a Arc<App>,
+    tx: mpsc::Sender<Out>,
+    shared: Arc<ConnShared>,
+    user: Option<Claims>,
+    joined: Option<(Arc<Room>, MemberHandle)>,
+    gifts: Arc<Semaphore>,
+}
+
+impl Conn<'_> {
+    fn send(&self, text: String) {
+        if self
+            .tx
+            .try_send(Out::Frame {
+                seq: 0,
+                text: text.into(),
+            })
+            .is_err()
+        {
+            self.shared.mark_lagged();
+        }
+    }
+
+    fn error(&self, code: &str, message: &str) {
+        self.send(protocol::error_frame(code, message));
+    }
+
+    fn close(&self, code: u16, reason: &'static str) {
+        // The close goes behind what is queued; if the outbox is full the client is lagging
+        // anyway and the writer closes it.
+        if self.tx.try_send(Out::Close { code, reason }).is_err() {
+            self.shared.mark_lagged();
+        }
+    }
+
+    async fn run(
+        &mut self,
+        stream: &mut futures_util::stream::SplitStream<WebSocket>,
+        writer: &mut tokio::task::JoinHandle<()>,
+    ) -> &'static str {
+        let mut shutdown = self.app.shutdown.subscribe();
+        let join_deadline = tokio::time::sleep(Duration::from_millis(JOIN_TIMEOUT_MS));
+        tokio::pin!(join_deadline);
+        let flood = RateLimiter::direct(
+            Quota::per_second(NonZeroU32::new(FLOOD_FRAMES_PER_SEC).expect("nonzero"))
+                .allow_burst(NonZeroU32::new(FLOOD_BURST_FRAMES).expect("nonzero")),
+        );
+        loop {
+            let msg = tokio::select! {
+                _ = &mut join_deadline, if self.joined.is_none() => {
+                    self.close(4001, "no join in time");
+                    return "join timeout";
+                }
+                _ = shutdown.wait_for(|s| *s) => {
+                    self.close(1001, "server shutting down");
+                    return "shutdown";
+                }
+                _ = &mut *writer => return "writer ended",
+                msg = stream.next() => msg,
+            };
+            let msg = match msg {
+                None => return "peer went away",
+                Some(Err(e)) => {
+                    let text = e.to_string();
+                    if text.contains("too long")
+                        || text.contains("Space limit")
+                        || text.contains("too big")
+                    {
+                        self.close(1009, "frame too big");
+                        return "frame too big";
+                    }
+                    return "read error";
+                }
+                Some(Ok(m)) => m,
+            };
+            if flood.check().is_err() {
+                self.close(4008, "flooding");
+                return "flooding";
+            }
+            match msg {
+                Message::Text(text) => {
+                    if let Err(reason) = self.frame(&text).await {
+                        return reason;
+                    }
+                }
+                Message::Binary(_) => self.error(
+                    "bad_frame",
+                    "binary frames are not accepted; send JSON text",
+                ),
+                Message::Close(_) => return "peer closed",
+                Message::Ping(_) | Message::Pong(_) => {}
+            }
+        }
+    }
+
+    /// One client frame. `Err` carries the reason when the connection must close.
+    async fn frame(&mut self, text: &str) -> Result<(), &'static str> {
+        let frame: ClientFrame = match serde_json::from_str(text) {
+            Ok(f) => f,
+            Err(e) => {
+                // A gift we can name gets its own rejection, so the client can settle it.
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(text) {
+                    if v["type"] == "gift" {
+                        if let Some(id) = v["gift_id"].as_str() {
+                            self.send(protocol::gift_rejected_frame(id, "invalid", None));
+                            return Ok(());
+                        }
+                    }
+                }
+                let mut message = e.to_string();
+                message.truncate(200);
+                self.error("bad_frame", &message);
+                return Ok(());
+            }
+        };
+        match frame {
+            ClientFrame::Ping { t } => self.send(protocol::pong_frame(&t)),
+            ClientFrame::Join {
+                stream,
+                token,
+                since,
+            } => return self.join(&stream, token.as_deref(), since),
+            _ if self.joined.is_none() => self.error("not_joined", "send join first"),
+            ClientFrame::Chat { text } => {
+                let (room, _) = self.joined.as_ref().expect("joined");
+                match &self.user {
+                    None => self.error("read_only", "sign in to chat"),
+                    Some(user) => {
+                        if let Err((code, message)) = self.app.chat(user, room, &text) {
+                            self.error(code, message);
+                        }
+                    }
+                }
+            }
+            ClientFrame::Thanks { gift_id, text } => {
+                let (room, _) = self.joined.as_ref().expect("joined");
+                match &self.user {
+                    None => self.error("read_only", "sign in to thank"),
+                    Some(user) => {
+                        if let Err((code, message)) =
+                            self.app.thanks(user, room, &gift_id, text.as_deref())
+                        {
+                            self.error(code, message);
+                        }
+                    }
+                }
+            }
+            ClientFrame::Gift {
+                gift_id,
+                sticker,
+                count,
+                message,
+            } => {
+                let Some(user) = self.user.clone() else {
+                    self.send(protocol::gift_rejected_frame(
+                        &gift_id,
+                        "unauthorized",
+                        None,
+                    ));
+                    return Ok(());
+                };
+                let Ok(permit) = self.gifts.clone().try_acquire_owned() else {
+                    self.send(protocol::gift_rejected_frame(
+                        &gift_id,
+                        "rate_limited",
+                        None,
+                    ));
+                    return Ok(());
+                };
+                let room = self.joined.as_ref().expect("joined").0.clone();
+                let app = self.app.clone();
+                let tx = self.tx.clone();
+                let shared = self.shared.clone();
+                // Gifts of one connection proceed concurrently; each answer comes when durable.
+                tokio::spawn(async move {
+                    let reply = app
+                        .gift(&user, &room, &gift_id, &sticker, count, message.as_deref())
+                        .await;
+                    let text = match reply {
+                        GiftReply::Ok { balance, seq } => {
+                            protocol::gift_ok_frame(&gift_id, balance, seq)
+                        }
+                        GiftReply::Rejected { code, balance } => {
+                            protocol::gift_rejected_frame(&gift_id, code, balance)
+                        }
+                    };
+                    if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(Out::Frame {
+                        seq: 0,
+                        text: text.into(),
+                    }) {
+                        shared.mark_lagged();
+                    }
+                    drop(permit);
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn join(
+        &mut self,
+        stream: &str,
+        token: Option<&str>,
+        since: Option<u64>,
+    ) -> Result<(), &'static str> {
+        if self.joined.is_some() {
+            self.error(
+                "already_joined",
+                "this connection has joined a stream already",
+            );
+            return Ok(());
+        }
+        if !protocol::valid_id(stream, ID_CHARS_MAX) {
+            self.error("invalid", "stream must be 1-64 of [A-Za-z0-9_-]");
+            return Ok(());
+        }
+        if let Some(token) = token {
+            match self.app.keys.verify(token) {
+                Ok(c) => self.user = Some(c),
+                Err(why) => {
+                    self.error("unauthorized", why);
+                    self.close(4003, "bad token");
+                    return Err("bad token");
+                }
+            }
+        }
+        let room = match self.app.hub.room(stream) {
+            Ok(r) => r,
+            Err(_) => {
+                self.error("unavailable", "too many rooms on this server");
+                return Ok(());
+            }
+        };
+        if let Some(u) = &self.user {
+            if u.role == Role::Streamer && u.sub == room.id {
+                room.mark_streamer_seen();
+            }
+        }
+        let app = self.app;
+        let user = self.user.as_ref();
+        let balance = user.map(|u| app.ledger.balance(&u.sub));
+        let outcome = room.join(
+            &self.tx,
+            self.shared.clone(),
+            since,
+            |seq, viewers, resumed| {
+                serde_json::to_string(&protocol::Joined {
+                    kind: "joined",
+                    stream: &room.id,
+                    user: user.map(|u| UserRef {
+                        id: &u.sub,
+                        name: &u.name,
+                    }),
+                    balance,
+                    seq,
+                    viewers,
+                    catalog: &app.config.catalog.stickers,
+                    epoch: app.hub.epoch(),
+                    resumed,
+                })
+                .expect("joined serialises")
+            },
+        );
+        self.joined = Some((room, outcome.member));
+        Ok(())
+    }
+}
+
+async fn writer(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut rx: mpsc::Receiver<Out>,
+    shared: Arc<ConnShared>,
+) {
+    let mut buf: Vec<Out> = Vec::with_capacity(64);
+    let mut last_seq = 0u64;
+    let deadline = Duration::from_millis(WRITE_TIMEOUT_MS);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shared.notify.notified() => {
+                if shared.lagged.load(Ordering::SeqCst) {
+                    // What was queued before the overflow is in order: deliver it, then say where
+                    // to resume from.
+                    while let Ok(out) = rx.try_recv() {
+                        buf.push(out);
+                    }
+                    let _ = tokio::time::timeout(deadline, async {
+                        for out in buf.drain(..) {
+                            if let Out::Frame { seq, text } = out {
+                                sink.feed(Message::Text(text)).await?;
+                                if seq > 0 {
+                                    last_seq = seq;
+                                }
+                            }
+                        }
+                        sink.feed(Message::Text(protocol::lagged_frame(last_seq).into())).await?;
+                        sink.send(Message::Close(Some(CloseFrame { code: 4009, reason: Utf8Bytes::from_static("lagged") }))).await
+                    })
+                    .await;
+                    return;
+                }
+            }
+            n = rx.recv_many(&mut buf, 256) => {
+                if n == 0 {
+                    let _ = tokio::time::timeout(deadline, sink.close()).await;
+                    return;
+                }
+                let mut close = None;
+                let result = tokio::time::timeout(deadline, async {
+                    for out in buf.drain(..) {
+                        match out {
+                            Out::Frame { seq, text } => {
+                                sink.feed(Message::Text(text)).await?;
+                                if seq > 0 {
+                                    last_seq = seq;
+                                }
+                            }
+                            Out::Close { code, reason } => {
+                                close = Some((code, reason));
+                                break;
+                            }
+                        }
+                    }
+                    sink.flush().await
+                })
+                .await;
+                buf.clear();
+                if !matches!(result, Ok(Ok(()))) {
+                    metrics::counter!("giftcast_write_failures_total").increment(1);
+                    return;
+                }
+                if let Some((code, reason)) = close {
+                    let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
+                    let _ = tokio::time::timeout(deadline, sink.send(Message::Close(Some(frame)))).await;
+                    return;
+                }
+            }
+        }
+    }
+}

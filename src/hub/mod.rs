@@ -1,0 +1,128 @@
+//! Rooms: members, outboxes, history, seq and fan-out. Never touches money.
+//!
+//! A room event is serialised once into a shared `Utf8Bytes`, stamped with the room's `seq`,
+//! kept in a bounded history ring for `since` resume, and queued for the room's fan-out task.
+//! The fan-out task takes everything queued since its last round and hands it to every member's
+//! bounded outbox with `try_send`: one event as itself, several as one `batch` frame built once
+//! and shared by every member. Under load a round carries many events, so the per-member cost
+//! (one queue push, one wake-up, one socket write) is paid per round, not per event.
+//!
+//! A member whose outbox is full is lagging: it is removed from the room and told so by its own
+//! writer; nobody ever waits for it.
+//!
+//! Architecture invariants: no lock is held across an `.await` (the room lock is a
+//! `parking_lot::Mutex`, only taken in synchronous code); every queue is bounded.
+
+mod room;
+
+pub use room::{JoinOutcome, MemberHandle, QueuedGift, QueuedUser, Room};
+
+use crate::limits::{ROOMS_MAX, VIEWERS_INTERVAL_MS};
+use axum::extract::ws::Utf8Bytes;
+use dashmap::DashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tokio::sync::Notify;
+
+/// What a connection's writer task receives.
+#[derive(Debug)]
+pub enum Out {
+    /// A text frame. `seq` is the last room seq it carries (0 for direct frames).
+    Frame { seq: u64, text: Utf8Bytes },
+    /// Close the connection with this WebSocket close code and reason.
+    Close { code: u16, reason: &'static str },
+}
+
+/// State a connection's reader, writer and its room share.
+#[derive(Debug, Default)]
+pub struct ConnShared {
+    /// Set by the room when the outbox overflowed: the writer tells the client and closes.
+    pub lagged: AtomicBool,
+    pub notify: Notify,
+}
+
+impl ConnShared {
+    pub fn mark_lagged(&self) {
+        if !self.lagged.swap(true, Ordering::SeqCst) {
+            metrics::counter!("giftcast_lagged_total").increment(1);
+            self.notify.notify_one();
+        }
+    }
+}
+
+pub struct Hub {
+    rooms: DashMap<String, Arc<Room>>,
+    /// A random id of this server run: seqs of one epoch mean nothing in another.
+    epoch: String,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum HubError {
+    TooManyRooms,
+}
+
+impl Hub {
+    pub fn new() -> Arc<Hub> {
+        use rand::Rng;
+        let epoch: String = rand::rng()
+            .sample_iter(rand::distr::Alphanumeric)
+            .take(12)
+            .map(char::from)
+            .collect();
+        let hub = Arc::new(Hub {
+            rooms: DashMap::new(),
+            epoch,
+        });
+        // The demo stream is always live.
+        let _ = hub.room("demo");
+        if let Some(r) = hub.get("demo") {
+            r.set_always_live();
+        }
+        hub
+    }
+
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    /// The room for `stream`, created on first use (a viewer may wait for a stream to start).
+    pub fn room(&self, stream: &str) -> Result<Arc<Room>, HubError> {
+        if let Some(r) = self.rooms.get(stream) {
+            return Ok(r.clone());
+        }
+        if self.rooms.len() >= ROOMS_MAX {
+            return Err(HubError::TooManyRooms);
+        }
+        let room = self
+            .rooms
+            .entry(stream.to_string())
+            .or_insert_with(|| Room::spawn(stream))
+            .clone();
+        metrics::gauge!("giftcast_rooms").set(self.rooms.len() as f64);
+        Ok(room)
+    }
+
+    pub fn get(&self, stream: &str) -> Option<Arc<Room>> {
+        self.rooms.get(stream).map(|r| r.clone())
+    }
+
+    pub fn connections(&self) -> usize {
+        self.rooms.iter().map(|r| r.viewers()).sum()
+    }
+
+    /// Every room tells its members the viewer count when it changed; runs until `stop`.
+    pub async fn run_viewer_counts(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(VIEWERS_INTERVAL_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => return,
+            }
+            let rooms: Vec<Arc<Room>> = self.rooms.iter().map(|r| r.clone()).collect();
+            for room in rooms {
+                room.publish_viewers_if_changed();
+            }
+        }
+    }
+}

@@ -1,0 +1,337 @@
+//! One room: seq, history, members, fan-out task, combos and the streamer's thanks queue.
+
+use super::{ConnShared, Out};
+use crate::limits::{
+    BATCH_EVENTS_MAX, COMBO_TRACKED_MAX, COMBO_WINDOW_MS, REPLAY_BATCH_EVENTS_MAX,
+    ROOM_HISTORY_EVENTS_MAX, THANKS_QUEUE_MAX,
+};
+use axum::extract::ws::Utf8Bytes;
+use parking_lot::Mutex;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, Notify};
+
+struct Member {
+    tx: mpsc::Sender<Out>,
+    shared: Arc<ConnShared>,
+}
+
+/// An un-thanked gift waiting in the streamer's queue.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct QueuedGift {
+    pub gift_id: String,
+    pub from: QueuedUser,
+    pub sticker: String,
+    pub count: u32,
+    pub amount: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    pub seq: u64,
+    pub ts: u64,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct QueuedUser {
+    pub id: String,
+    pub name: String,
+}
+
+struct Inner {
+    /// Last seq assigned.
+    seq: u64,
+    /// Last seq handed to the members' outboxes; a joiner sees history up to here, and every
+    /// later event through its outbox.
+    fanned_seq: u64,
+    history: VecDeque<(u64, Utf8Bytes)>,
+    /// Events (and seq-less frames, seq 0) waiting for the fan-out task.
+    pending: VecDeque<(u64, Utf8Bytes)>,
+    members: HashMap<u64, Member>,
+    next_member: u64,
+    last_viewers_sent: usize,
+    /// (user, sticker) → (streak, last gift ms).
+    combos: HashMap<(String, String), (u32, u64)>,
+    unthanked: VecDeque<QueuedGift>,
+}
+
+pub struct Room {
+    pub id: String,
+    inner: Mutex<Inner>,
+    wake: Notify,
+    viewers: AtomicUsize,
+    always_live: AtomicBool,
+    streamer_seen: AtomicBool,
+}
+
+/// What a joiner gets: its membership (leaves the room on drop) and the resume verdict.
+pub struct JoinOutcome {
+    pub member: MemberHandle,
+    pub resumed: Option<bool>,
+}
+
+pub struct MemberHandle {
+    room: Arc<Room>,
+    id: u64,
+}
+
+impl Drop for MemberHandle {
+    fn drop(&mut self) {
+        let mut inner = self.room.inner.lock();
+        inner.members.remove(&self.id);
+        self.room
+            .viewers
+            .store(inner.members.len(), Ordering::Relaxed);
+    }
+}
+
+impl Room {
+    pub(super) fn spawn(id: &str) -> Arc<Room> {
+        let room = Arc::new(Room {
+            id: id.to_string(),
+            inner: Mutex::new(Inner {
+                seq: 0,
+                fanned_seq: 0,
+                history: VecDeque::with_capacity(64),
+                pending: VecDeque::new(),
+                members: HashMap::new(),
+                next_member: 0,
+                last_viewers_sent: 0,
+                combos: HashMap::new(),
+                unthanked: VecDeque::new(),
+            }),
+            wake: Notify::new(),
+            viewers: AtomicUsize::new(0),
+            always_live: AtomicBool::new(false),
+            streamer_seen: AtomicBool::new(false),
+        });
+        tokio::spawn(room.clone().fan_out());
+        room
+    }
+
+    pub(super) fn set_always_live(&self) {
+        self.always_live.store(true, Ordering::Relaxed);
+    }
+
+    /// The streamer connected to its room (at least once since the start): gifts are taken.
+    pub fn mark_streamer_seen(&self) {
+        self.streamer_seen.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_live(&self) -> bool {
+        self.always_live.load(Ordering::Relaxed) || self.streamer_seen.load(Ordering::Relaxed)
+    }
+
+    pub fn viewers(&self) -> usize {
+        self.viewers.load(Ordering::Relaxed)
+    }
+
+    pub fn seq(&self) -> u64 {
+        self.inner.lock().fanned_seq
+    }
+
+    /// Adds a member. `joined` builds the `joined` frame from (seq, viewers, resumed); it is
+    /// queued first, then the replay of history after `since`, then live events: no gap, no
+    /// duplicate, because all three happen under the room lock.
+    pub fn join(
+        self: &Arc<Self>,
+        tx: &mpsc::Sender<Out>,
+        shared: Arc<ConnShared>,
+        since: Option<u64>,
+        joined: impl FnOnce(u64, usize, Option<bool>) -> String,
+    ) -> JoinOutcome {
+        let mut inner = self.inner.lock();
+        let visible = inner.fanned_seq;
+        let oldest = inner
+            .history
+            .front()
+            .map(|(s, _)| *s)
+            .unwrap_or(visible + 1);
+        let resumed = since.map(|s| s <= visible && s + 1 >= oldest);
+        let viewers = inner.members.len() + 1;
+        let text = joined(visible, viewers, resumed);
+        // The outbox is new and empty, and OUTBOX_FRAMES_MAX exceeds the replay's frames.
+        let _ = tx.try_send(Out::Frame {
+            seq: 0,
+            text: text.into(),
+        });
+        if resumed == Some(true) {
+            let from = since.unwrap_or(0);
+            let events: Vec<&(u64, Utf8Bytes)> = inner
+                .history
+                .iter()
+                .filter(|(s, _)| *s > from && *s <= visible)
+                .collect();
+            for chunk in events.chunks(REPLAY_BATCH_EVENTS_MAX) {
+                let last = chunk.last().map(|(s, _)| *s).unwrap_or(0);
+                let text = if chunk.len() == 1 {
+                    chunk[0].1.clone()
+                } else {
+                    batch(chunk.iter().map(|(_, t)| t))
+                };
+                let _ = tx.try_send(Out::Frame { seq: last, text });
+            }
+        }
+        let id = inner.next_member;
+        inner.next_member += 1;
+        inner.members.insert(
+            id,
+            Member {
+                tx: tx.clone(),
+                shared,
+            },
+        );
+        self.viewers.store(inner.members.len(), Ordering::Relaxed);
+        JoinOutcome {
+            member: MemberHandle {
+                room: self.clone(),
+                id,
+            },
+            resumed,
+        }
+    }
+
+    /// Stamps the next seq, builds the event with it, keeps it in history and queues it for
+    /// fan-out. Returns the seq.
+    pub fn publish(&self, build: impl FnOnce(u64) -> String) -> u64 {
+        let mut inner = self.inner.lock();
+        inner.seq += 1;
+        let seq = inner.seq;
+        let text: Utf8Bytes = build(seq).into();
+        if inner.history.len() == ROOM_HISTORY_EVENTS_MAX {
+            inner.history.pop_front();
+        }
+        inner.history.push_back((seq, text.clone()));
+        let wake = inner.pending.is_empty();
+        inner.pending.push_back((seq, text));
+        drop(inner);
+        if wake {
+            self.wake.notify_one();
+        }
+        metrics::counter!("giftcast_room_events_total").increment(1);
+        seq
+    }
+
+    pub(super) fn publish_viewers_if_changed(&self) {
+        let mut inner = self.inner.lock();
+        let count = inner.members.len();
+        if count == inner.last_viewers_sent {
+            return;
+        }
+        inner.last_viewers_sent = count;
+        let wake = inner.pending.is_empty();
+        inner
+            .pending
+            .push_back((0, crate::protocol::viewers_frame(count).into()));
+        drop(inner);
+        if wake {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The fan-out task: each round takes what was queued since the last one.
+    async fn fan_out(self: Arc<Self>) {
+        let mut taken: Vec<(u64, Utf8Bytes)> = Vec::with_capacity(BATCH_EVENTS_MAX);
+        loop {
+            self.wake.notified().await;
+            loop {
+                let mut inner = self.inner.lock();
+                if inner.pending.is_empty() {
+                    break;
+                }
+                let n = inner.pending.len().min(BATCH_EVENTS_MAX);
+                taken.extend(inner.pending.drain(..n));
+                let last_seq = taken.iter().map(|(s, _)| *s).max().unwrap_or(0);
+                let text = if taken.len() == 1 {
+                    taken[0].1.clone()
+                } else {
+                    batch(taken.iter().map(|(_, t)| t))
+                };
+                if last_seq > 0 {
+                    inner.fanned_seq = last_seq;
+                }
+                let mut delivered = 0u64;
+                inner.members.retain(|_, m| {
+                    match m.tx.try_send(Out::Frame {
+                        seq: last_seq,
+                        text: text.clone(),
+                    }) {
+                        Ok(()) => {
+                            delivered += 1;
+                            true
+                        }
+                        Err(TrySendError::Full(_)) => {
+                            m.shared.mark_lagged();
+                            false
+                        }
+                        Err(TrySendError::Closed(_)) => false,
+                    }
+                });
+                self.viewers.store(inner.members.len(), Ordering::Relaxed);
+                drop(inner);
+                metrics::counter!("giftcast_fanout_frames_total").increment(delivered);
+                metrics::counter!("giftcast_fanout_events_total")
+                    .increment(delivered * taken.len() as u64);
+                taken.clear();
+            }
+        }
+    }
+
+    /// The streak of this sender and sticker, counting this gift.
+    pub fn combo(&self, user_id: &str, sticker: &str, now_ms: u64) -> u32 {
+        let mut inner = self.inner.lock();
+        if inner.combos.len() >= COMBO_TRACKED_MAX {
+            inner
+                .combos
+                .retain(|_, (_, last)| now_ms.saturating_sub(*last) <= COMBO_WINDOW_MS);
+            if inner.combos.len() >= COMBO_TRACKED_MAX {
+                inner.combos.clear();
+            }
+        }
+        let e = inner
+            .combos
+            .entry((user_id.to_string(), sticker.to_string()))
+            .or_insert((0, 0));
+        if e.0 > 0 && now_ms.saturating_sub(e.1) <= COMBO_WINDOW_MS {
+            e.0 += 1;
+        } else {
+            e.0 = 1;
+        }
+        e.1 = now_ms;
+        e.0
+    }
+
+    pub fn queue_gift(&self, gift: QueuedGift) {
+        let mut inner = self.inner.lock();
+        if inner.unthanked.len() == THANKS_QUEUE_MAX {
+            inner.unthanked.pop_front();
+        }
+        inner.unthanked.push_back(gift);
+    }
+
+    /// Removes a gift from the thanks queue; `None` when it is not there.
+    pub fn take_queued(&self, gift_id: &str) -> Option<QueuedGift> {
+        let mut inner = self.inner.lock();
+        let pos = inner.unthanked.iter().position(|g| g.gift_id == gift_id)?;
+        inner.unthanked.remove(pos)
+    }
+
+    pub fn queued(&self) -> Vec<QueuedGift> {
+        self.inner.lock().unthanked.iter().cloned().collect()
+    }
+}
+
+/// `{"type":"batch","events":[e1,e2,…]}` from already serialised events.
+fn batch<'a>(events: impl Iterator<Item = &'a Utf8Bytes> + Clone) -> Utf8Bytes {
+    let len: usize = events.clone().map(|e| e.len() + 1).sum();
+    let mut s = String::with_capacity(len + 32);
+    s.push_str(r#"{"type":"batch","events":["#);
+    for (i, e) in events.enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(e.as_str());
+    }
+    s.push_str("]}");
+    s.into()
+}

@@ -1,0 +1,103 @@
+//! Start and stop: bind, wire the parts, serve, drain on shutdown.
+
+use crate::app::App;
+use crate::auth::TokenKeys;
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::ledger::Ledger;
+use crate::limits::{LISTEN_BACKLOG, SHUTDOWN_DRAIN_MS};
+use anyhow::Context;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpSocket};
+
+/// Binds with a listen backlog of `LISTEN_BACKLOG` (std's 128 drops SYNs in connection storms).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// The process-wide metrics recorder (several servers in one test process share it).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// Builds the application: identity, recovery of money, hub.
+pub async fn build(config: Config) -> anyhow::Result<Arc<App>> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    let keys = TokenKeys::load_or_create(config.token_secret.as_deref(), &config.data_dir)?;
+    let hub = Hub::new();
+    let ledger = Arc::new(Ledger::new(
+        config.split,
+        Arc::new(crate::ledger::MemorySink),
+    ));
+    let app = Arc::new(App::new(
+        config,
+        hub.clone(),
+        ledger,
+        keys,
+        metrics_handle(),
+        None,
+    ));
+    tokio::spawn(hub.run_viewer_counts(app.shutdown.subscribe()));
+    Ok(app)
+}
+
+/// Serves until `shutdown` resolves, then stops taking connections and money, closes every
+/// socket with 1001, waits for in-flight gifts to settle, and returns.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let app = build(config).await?;
+    serve(app, listener, shutdown).await
+}
+
+pub async fn serve(
+    app: Arc<App>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, data_dir = %app.config.data_dir.display(), guest_signup = app.config.guest_signup, "giftcast listening");
+    let router = crate::http::router(app.clone());
+    let app2 = app.clone();
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!("shutting down: closing connections, settling money");
+        app2.begin_shutdown();
+    })
+    .await
+    .context("serving")?;
+    // Every gift that was debited gets settled (durable and announced, or undone).
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(SHUTDOWN_DRAIN_MS);
+    while app.gifts_in_flight.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
