@@ -1,1 +1,38 @@
-fn main() {}
+use clap::Parser;
+
+fn main() {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("loadtest: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Ok(plan) = std::env::var(loadtest::CHILD_ENV) {
+        if let Err(e) = rt.block_on(loadtest::run_child(&plan)) {
+            eprintln!("loadtest worker: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    let cli = loadtest::Cli::parse();
+    let print_json = cli.common.print_json;
+    match rt.block_on(loadtest::run(cli)) {
+        Ok(report) => {
+            if print_json {
+                println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+            } else {
+                print!("{}", report.to_text());
+            }
+            rt.shutdown_timeout(std::time::Duration::from_secs(1));
+            if report.money.as_ref().is_some_and(|m| !m.ok) {
+                eprintln!("loadtest: MONEY CHECK FAILED");
+                std::process::exit(2);
+            }
+        }
+        Err(e) => {
+            eprintln!("loadtest: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
