@@ -2,6 +2,9 @@
 //
 //   BASE_URL=http://127.0.0.1:18080 ADMIN_TOKEN=... ARTIFACTS=/tmp/shots node tests/browser/e2e.mjs
 //
+// Optional: CHAT_RATE (the server's --chat-rate, default 60; 0 skips the rate-limit check),
+// SPLIT (the server's --split), CHROMIUM (browser binary, default /usr/bin/chromium).
+//
 // A streamer (dashboard), a viewer, a second viewer and an OBS overlay, each in its own
 // browser context. Prints one line per check and ends with "N passed, M failed"; exits
 // non-zero on any failure.
@@ -90,6 +93,10 @@ async function newPage(label, options) {
     d.dismiss().catch(() => {});
   });
   page.on('pageerror', (e) => pageErrors.push(`${label}: ${e.message}`));
+  page.on('console', (m) => {
+    // Content-Security-Policy violations and other script errors the page logs.
+    if (m.type() === 'error' && /Refused to|Content Security Policy|Uncaught/i.test(m.text())) pageErrors.push(`${label}: ${m.text()}`);
+  });
   page.on('response', (r) => {
     const u = new URL(r.url());
     if (u.origin === new URL(BASE).origin && !u.pathname.startsWith('/api/') && r.status() >= 400) badAssets.push(`${label}: ${r.status()} ${u.pathname}`);
@@ -360,6 +367,20 @@ async function main() {
     assert(await viewer.getAttribute('#balance', 'data-value') === want, 'balance moved again');
   });
 
+  // ---------- chat rate limit ----------
+  const chatRate = Number(process.env.CHAT_RATE ?? 60);
+  if (chatRate > 0) {
+    await check(`viewer: chatting over the limit (${chatRate}/min) shows a clear rate-limit notice`, async () => {
+      await bob.evaluate((n) => {
+        for (let i = 0; i < n; i++) window.__giftcast.socket.send({ type: 'chat', text: `burst ${i}` });
+      }, chatRate + 5);
+      const n = bob.locator('#notice[data-code="rate_limited"]:not([hidden])');
+      await n.waitFor();
+      assert(/too fast/i.test(await n.textContent()), 'notice unclear');
+      await shot(bob, 'viewer-rate-limited');
+    });
+  }
+
   // ---------- insufficient coins ----------
   await check('viewer: a gift above the balance says "Not enough coins" before sending', async () => {
     const bal = BigInt(await viewer.getAttribute('#balance', 'data-value'));
@@ -393,7 +414,7 @@ async function main() {
     await shot(viewer, 'viewer');
   });
 
-  await check('pages load every asset and raise no script errors or dialogs', async () => {
+  await check('pages load every asset and raise no script errors, CSP violations or dialogs', async () => {
     assert(badAssets.length === 0, badAssets.join('; '));
     assert(pageErrors.length === 0, pageErrors.join('; '));
     assert(dialogs.length === 0, dialogs.join('; '));
