@@ -302,7 +302,13 @@ pub async fn run(cli: Cli) -> Result<Report> {
         "none"
     };
     let conns = report.connections.joined.max(1) as f64;
-    let deliveries: u64 = report.timeline.iter().filter(|s| s.phase != "connect").map(|s| *s.counters.get("deliveries").unwrap_or(&0)).sum();
+    // Every room event delivered to a client: chat, shout-outs, thanks.
+    let deliveries: u64 = report
+        .timeline
+        .iter()
+        .filter(|s| s.phase != "connect")
+        .map(|s| ["deliveries", "shoutouts", "thanks_recv"].iter().map(|k| *s.counters.get(*k).unwrap_or(&0)).sum::<u64>())
+        .sum();
     let cpu_run = match (connected.cpu_secs, end.cpu_secs) {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
@@ -387,7 +393,7 @@ fn drift_windows(timeline: &[Sample], window: f64, rss: &[(f64, u64)]) -> Vec<Dr
     let mut out = vec![];
     let mut from = 0.0;
     let end = run.last().map(|s| s.t_secs).unwrap_or(0.0);
-    while from < end && out.len() < 10_000 {
+    while end - from > 0.25 * window && out.len() < 10_000 {
         let to = from + window;
         let ss: Vec<&&Sample> = run.iter().filter(|s| s.t_secs > from && s.t_secs <= to + 1e-9).collect();
         let secs: f64 = ss.iter().map(|s| s.secs).sum();
