@@ -23,6 +23,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, Semaphore};
 
+/// The close reason when the writer stopped first (lagged, write timeout, close sent).
+const WRITER_ENDED: &str = "writer ended";
+
 /// Gifts one connection may have waiting for the journal at once.
 pub const CONN_GIFTS_IN_FLIGHT_MAX: usize = 64;
 
@@ -131,8 +134,10 @@ async fn connection(app: Arc<App>, socket: WebSocket, peer: SocketAddr, slot: Co
     // Leave the room before the writer finishes, so no more events are queued.
     drop(conn);
     drop(tx);
-    let _ = tokio::time::timeout(Duration::from_millis(WRITE_TIMEOUT_MS), &mut writer).await;
-    writer.abort();
+    if reason != WRITER_ENDED {
+        let _ = tokio::time::timeout(Duration::from_millis(WRITE_TIMEOUT_MS), &mut writer).await;
+        writer.abort();
+    }
     drop(slot);
     tracing::info!(%peer, user = %user, stream = %stream_id, reason, "connection closed");
 }
@@ -180,10 +185,14 @@ impl Conn<'_> {
         let mut shutdown = self.app.shutdown.subscribe();
         let join_deadline = tokio::time::sleep(Duration::from_millis(JOIN_TIMEOUT_MS));
         tokio::pin!(join_deadline);
-        let flood = RateLimiter::direct(
-            Quota::per_second(NonZeroU32::new(FLOOD_FRAMES_PER_SEC).expect("nonzero"))
-                .allow_burst(NonZeroU32::new(FLOOD_BURST_FRAMES).expect("nonzero")),
-        );
+        // The flood guard is on while chat is rate limited; `--chat-rate 0` (benchmarks) turns
+        // it off with the chat limit, so a load generator is never cut off.
+        let flood = (self.app.config.chat_rate_per_min > 0).then(|| {
+            RateLimiter::direct(
+                Quota::per_second(NonZeroU32::new(FLOOD_FRAMES_PER_SEC).expect("nonzero"))
+                    .allow_burst(NonZeroU32::new(FLOOD_BURST_FRAMES).expect("nonzero")),
+            )
+        });
         loop {
             let msg = tokio::select! {
                 _ = &mut join_deadline, if self.joined.is_none() => {
@@ -194,7 +203,7 @@ impl Conn<'_> {
                     self.close(1001, "server shutting down");
                     return "shutdown";
                 }
-                _ = &mut *writer => return "writer ended",
+                _ = &mut *writer => return WRITER_ENDED,
                 msg = stream.next() => msg,
             };
             let msg = match msg {
@@ -212,7 +221,7 @@ impl Conn<'_> {
                 }
                 Some(Ok(m)) => m,
             };
-            if flood.check().is_err() {
+            if flood.as_ref().is_some_and(|f| f.check().is_err()) {
                 self.close(4008, "flooding");
                 return "flooding";
             }

@@ -221,6 +221,14 @@ async function main() {
     await item.waitFor();
     assert((await item.locator('.msg').textContent()) === question, 'question text differs');
     await dash.locator(`#feed li[data-gift-id="${giftId}"]`).waitFor();
+    await dash.click('.tabs [data-tab="questions"]');
+    await dash.locator(`#queue li.question[data-gift-id="${giftId}"]`).waitFor();
+    await dash.click('.tabs [data-tab="all"]');
+    await item.waitFor();
+  });
+
+  await check('dashboard: viewer count follows the room', async () => {
+    await dash.waitForFunction(() => Number(document.querySelector('#viewers').textContent.replace(/\D/g, '')) >= 2);
   });
 
   await check(`dashboard: revenue moves by the exact split of ${A} coins`, async () => {
@@ -330,8 +338,10 @@ async function main() {
     }, cheapest.id);
     await viewer.waitForSelector('body[data-conn="reconnecting"]');
     const pill = await viewer.textContent('#conn');
-    assert(/attempt\s*1/i.test(pill), `status pill says "${pill}"`);
+    assert(/(disconnected|reconnecting).*#1\b/i.test(pill), `status pill says "${pill}"`);
     await viewer.waitForSelector('#notice[data-code="reconnecting"]:not([hidden])');
+    const why = await viewer.textContent('#notice');
+    assert(/attempt\s*1/i.test(why), `notice says "${why}"`);
     await shot(viewer, 'viewer-reconnecting');
   });
   await check('chat sent while the viewer is away reaches the room', async () => {
@@ -365,6 +375,19 @@ async function main() {
     const pending = await viewer.evaluate(() => window.__giftcast.state().pending);
     assert(pending.length === 0, `still pending: ${pending}`);
     assert(await viewer.getAttribute('#balance', 'data-value') === want, 'balance moved again');
+  });
+
+  // ---------- combos ----------
+  await check('viewer: quick repeat gifts of one sticker show a combo count', async () => {
+    const ids = [];
+    for (let i = 0; i < 3; i++) {
+      const id = await bob.evaluate((k) => window.__giftcast.sendGift(k, 1), cheapest.id);
+      ids.push(id);
+      await bob.waitForFunction((g) => !window.__giftcast.state().pending.includes(g), id);
+    }
+    const third = viewer.locator(`#chat li[data-type="shoutout"][data-gift-id="${ids[2]}"] .combo`);
+    await third.waitFor();
+    assert(/x3 combo/.test(await third.textContent()), `combo badge says ${await third.textContent()}`);
   });
 
   // ---------- chat rate limit ----------
