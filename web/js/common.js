@@ -462,7 +462,7 @@ export function describeStatus(s) {
     case 'live': return { text: 'Live', kind: 'ok' };
     case 'connecting': return { text: 'Connecting…', kind: 'warn' };
     case 'reconnecting':
-      return { text: s.held ? `Disconnected (attempt ${s.attempt})` : `Reconnecting (attempt ${s.attempt})…`, kind: 'bad' };
+      return { text: `${s.held ? 'Disconnected' : 'Reconnecting'} #${s.attempt}`, kind: 'bad' };
     case 'closed': return { text: 'Closed', kind: 'bad' };
     default: return { text: 'Idle', kind: 'warn' };
   }
@@ -478,7 +478,7 @@ export function rejectionText(code, balance) {
     case 'invalid': return 'That gift was not valid.';
     case 'conflict': return 'That gift id was already used for another gift.';
     case 'unauthorized': return 'Your session expired. Please sign in again.';
-    case 'not_found': return 'This stream does not exist.';
+    case 'not_found': return 'This stream is not live, so it cannot take gifts right now.';
     case 'unavailable': return 'Gifts are briefly unavailable; retrying…';
     default: return `Gift rejected (${code}).`;
   }

@@ -138,6 +138,7 @@ function onJoined(f) {
   } else {
     clearNotice('reconnecting');
   }
+  if (r.reconnect) api(`/api/streams/${encodeURIComponent(stream)}`).then((i) => setLive(i && i.live)).catch(() => {});
   if (r.sent && !r.resumed && !r.first) {
     sys(r.epochChanged ? 'The stream restarted while you were away.' : 'You were away for a while; some older messages were skipped.');
   }
@@ -215,7 +216,10 @@ function animate(f, s) {
     el('span', { class: 'emoji' }, s.emoji),
     el('span', { class: 'line' }, `${(f.from && f.from.name) || 'someone'}${cnt > 1 ? ` ×${cnt}` : ''}`),
     comboEl(f.combo));
-  if (s.tier <= 2) item.style.left = `${25 + Math.random() * 50}%`;
+  if (s.tier <= 2) {
+    item.style.left = `${25 + Math.random() * 50}%`;
+    item.style.top = `${55 + Math.random() * 30}%`;
+  }
   item.addEventListener('animationend', () => item.remove());
   setTimeout(() => item.remove(), 8000);
   fx.append(item);
@@ -396,6 +400,8 @@ function onError(f) {
     case 'lagged':
       notice('lagged', 'warn', 'Your connection fell behind; catching up…', 4000);
       break;
+    case 'unauthorized':
+      break; // the socket closes with 4003 next; onClose signs out
     default:
       toast(f.message || `Error: ${f.code}`, 'bad');
   }
@@ -557,9 +563,20 @@ fetchCatalog().then((c) => {
   }
 }).catch(() => {});
 refreshMe();
+/** Offline streams show it; while offline we look again now and then. */
+let liveTimer = null;
+function setLive(live) {
+  document.body.dataset.live = String(live !== false);
+  clearTimeout(liveTimer);
+  if (live === false) {
+    liveTimer = setTimeout(() => api(`/api/streams/${encodeURIComponent(stream)}`).then((i) => setLive(i && i.live)).catch(() => setLive(false)), 30_000);
+  }
+}
+
 // Show the room's last few events on arrival, like a chat's scroll-back.
 api(`/api/streams/${encodeURIComponent(stream)}`)
   .then((info) => {
+    setLive(info && info.live);
     const seq = Number(info && info.seq);
     if (Number.isInteger(seq) && seq > 0) socket.firstSince = Math.max(0, seq - HISTORY_ON_LOAD);
   })
