@@ -8,7 +8,6 @@
 // A streamer (dashboard), a viewer, a second viewer and an OBS overlay, each in its own
 // browser context. Prints one line per check and ends with "N passed, M failed"; exits
 // non-zero on any failure.
-import { chromium } from 'playwright-core';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -23,6 +22,15 @@ const T = 15_000; // default wait for anything to show up
 const OVERALL = Number(process.env.E2E_TIMEOUT_MS || 240_000);
 
 fs.mkdirSync(ARTIFACTS, { recursive: true });
+
+let chromium;
+try {
+  ({ chromium } = await import('playwright-core'));
+} catch (e) {
+  console.log(`FAIL playwright-core is not installed (run: cd tests/browser && npm ci) -- ${e.message.split('\n')[0]}`);
+  console.log('0 passed, 1 failed');
+  process.exit(1);
+}
 
 let passed = 0;
 let failed = 0;

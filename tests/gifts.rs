@@ -1,0 +1,480 @@
+//! Gifts end to end: every rejection code, idempotency, shout-outs, combos, thanks, the
+//! thanks queue, revenue, credits and the audit, against a real server.
+
+mod common;
+
+use common::*;
+use giftcast::auth::Role;
+use serde_json::{json, Value};
+
+async fn funded(server: &TestServer, user: &str, coins: u64) -> Client {
+    assert_eq!(
+        server
+            .credit(user, coins, &format!("fund-{user}"))
+            .await
+            .status(),
+        200
+    );
+    server.joined("demo", Some((user, Role::Viewer))).await.0
+}
+
+#[tokio::test]
+async fn a_gift_is_debited_announced_and_acknowledged_once() {
+    let server = TestServer::start().await;
+    let (mut room, _) = server.joined("demo", None).await;
+    let mut v = funded(&server, "vic", 100).await;
+    v.gift("g-1", "coffee", 3, Some("What game is next?")).await;
+    let ok = v.gift_answer("g-1").await;
+    assert_eq!(ok["type"], "gift_ok");
+    assert_eq!(ok["balance"], 70);
+    let shout = room.recv_type("shoutout").await;
+    assert_eq!(shout["gift_id"], "g-1");
+    assert_eq!(shout["from"], json!({"id": "vic", "name": "name-vic"}));
+    assert_eq!(
+        (
+            shout["sticker"].as_str(),
+            shout["count"].as_u64(),
+            shout["amount"].as_u64()
+        ),
+        (Some("coffee"), Some(3), Some(30))
+    );
+    assert_eq!(shout["message"], "What game is next?");
+    assert_eq!(shout["combo"], 1);
+    assert_eq!(ok["seq"], shout["seq"]);
+    // A retry answers the same gift_ok and debits nothing.
+    v.gift("g-1", "coffee", 3, Some("What game is next?")).await;
+    assert_eq!(v.gift_answer("g-1").await, ok);
+    // Also from another connection of the same user.
+    let (mut v2, _) = server.joined("demo", Some(("vic", Role::Viewer))).await;
+    v2.gift("g-1", "coffee", 3, Some("What game is next?"))
+        .await;
+    assert_eq!(v2.gift_answer("g-1").await, ok);
+    let (_, me) = server
+        .get_json("/api/me", Some(&server.token("vic", Role::Viewer)))
+        .await;
+    assert_eq!(me["balance"], 70);
+    let audit = server.audit().await;
+    assert_eq!(
+        audit,
+        json!({"credited": 100, "balances": 70, "gifted": 30, "ok": true})
+    );
+}
+
+#[tokio::test]
+async fn every_rejection_code() {
+    let server = TestServer::start_with(|c| c.gift_rate_per_min = 5).await;
+    let mut v = funded(&server, "rita", 10).await;
+    let expect = |id: &'static str, code: &'static str| (id, code);
+    let cases: Vec<(Value, (&str, &str))> = vec![
+        (
+            json!({"type":"gift","gift_id":"a1","sticker":"crown","count":1}),
+            expect("a1", "insufficient_funds"),
+        ),
+        (
+            json!({"type":"gift","gift_id":"a2","sticker":"nope","count":1}),
+            expect("a2", "unknown_sticker"),
+        ),
+        (
+            json!({"type":"gift","gift_id":"a3","sticker":"rose","count":0}),
+            expect("a3", "invalid"),
+        ),
+        (
+            json!({"type":"gift","gift_id":"a4","sticker":"rose","count":100}),
+            expect("a4", "invalid"),
+        ),
+        (
+            json!({"type":"gift","gift_id":"a5","sticker":"rose","count":-1}),
+            expect("a5", "invalid"),
+        ),
+        (
+            json!({"type":"gift","gift_id":"bad id!","sticker":"rose","count":1}),
+            expect("bad id!", "invalid"),
+        ),
+        (
+            json!({"type":"gift","gift_id":"x".repeat(65),"sticker":"rose","count":1}),
+            ("", "invalid"),
+        ),
+        (
+            json!({"type":"gift","gift_id":"a6","sticker":"rose","count":1,"message":"m".repeat(201)}),
+            expect("a6", "invalid"),
+        ),
+    ];
+    for (frame, (id, code)) in cases {
+        let id = if id.is_empty() {
+            frame["gift_id"].as_str().unwrap().to_string()
+        } else {
+            id.to_string()
+        };
+        v.send(frame).await;
+        let ans = v.gift_answer(&id).await;
+        assert_eq!(
+            (ans["type"].as_str(), ans["code"].as_str()),
+            (Some("gift_rejected"), Some(code)),
+            "{id}"
+        );
+    }
+    // Insufficient funds says the balance.
+    v.gift("a7", "crown", 1, None).await;
+    assert_eq!(v.gift_answer("a7").await["balance"], 10);
+    // At the edges: a 64-char id, count 99, a 200-char message are fine.
+    v.send(json!({"type":"gift","gift_id":"y".repeat(64),"sticker":"rose","count":1,"message":"m".repeat(200)})).await;
+    assert_eq!(v.gift_answer(&"y".repeat(64)).await["type"], "gift_ok");
+    // conflict: same id, other contents.
+    v.gift("c1", "rose", 1, None).await;
+    assert_eq!(v.gift_answer("c1").await["type"], "gift_ok");
+    v.gift("c1", "rose", 2, None).await;
+    assert_eq!(v.gift_answer("c1").await["code"], "conflict");
+    // rate_limited: 5 per minute; 2 accepted + 5 checked above… fill up and go over.
+    let mut limited = false;
+    for i in 0..10 {
+        let id = format!("r{i}");
+        v.gift(&id, "rose", 1, None).await;
+        if v.gift_answer(&id).await["code"] == "rate_limited" {
+            limited = true;
+            break;
+        }
+    }
+    assert!(limited);
+    // unauthorized: no token.
+    let (mut anon, _) = server.joined("demo", None).await;
+    anon.gift("u1", "rose", 1, None).await;
+    assert_eq!(anon.gift_answer("u1").await["code"], "unauthorized");
+    // not_found: a stream that is not live.
+    let (mut off, _) = server
+        .joined("nobody-streams-here", Some(("rita", Role::Viewer)))
+        .await;
+    off.gift("n1", "rose", 1, None).await;
+    assert_eq!(off.gift_answer("n1").await["code"], "not_found");
+    // Nothing rejected changed the money.
+    assert_eq!(server.audit().await["ok"], true);
+}
+
+#[tokio::test]
+async fn a_rejected_id_can_succeed_after_a_top_up() {
+    let server = TestServer::start().await;
+    let mut v = funded(&server, "tom", 5).await;
+    v.gift("t1", "coffee", 1, None).await;
+    assert_eq!(v.gift_answer("t1").await["code"], "insufficient_funds");
+    server.credit("tom", 5, "top-up-1").await;
+    v.gift("t1", "coffee", 1, None).await;
+    assert_eq!(v.gift_answer("t1").await["balance"], 0);
+}
+
+#[tokio::test]
+async fn combo_counts_a_streak() {
+    let server = TestServer::start().await;
+    let (mut room, _) = server.joined("demo", None).await;
+    let mut v = funded(&server, "cy", 100).await;
+    for (i, sticker) in ["rose", "rose", "rose", "heart", "rose"].iter().enumerate() {
+        let id = format!("k{i}");
+        v.gift(&id, sticker, 1, None).await;
+        v.gift_answer(&id).await;
+    }
+    let combos: Vec<u64> = {
+        let mut out = Vec::new();
+        for _ in 0..5 {
+            out.push(room.recv_type("shoutout").await["combo"].as_u64().unwrap());
+        }
+        out
+    };
+    assert_eq!(combos, vec![1, 2, 3, 1, 4]);
+}
+
+#[tokio::test]
+async fn thanks_only_from_the_streamer_and_the_queue_clears() {
+    let server = TestServer::start().await;
+    let (mut streamer, _) = server
+        .joined("star1", Some(("star1", Role::Streamer)))
+        .await;
+    let mut v = {
+        server.credit("fan", 1000, "fund-fan").await;
+        server.joined("star1", Some(("fan", Role::Viewer))).await.0
+    };
+    v.gift("q1", "star", 2, Some("Favourite song?")).await;
+    assert_eq!(v.gift_answer("q1").await["type"], "gift_ok");
+    v.gift("q2", "rose", 1, None).await;
+    assert_eq!(v.gift_answer("q2").await["type"], "gift_ok");
+    let streamer_token = server.token("star1", Role::Streamer);
+    let (status, queue) = server
+        .get_json("/api/streams/star1/queue", Some(&streamer_token))
+        .await;
+    assert_eq!(status, 200);
+    let ids: Vec<&str> = queue["gifts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["gift_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec!["q1", "q2"]);
+    assert_eq!(queue["gifts"][0]["message"], "Favourite song?");
+    // Another user's or another streamer's token may not see it.
+    assert_eq!(
+        server
+            .get_json(
+                "/api/streams/star1/queue",
+                Some(&server.token("fan", Role::Viewer))
+            )
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        server
+            .get_json(
+                "/api/streams/star1/queue",
+                Some(&server.token("star2", Role::Streamer))
+            )
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        server.get_json("/api/streams/star1/queue", None).await.0,
+        401
+    );
+    assert_eq!(
+        server
+            .get_json("/api/streams/star1/queue", Some(ADMIN))
+            .await
+            .0,
+        200
+    );
+    // A viewer cannot thank.
+    v.send(json!({"type":"thanks","gift_id":"q1"})).await;
+    loop {
+        let f = v.next().await;
+        if f["type"] == "error" {
+            assert_eq!(f["code"], "forbidden");
+            break;
+        }
+    }
+    // The streamer can, once; the room sees it.
+    streamer
+        .send(json!({"type":"thanks","gift_id":"q1","text":"Thank you! It's Clair de Lune"}))
+        .await;
+    let thanks = loop {
+        let f = v.next().await;
+        if f["type"] == "thanks" {
+            break f;
+        }
+    };
+    assert_eq!(thanks["gift_id"], "q1");
+    assert_eq!(thanks["to"], json!({"id":"fan","name":"name-fan"}));
+    assert_eq!(thanks["text"], "Thank you! It's Clair de Lune");
+    streamer.send(json!({"type":"thanks","gift_id":"q1"})).await;
+    loop {
+        let f = streamer.next().await;
+        if f["type"] == "error" {
+            assert_eq!(f["code"], "not_found");
+            break;
+        }
+    }
+    let (_, queue) = server
+        .get_json("/api/streams/star1/queue", Some(&streamer_token))
+        .await;
+    assert_eq!(queue["gifts"].as_array().unwrap().len(), 1);
+    // A streamer does not tip their own stream.
+    server.credit("star1", 10, "fund-star1").await;
+    streamer.gift("self", "rose", 1, None).await;
+    assert_eq!(streamer.gift_answer("self").await["code"], "invalid");
+}
+
+#[tokio::test]
+async fn revenue_is_split_exactly_and_only_shown_to_its_streamer() {
+    let server = TestServer::start().await;
+    let mut a = funded(&server, "amy", 10_000).await;
+    let mut b = funded(&server, "ben", 10_000).await;
+    a.gift("1", "crown", 3, None).await; // 300
+    a.gift_answer("1").await;
+    b.gift("1", "rose", 7, None).await; // 7
+    b.gift_answer("1").await;
+    a.gift("2", "rose", 1, None).await; // 1
+    a.gift_answer("2").await;
+    let (status, rev) = server
+        .get_json(
+            "/api/streams/demo/revenue",
+            Some(&server.token("demo", Role::Streamer)),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (
+            rev["gifts"].as_u64(),
+            rev["gross"].as_u64(),
+            rev["unit"].as_u64()
+        ),
+        (Some(3), Some(308), Some(10_000))
+    );
+    assert_eq!(rev["store"], 308 * 3000);
+    assert_eq!(rev["streamer"], 308 * 5000);
+    assert_eq!(rev["platform"], 308 * 2000);
+    assert_eq!(rev["top_gifters"][0]["user_id"], "amy");
+    assert_eq!(rev["top_gifters"][0]["gross"], 301);
+    assert_eq!(rev["by_sticker"][0]["sticker"], "crown");
+    assert_eq!(
+        server
+            .get_json(
+                "/api/streams/demo/revenue",
+                Some(&server.token("amy", Role::Viewer))
+            )
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        server
+            .get_json("/api/streams/demo/revenue", Some(ADMIN))
+            .await
+            .0,
+        200
+    );
+}
+
+#[tokio::test]
+async fn admin_credit_is_idempotent_and_guarded() {
+    let server = TestServer::start().await;
+    let r = server.credit("zed", 50, "order-1").await;
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"balance": 50}));
+    let r = server.credit("zed", 50, "order-1").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"balance": 50}));
+    let r = server.credit("zed", 51, "order-1").await;
+    assert_eq!(r.status(), 409);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "conflict"
+    );
+    for bad in [
+        json!({"user_id":"zed","coins":0,"reference":"x"}),
+        json!({"user_id":"z z","coins":1,"reference":"x"}),
+        json!({"user_id":"zed","coins":1,"reference":""}),
+        json!({"user_id":"zed"}),
+    ] {
+        let r = reqwest::Client::new()
+            .post(server.url("/api/admin/credit"))
+            .bearer_auth(ADMIN)
+            .json(&bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{bad}");
+        assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "invalid");
+    }
+    let r = reqwest::Client::new()
+        .post(server.url("/api/admin/credit"))
+        .json(&json!({"user_id":"zed","coins":1,"reference":"y"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = reqwest::Client::new()
+        .post(server.url("/api/admin/credit"))
+        .bearer_auth("wrong-token")
+        .json(&json!({"user_id":"zed","coins":1,"reference":"y"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(server.get_json("/api/admin/audit", None).await.0, 401);
+    assert_eq!(
+        server.audit().await,
+        json!({"credited": 50, "balances": 50, "gifted": 0, "ok": true})
+    );
+}
+
+#[tokio::test]
+async fn guests_get_welcome_coins_once() {
+    let server = TestServer::start().await;
+    let http = reqwest::Client::new();
+    let g: Value = http
+        .post(server.url("/api/guest"))
+        .json(&json!({"name": "Gus"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (_, me) = server
+        .get_json("/api/me", Some(g["token"].as_str().unwrap()))
+        .await;
+    assert_eq!(me["balance"], 1000);
+    assert_eq!(me["role"], "viewer");
+    let s: Value = http
+        .post(server.url("/api/guest"))
+        .json(&json!({"name": "Host", "role": "streamer", "stream": "demo"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (s["user_id"].as_str(), s["stream"].as_str()),
+        (Some("demo"), Some("demo"))
+    );
+    let (_, me) = server
+        .get_json("/api/me", Some(s["token"].as_str().unwrap()))
+        .await;
+    assert_eq!(me["balance"], 0);
+    let r = http
+        .post(server.url("/api/guest"))
+        .json(&json!({"name": ""}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = http
+        .post(server.url("/api/guest"))
+        .json(&json!({"name": "x".repeat(33)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(server.get_json("/api/me", Some("junk")).await.0, 401);
+    let off = TestServer::start_with(|c| c.guest_signup = false).await;
+    let r = http
+        .post(off.url("/api/guest"))
+        .json(&json!({"name": "Gus"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+}
+
+/// Many connections of one user spend one wallet at once: exactly floor(balance/price) gifts
+/// succeed and the balance never goes below zero.
+#[tokio::test]
+async fn concurrent_gifts_from_many_connections_never_overspend() {
+    let server = TestServer::start_with(|c| c.gift_rate_per_min = 0).await;
+    server.credit("whale", 1000, "fund").await;
+    let price = 50; // star
+    let mut tasks = Vec::new();
+    for c in 0..10 {
+        let (mut client, _) = server.joined("demo", Some(("whale", Role::Viewer))).await;
+        tasks.push(tokio::spawn(async move {
+            for i in 0..10 {
+                client.gift(&format!("c{c}-{i}"), "star", 1, None).await;
+            }
+            let mut ok = 0;
+            for i in 0..10 {
+                let ans = client.gift_answer(&format!("c{c}-{i}")).await;
+                match ans["type"].as_str() {
+                    Some("gift_ok") => ok += 1,
+                    _ => assert_eq!(ans["code"], "insufficient_funds"),
+                }
+            }
+            ok
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        ok += t.await.unwrap();
+    }
+    assert_eq!(ok, 1000 / price);
+    let (_, me) = server
+        .get_json("/api/me", Some(&server.token("whale", Role::Viewer)))
+        .await;
+    assert_eq!(me["balance"], 1000 % price);
+    assert_eq!(server.audit().await["ok"], true);
+}
