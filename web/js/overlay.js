@@ -4,7 +4,10 @@
 import { $, el, fetchCatalog, indexCatalog, sticker, RoomSocket, describeStatus, exposeHooks } from './common.js';
 
 const params = new URLSearchParams(location.search);
-const fromPath = decodeURIComponent(location.pathname.replace(/\/+$/, '').split('/').pop() || '');
+let fromPath = '';
+try {
+  fromPath = decodeURIComponent(location.pathname.replace(/\/+$/, '').split('/').pop() || '');
+} catch { /* malformed escape: fall back to ?stream= */ }
 const stream = (location.pathname.startsWith('/overlay/') && fromPath) || params.get('stream') || 'demo';
 const debug = params.has('debug');
 

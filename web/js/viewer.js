@@ -216,9 +216,17 @@ function animate(f, s) {
     el('span', { class: 'emoji' }, s.emoji),
     el('span', { class: 'line' }, `${(f.from && f.from.name) || 'someone'}${cnt > 1 ? ` ×${cnt}` : ''}`),
     comboEl(f.combo));
-  if (s.tier <= 2) {
+  // A combo streak replaces its previous bubble in place instead of piling up.
+  const key = `${f.from && f.from.id}|${f.sticker}`;
+  item.dataset.key = key;
+  const prev = [...fx.children].find((n) => n.dataset.key === key);
+  if (prev) {
+    item.style.left = prev.style.left;
+    item.style.top = prev.style.top;
+    prev.remove();
+  } else if (s.tier <= 2) {
     item.style.left = `${25 + Math.random() * 50}%`;
-    item.style.top = `${55 + Math.random() * 30}%`;
+    item.style.top = `${40 + Math.random() * 30}%`;
   }
   item.addEventListener('animationend', () => item.remove());
   setTimeout(() => item.remove(), 8000);
