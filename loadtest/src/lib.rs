@@ -15,6 +15,7 @@ pub mod api;
 pub mod args;
 pub mod chart;
 pub mod client;
+pub mod fast;
 pub mod pacing;
 pub mod plan;
 pub mod report;

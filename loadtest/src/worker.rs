@@ -7,13 +7,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use futures_util::{stream, SinkExt, StreamExt};
+use futures_util::{stream, FutureExt, SinkExt, StreamExt};
 use parking_lot::Mutex;
 use serde_json::json;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::api::{proc_sample, Api};
+use crate::fast::{self, FastEv, Kind as FastKind};
 use crate::client::{self, derive_ws_url, for_each_event, parse_stamp, short_err, Target, Ws};
 use crate::pacing::Pacer;
 use crate::plan::{owns, Shape, WorkerPlan};
@@ -280,6 +281,19 @@ struct Member {
     rng: Rng,
     last_seq: Option<u64>,
     ever_joined: bool,
+    scratch: Vec<FastEv>,
+}
+
+fn seq_check(last_seq: &mut Option<u64>, s: u64, sh: &mut Shard) {
+    match *last_seq {
+        Some(l) if s == l + 1 => {}
+        Some(l) if s <= l => sh.inc(C::SeqReorders, 1),
+        Some(l) => sh.inc(C::SeqGaps, s - l - 1),
+        None => {}
+    }
+    if last_seq.is_none_or(|l| s > l) {
+        *last_seq = Some(s);
+    }
 }
 
 /// What a wallet connection hands back at the end.
@@ -429,26 +443,40 @@ impl Member {
                     }
                 }
                 m = ws.next() => {
-                    match m {
-                        None => return (End::Lost("ws:eof".into()), joined),
-                        Some(Err(e)) => return (End::Lost(format!("ws:{}", short_err(&e))), joined),
-                        Some(Ok(Message::Text(t))) => {
-                            let was = joined;
-                            self.on_text(t.as_str(), ctx, phase, &mut joined, t0, &mut out);
-                            if joined && !was {
-                                permit.take();
-                                if !self.ever_joined {
-                                    self.ever_joined = true;
-                                    ctx.stats.joined.fetch_add(1, Ordering::Relaxed);
+                    // Handle this frame and whatever else is already buffered (up to 64),
+                    // without going back through the select.
+                    let mut m = m;
+                    let mut handled = 0;
+                    loop {
+                        match m {
+                            None => return (End::Lost("ws:eof".into()), joined),
+                            Some(Err(e)) => return (End::Lost(format!("ws:{}", short_err(&e))), joined),
+                            Some(Ok(Message::Text(t))) => {
+                                let was = joined;
+                                self.on_text(t.as_str(), ctx, phase, &mut joined, t0, &mut out);
+                                if joined && !was {
+                                    permit.take();
+                                    if !self.ever_joined {
+                                        self.ever_joined = true;
+                                        ctx.stats.joined.fetch_add(1, Ordering::Relaxed);
+                                    }
                                 }
                             }
+                            Some(Ok(Message::Close(cf))) => {
+                                let code = cf.map(|c| u16::from(c.code)).unwrap_or(1005);
+                                return (End::Lost(format!("close:{code}")), joined);
+                            }
+                            Some(Ok(Message::Binary(_))) => ctx.stats.shard(self.g).err("binary_frame"),
+                            Some(Ok(_)) => {}
                         }
-                        Some(Ok(Message::Close(cf))) => {
-                            let code = cf.map(|c| u16::from(c.code)).unwrap_or(1005);
-                            return (End::Lost(format!("close:{code}")), joined);
+                        handled += 1;
+                        if handled >= 64 || !out.is_empty() {
+                            break;
                         }
-                        Some(Ok(Message::Binary(_))) => ctx.stats.shard(self.g).err("binary_frame"),
-                        Some(Ok(_)) => {}
+                        match ws.next().now_or_never() {
+                            Some(next) => m = next,
+                            None => break,
+                        }
                     }
                 }
             }
@@ -505,6 +533,26 @@ impl Member {
         let mut sh = ctx.stats.shard(self.g);
         sh.inc(C::FramesRecv, 1);
         sh.inc(C::BytesRecv, txt.len() as u64);
+        if *joined && !matches!(self.kind, Kind::Streamer { .. }) && fast::scan(txt, &mut self.scratch) {
+            if txt.starts_with("{\"type\":\"batch\"") {
+                sh.inc(C::BatchFrames, 1);
+            }
+            for e in &self.scratch {
+                if let Some(s) = e.seq {
+                    seq_check(&mut self.last_seq, s, &mut sh);
+                }
+                let (c, m) = match e.kind {
+                    FastKind::Chat => (C::Deliveries, M::Chat),
+                    FastKind::Shoutout => (C::Shoutouts, M::Shoutout),
+                    FastKind::Thanks => (C::ThanksRecv, M::Thanks),
+                };
+                sh.inc(c, 1);
+                if let Some(ts) = e.stamp {
+                    sh.rec_since(m, ts, now);
+                }
+            }
+            return;
+        }
         let ev = match client::parse(txt) {
             Ok(ev) => ev,
             Err(_) => {
@@ -525,15 +573,7 @@ impl Member {
             match ty {
                 "chat" | "shoutout" | "thanks" => {
                     if let Some(s) = e.seq {
-                        match *last_seq {
-                            Some(l) if s == l + 1 => {}
-                            Some(l) if s <= l => sh.inc(C::SeqReorders, 1),
-                            Some(l) => sh.inc(C::SeqGaps, s - l - 1),
-                            None => {}
-                        }
-                        if last_seq.is_none_or(|l| s > l) {
-                            *last_seq = Some(s);
-                        }
+                        seq_check(last_seq, s, &mut sh);
                     }
                     match ty {
                         "chat" => {
@@ -840,6 +880,7 @@ pub async fn run_worker(
                     rng: Rng::new(r as u64 + 1),
                     last_seq: None,
                     ever_joined: false,
+                    scratch: Vec::new(),
                 });
             }
         }
@@ -852,7 +893,7 @@ pub async fn run_worker(
             } else {
                 None
             };
-            members.push(Member { g: g + i, room: room_of(i), token, kind: Kind::Viewer, rx: None, rng: Rng::new(i as u64), last_seq: None, ever_joined: false });
+            members.push(Member { g: g + i, room: room_of(i), token, kind: Kind::Viewer, rx: None, rng: Rng::new(i as u64), last_seq: None, ever_joined: false, scratch: Vec::new() });
         }
     }
     g += shape.viewers;
@@ -862,7 +903,7 @@ pub async fn run_worker(
             let id = identity(&plan, &api, format!("lt{run}-c{i}"), format!("chatter {i}"), "viewer").await?;
             let (tx, rx) = mpsc::channel(64);
             chat_txs.push(tx);
-            members.push(Member { g: g + i, room: room_of(i), token: id.token, kind: Kind::Chatter, rx: Some(rx), rng: Rng::new(i as u64), last_seq: None, ever_joined: false });
+            members.push(Member { g: g + i, room: room_of(i), token: id.token, kind: Kind::Chatter, rx: Some(rx), rng: Rng::new(i as u64), last_seq: None, ever_joined: false, scratch: Vec::new() });
         }
     }
     g += shape.chatters;
@@ -939,6 +980,7 @@ pub async fn run_worker(
                 rng: Rng::new(w as u64),
                 last_seq: None,
                 ever_joined: false,
+                scratch: Vec::new(),
             });
         }
     }
