@@ -387,6 +387,10 @@ async function main() {
 
   // ---------- combos ----------
   await check('viewer: quick repeat gifts of one sticker show a combo count', async () => {
+    // Meanwhile the streamer is typing a reply; new gifts must not wipe it.
+    const draft = dash.locator('#queue li.qitem input').first();
+    await draft.fill('typing a reply…');
+    await draft.focus();
     const ids = [];
     for (let i = 0; i < 3; i++) {
       const id = await bob.evaluate((k) => window.__giftcast.sendGift(k, 1), cheapest.id);
@@ -396,6 +400,14 @@ async function main() {
     const third = viewer.locator(`#chat li[data-type="shoutout"][data-gift-id="${ids[2]}"] .combo`);
     await third.waitFor();
     assert(/x3 combo/.test(await third.textContent()), `combo badge says ${await third.textContent()}`);
+  });
+  await check('dashboard: a reply being typed survives new gifts arriving', async () => {
+    await dash.locator('#feed li.gift .combo', { hasText: 'x3 combo' }).first().waitFor();
+    const kept = await dash.evaluate(() => {
+      const a = document.activeElement;
+      return a && a.matches('#queue input') ? a.value : null;
+    });
+    assert(kept === 'typing a reply…', `focused input holds ${JSON.stringify(kept)}`);
   });
 
   // ---------- chat rate limit ----------

@@ -17,6 +17,7 @@ let tab = 'all';
 const queue = new Map(); // gift_id → queue item, oldest first
 const thanked = new Set(); // gift ids thanked (so a late queue fetch can't resurrect them)
 const sendingThanks = new Set();
+const queueNodes = new Map(); // gift_id → its <li> in the queue
 // Revenue, all BigInt: whole coins for gross, 1/unit coin for the shares.
 let rev = { gifts: 0n, gross: 0n, store: 0n, streamer: 0n, platform: 0n, unit: 10000n };
 let bps = null; // {store, streamer, platform} per coin, learned from the server's own totals
@@ -215,7 +216,26 @@ function renderQueue() {
   $('#question-count').textContent = String(questions.length);
   for (const b of document.querySelectorAll('.tabs button')) b.setAttribute('aria-selected', String(b.dataset.tab === tab));
   const shown = tab === 'questions' ? questions : items;
-  fill($('#queue'), shown.length ? shown.map(queueItem) : el('li', { class: 'empty' }, tab === 'questions' ? 'No open questions.' : 'All caught up. 🎉'));
+  // Update in place: a reply being typed keeps its text and focus when new gifts arrive.
+  const list = $('#queue');
+  const want = new Set(shown.map((g) => g.gift_id));
+  for (const li of [...list.children]) if (!want.has(li.dataset.giftId)) li.remove();
+  for (const id of [...queueNodes.keys()]) if (!queue.has(id)) queueNodes.delete(id);
+  let prev = null;
+  for (const g of shown) {
+    let li = queueNodes.get(g.gift_id);
+    if (!li) {
+      li = queueItem(g);
+      queueNodes.set(g.gift_id, li);
+    }
+    const sending = sendingThanks.has(g.gift_id);
+    li.classList.toggle('sending', sending);
+    li.querySelector('button').disabled = sending;
+    const at = prev ? prev.nextElementSibling : list.firstElementChild;
+    if (at !== li) list.insertBefore(li, at);
+    prev = li;
+  }
+  if (!shown.length) list.append(el('li', { class: 'empty' }, tab === 'questions' ? 'No open questions.' : 'All caught up. 🎉'));
 }
 
 function queueItem(g) {
@@ -228,7 +248,7 @@ function queueItem(g) {
       sendThanks(g.gift_id, input.value.trim());
     },
   }, input, el('button', { class: 'primary', type: 'submit' }, 'Thank'));
-  return el('li', { class: `qitem${g.message ? ' question' : ''}${sendingThanks.has(g.gift_id) ? ' sending' : ''}`, dataset: { giftId: g.gift_id } },
+  return el('li', { class: `qitem${g.message ? ' question' : ''}`, dataset: { giftId: g.gift_id } },
     el('span', { class: 'emoji' }, s.emoji),
     el('div', {},
       el('span', { class: 'who', style: `color:${userColor(g.from && g.from.id)}` }, (g.from && g.from.name) || 'someone'),
@@ -390,6 +410,7 @@ function signOut(reason) {
   session = null;
   store.del(SESSION_KEY);
   queue.clear();
+  queueNodes.clear();
   thanked.clear();
   gifters.clear();
   giftsLog = [];

@@ -21,7 +21,16 @@ function enqueue(f) {
   if (!f.gift_id || seen.has(f.gift_id)) return;
   seen.add(f.gift_id);
   if (seen.size > 5000) seen.delete(seen.values().next().value);
-  queue.push(f);
+  // A combo streak waiting in the queue becomes one alert (a gift storm would otherwise
+  // keep the overlay busy for minutes); questions always get their own alert.
+  const last = queue[queue.length - 1];
+  if (last && !last.message && !f.message && last.sticker === f.sticker && last.from && f.from && last.from.id === f.from.id) {
+    last.count = (Number(last.count) || 1) + (Number(f.count) || 1);
+    last.combo = f.combo;
+    last.ids.push(f.gift_id);
+    return;
+  }
+  queue.push({ ...f, ids: [f.gift_id] });
   if (queue.length > 200) queue.shift();
   if (!busy) next();
 }
@@ -42,7 +51,7 @@ function next() {
     el('div', { class: 'what' }, `sent ${cnt > 1 ? `${cnt}× ` : 'a '}${s.name}`,
       Number(f.combo) > 1 ? el('span', { class: 'combo' }, `x${f.combo} combo`) : null),
     f.message ? el('div', { class: 'msg' }, f.message) : null);
-  if (!f._sample) shown.push(f.gift_id);
+  if (!f._sample) shown.push(...f.ids);
   document.body.dataset.alert = f.gift_id;
   $('#stage').replaceChildren(alert);
   setTimeout(() => {
