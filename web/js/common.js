@@ -279,8 +279,15 @@ export class RoomSocket {
     this.replayUntil = 0;
     // Optional `since` for the very first join (to show recent history on load).
     this.firstSince = Number.isInteger(since) && since >= 0 ? since : null;
+    this.started = false;
     addEventListener('online', () => {
       if (this.state === 'reconnecting' && !this.hold) this.reconnectNow();
+    });
+    // A phone that slept may hold a dead socket: check it when the page is back.
+    document.addEventListener('visibilitychange', () => {
+      if (document.visibilityState !== 'visible' || !this.ws) return;
+      if (this.state === 'live' && Date.now() - this.lastHeard > 45_000) this.drop();
+      else if (this.state === 'live') this.send({ type: 'ping', t: Date.now() });
     });
   }
 
@@ -289,6 +296,8 @@ export class RoomSocket {
   }
 
   start() {
+    if (this.started) return this;
+    this.started = true;
     this.stopped = false;
     this._connect();
     return this;
@@ -304,7 +313,7 @@ export class RoomSocket {
   /** Switch identity: reconnect with the new token, resuming where we were. */
   setToken(token) {
     this.token = token || null;
-    if (this.stopped) return;
+    if (this.stopped || !this.started) return;
     this._closeWs(1000, 'switching identity');
     clearTimeout(this.retryTimer);
     this._connect();
@@ -367,7 +376,7 @@ export class RoomSocket {
       ws.send(JSON.stringify(join));
       this.lastHeard = Date.now();
       this.joinTimer = setTimeout(() => {
-        if (this.ws === ws && this.state !== 'live') ws.close(4000, 'join timeout');
+        if (this.ws === ws && this.state !== 'live') this.drop();
       }, 10_000);
     };
     ws.onmessage = (ev) => {
@@ -434,7 +443,7 @@ export class RoomSocket {
       this.pingTimer = setInterval(() => {
         if (this.ws !== ws) return;
         if (Date.now() - this.lastHeard > 60_000) {
-          ws.close(4000, 'silent');
+          this.drop(); // silent for too long: a dead connection the OS has not noticed
           return;
         }
         this.send({ type: 'ping', t: Date.now() });
