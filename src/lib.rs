@@ -1,3 +1,4 @@
 //! giftcast: a live-streaming gifting server.
+pub mod journal;
 pub mod money;
 pub mod record;

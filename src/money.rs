@@ -15,7 +15,9 @@ pub const AMOUNT_MAX: u64 = 1_000_000_000_000;
 const _: () = assert!(AMOUNT_MAX.checked_mul(SHARE_UNIT).is_some());
 
 /// Whole coins.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Coins(pub u64);
 
 impl Coins {
@@ -47,7 +49,9 @@ pub struct Shares {
 
 impl Shares {
     pub fn total(&self) -> Option<u64> {
-        self.store.checked_add(self.streamer)?.checked_add(self.platform)
+        self.store
+            .checked_add(self.streamer)?
+            .checked_add(self.platform)
     }
 }
 
@@ -61,7 +65,11 @@ pub struct Split {
 
 impl Default for Split {
     fn default() -> Self {
-        Split { store_bp: 3000, streamer_bp: 5000, platform_bp: 2000 }
+        Split {
+            store_bp: 3000,
+            streamer_bp: 5000,
+            platform_bp: 2000,
+        }
     }
 }
 
@@ -112,7 +120,11 @@ impl FromStr for Split {
         if sum != SHARE_UNIT {
             return Err(SplitError::Sum(sum));
         }
-        Ok(Split { store_bp, streamer_bp, platform_bp })
+        Ok(Split {
+            store_bp,
+            streamer_bp,
+            platform_bp,
+        })
     }
 }
 
@@ -156,15 +168,30 @@ mod tests {
 
     #[test]
     fn rejects_bad_splits() {
-        assert_eq!("store=3000,streamer=5000".parse::<Split>(), Err(SplitError::Missing("platform")));
+        assert_eq!(
+            "store=3000,streamer=5000".parse::<Split>(),
+            Err(SplitError::Missing("platform"))
+        );
         assert_eq!(
             "store=3000,streamer=5000,platform=2001".parse::<Split>(),
             Err(SplitError::Sum(10001))
         );
-        assert!(matches!("store=3000,streamer=5000,bank=2000".parse::<Split>(), Err(SplitError::Unknown(_))));
-        assert!(matches!("store=3000,store=5000,platform=2000".parse::<Split>(), Err(SplitError::Duplicate(_))));
-        assert!(matches!("store=x,streamer=5000,platform=2000".parse::<Split>(), Err(SplitError::Malformed(_))));
-        assert!(matches!("store=-1,streamer=5000,platform=2000".parse::<Split>(), Err(SplitError::Malformed(_))));
+        assert!(matches!(
+            "store=3000,streamer=5000,bank=2000".parse::<Split>(),
+            Err(SplitError::Unknown(_))
+        ));
+        assert!(matches!(
+            "store=3000,store=5000,platform=2000".parse::<Split>(),
+            Err(SplitError::Duplicate(_))
+        ));
+        assert!(matches!(
+            "store=x,streamer=5000,platform=2000".parse::<Split>(),
+            Err(SplitError::Malformed(_))
+        ));
+        assert!(matches!(
+            "store=-1,streamer=5000,platform=2000".parse::<Split>(),
+            Err(SplitError::Malformed(_))
+        ));
     }
 
     #[test]
