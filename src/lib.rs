@@ -2,3 +2,4 @@
 pub mod journal;
 pub mod money;
 pub mod record;
+pub mod store;
