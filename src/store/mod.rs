@@ -9,7 +9,7 @@ mod postgres;
 mod sqlite;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use self::postgres::PgStore;
 pub use self::sqlite::SqliteStore;

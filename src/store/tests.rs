@@ -293,7 +293,8 @@ async fn revenue_aggregation_is_exact(backend: Backend) {
     }
     // The maintained rows equal a GROUP BY over every stored gift.
     let all_gifts = db.store.load(0).await.unwrap().gifts;
-    let mut grouped: BTreeMap<(String, String, String), (u64, u64, u64, u64)> = BTreeMap::new();
+    type Key = (String, String, String);
+    let mut grouped: BTreeMap<Key, (u64, u64, u64, u64)> = BTreeMap::new();
     for g in &all_gifts {
         let e = grouped
             .entry((g.stream.clone(), g.sticker.clone(), g.user_id.clone()))
