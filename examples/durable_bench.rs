@@ -39,7 +39,9 @@ async fn main() -> anyhow::Result<()> {
     let in_flight: u64 = args.get(2).map_or(Ok(1000), |s| s.parse())?;
     let backend = args.get(3).cloned().unwrap_or_else(|| "none".into());
     let rate: u64 = args.get(4).map_or(Ok(0), |s| s.parse())?;
-    let dir = tempfile::Builder::new().prefix("durable-bench").tempdir_in(".")?;
+    let dir = tempfile::Builder::new()
+        .prefix("durable-bench")
+        .tempdir_in(".")?;
     let store = match backend.as_str() {
         "none" => None,
         "sqlite" => Some(Store::open(None, dir.path()).await?),
@@ -84,7 +86,9 @@ async fn main() -> anyhow::Result<()> {
     } else {
         let interval = Duration::from_secs_f64(1.0 / rate as f64);
         let mut ticker = tokio::time::interval(interval.max(Duration::from_micros(100)));
-        let per_tick = (rate as f64 * ticker.period().as_secs_f64()).round().max(1.0) as u64;
+        let per_tick = (rate as f64 * ticker.period().as_secs_f64())
+            .round()
+            .max(1.0) as u64;
         let mut waits = Vec::new();
         let mut n = 0;
         while n < records {

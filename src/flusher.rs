@@ -76,7 +76,8 @@ pub struct FlusherHandle {
     shared: Arc<Shared>,
     journal: Journal,
     drain: watch::Sender<bool>,
-    task: JoinHandle<()>,
+    /// Taken by the first `drain` (the lock is never held across an `.await`).
+    task: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// Why `drain` gave up. The records it could not store are safe in the journal and are stored
@@ -116,7 +117,7 @@ pub fn spawn(store: Store, journal: Journal, rx: DurableRx, cfg: FlushConfig) ->
         shared,
         journal,
         drain,
-        task,
+        task: Mutex::new(Some(task)),
     }
 }
 
@@ -139,11 +140,14 @@ impl FlusherHandle {
 
     /// Stores everything received so far and stops. For SIGTERM: call `journal.shutdown()`
     /// first, so that "received so far" is every durable record. On timeout the task is stopped
-    /// and the unstored records stay in the journal for the next start.
-    pub async fn drain(mut self, timeout: Duration) -> Result<(), DrainError> {
+    /// and the unstored records stay in the journal for the next start. Takes `&self` so the
+    /// handle can live in an `Arc` shared with /readyz; a second call returns `Ok` at once.
+    pub async fn drain(&self, timeout: Duration) -> Result<(), DrainError> {
         let _ = self.drain.send(true);
-        let task = &mut self.task;
-        match tokio::time::timeout(timeout, &mut *task).await {
+        let Some(mut task) = self.task.lock().take() else {
+            return Ok(());
+        };
+        match tokio::time::timeout(timeout, &mut task).await {
             Ok(_) => Ok(()),
             Err(_) => {
                 task.abort();
@@ -385,8 +389,10 @@ mod tests {
             submit_all(&journal, &records[..100]).await;
             wait_for("first part stored", || flusher.status().stored_lsn == 100).await;
             flusher.drain(Duration::from_secs(5)).await.unwrap();
-            // No flusher any more: these are durable in the journal only. Then a "crash".
+            // No flusher any more: these are durable in the journal only. Then a "crash" (the
+            // shutdown only waits for the writer thread to let go of the journal's lock).
             submit_all(&journal, &records[100..]).await;
+            journal.shutdown().await;
         }
         let store = Store::open(None, dir.path()).await.unwrap();
         let snapshot = store.load(0).await.unwrap();
@@ -444,7 +450,7 @@ mod tests {
         let status = flusher.status();
         assert_eq!((status.stored_lsn, status.pending_records), (0, 300));
         assert!(status.last_error.is_some(), "{status:?}");
-        assert!(status.behind_ms > 0);
+        wait_for("behind_ms grows", || flusher.status().behind_ms > 0).await;
         assert_eq!(journal.stats().durable_lsn, 300);
         journal.shutdown().await;
         let err = flusher.drain(Duration::from_millis(300)).await.unwrap_err();

@@ -21,6 +21,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
 
+/// The file in the journal directory that the writer holds an exclusive lock on (`flock`), so
+/// two processes never append to one journal. The lock dies with the process.
+pub const LOCK_FILE_NAME: &str = "LOCK";
+
 /// Default segment size before rotation: 64 MiB. Recovery reads one segment into memory at a
 /// time, so this is also the recovery buffer size; segments are deleted whole once stored.
 pub const SEGMENT_BYTES_MAX_DEFAULT: u64 = 64 * 1024 * 1024;
@@ -241,6 +245,17 @@ impl Journal {
         if let Some(parent) = cfg.dir.parent() {
             recover::sync_dir(parent).map_err(|e| recover::io_error(parent, e))?;
         }
+        let lock_path = cfg.dir.join(LOCK_FILE_NAME);
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| recover::io_error(&lock_path, e))?;
+        lock.try_lock().map_err(|e| JournalError::Io {
+            path: lock_path.clone(),
+            message: format!("the journal is in use by another process or handle: {e}"),
+        })?;
         let scan = recover::scan(&cfg.dir, after_lsn)?;
         let (durable_tx, durable_rx) = mpsc::unbounded_channel();
         for (lsn, record) in &scan.records {
@@ -266,7 +281,7 @@ impl Journal {
             backlog_records_max: cfg.backlog_records_max,
         });
         let (exited_tx, exited) = watch::channel(false);
-        let state = writer::Writer::start(&cfg, &scan, shared.clone(), durable_tx)?;
+        let state = writer::Writer::start(&cfg, &scan, shared.clone(), durable_tx, lock)?;
         std::thread::Builder::new()
             .name("journal-writer".into())
             .spawn(move || {

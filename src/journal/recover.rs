@@ -43,6 +43,7 @@ pub(crate) fn list_segments(dir: &Path) -> Result<Vec<Segment>, JournalError> {
             .filter(|stem| stem.len() == SEGMENT_NAME_DIGITS)
             .and_then(|stem| stem.parse::<Lsn>().ok());
         match first_lsn {
+            _ if name == super::LOCK_FILE_NAME => {}
             Some(first_lsn) => segments.push(Segment {
                 first_lsn,
                 path: entry.path(),

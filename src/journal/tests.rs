@@ -73,6 +73,7 @@ fn segment_files(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = fs::read_dir(dir.join("journal"))
         .unwrap()
         .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
         .collect();
     files.sort();
     files
@@ -441,6 +442,21 @@ async fn backlog_bound_refuses_until_released() {
         Some(JournalError::Full(FullReason::Backlog))
     );
     journal.shutdown().await;
+}
+
+#[test]
+fn a_journal_in_use_cannot_be_opened_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let (journal, _, _rx) = Journal::open(config(dir.path()), 0).unwrap();
+    match Journal::open(config(dir.path()), 0) {
+        Err(JournalError::Io { message, .. }) => assert!(message.contains("in use"), "{message}"),
+        other => panic!("expected Io, got {:?}", other.map(|(_, r, _)| r)),
+    }
+    shutdown(journal);
+    assert!(
+        Journal::open(config(dir.path()), 0).is_ok(),
+        "the lock dies with the writer"
+    );
 }
 
 #[test]

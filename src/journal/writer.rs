@@ -34,6 +34,8 @@ pub(crate) struct Writer {
     syncs: u64,
     fail_after_syncs: Option<u64>,
     failed: Option<String>,
+    /// Held (locked) for the writer's life: released when the writer exits.
+    _lock: File,
 }
 
 impl Writer {
@@ -44,6 +46,7 @@ impl Writer {
         scan: &Scan,
         shared: Arc<Shared>,
         durable_tx: DurableTx,
+        lock: File,
     ) -> Result<Writer, JournalError> {
         let mut segments = scan.segments.clone();
         let reuse = match segments.last() {
@@ -87,6 +90,7 @@ impl Writer {
             syncs: 0,
             fail_after_syncs: cfg.fail_after_syncs,
             failed: None,
+            _lock: lock,
         })
     }
 
