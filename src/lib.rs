@@ -1,16 +1,38 @@
 //! giftcast: a live-streaming gifting server.
+//!
+//! Layout, each module with one job:
+//! - `config`: command line and environment, validated once.
+//! - `limits`: every fixed limit, with its reason.
+//! - `protocol`: the JSON wire types; the only module that knows the protocol's spelling.
+//! - `auth`: HS256 user tokens.
+//! - `catalog`: stickers and tiers.
+//! - `money`: coins and the exact revenue split.
+//! - `record`: the money records (ledger → journal → store).
+//! - `ledger`: wallets, idempotency, revenue; synchronous, no I/O.
+//! - `journal`: append-only CRC32C frames with group-commit fsync; recovery.
+//! - `store`: SQLite or PostgreSQL, the flusher's target.
+//! - `flusher`: durable records to storage in batches.
+//! - `hub`: rooms, members, history, fan-out; never touches money.
+//! - `app`: the chat, gift and thanks paths over hub and ledger.
+//! - `http`: axum routes, the WebSocket connection, pages, errors.
+//! - `server`: bind, build (with recovery), serve, drain.
+#![forbid(unsafe_code)]
+
 pub mod app;
 pub mod auth;
 pub mod catalog;
 pub mod config;
+pub mod flusher;
 pub mod http;
 pub mod hub;
+pub mod journal;
 pub mod ledger;
 pub mod limits;
 pub mod money;
 pub mod protocol;
 pub mod record;
 pub mod server;
+pub mod store;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {

@@ -1,0 +1,118 @@
+//! One journal frame: `u32 LE body length`, `u32 LE CRC32C of body`, body = bincode 2 (serde,
+//! standard config) of `(Lsn, Record)`. Decoding is bounded by [`FRAME_BODY_BYTES_MAX`], so a
+//! corrupt length can never make us allocate without bound.
+
+use super::JournalError;
+use crate::record::{Lsn, Record};
+use bincode::config::{Configuration, Limit, LittleEndian, Varint};
+
+/// Bytes before a frame's body: length (u32 LE) and CRC32C (u32 LE).
+pub const FRAME_HEADER_BYTES: usize = 8;
+
+/// The largest body a frame may have. A gift record is a few hundred bytes (ids are at most 64
+/// characters, the message at most 200), so 64 KiB leaves ample room while bounding what a
+/// corrupt length field or a hostile record can make recovery allocate.
+pub const FRAME_BODY_BYTES_MAX: usize = 64 * 1024;
+
+/// The smallest possible body: a one-byte varint LSN and a one-byte enum tag. Anything shorter is
+/// corrupt; it also lets the resynchronising scan skip zero-filled regions cheaply.
+const FRAME_BODY_BYTES_MIN: usize = 2;
+
+/// bincode's varint encoding of a u64 takes at most 9 bytes (a marker and 8 bytes).
+const LSN_ENCODED_BYTES_MAX: usize = 9;
+
+type FrameConfig = Configuration<LittleEndian, Varint, Limit<FRAME_BODY_BYTES_MAX>>;
+
+fn config() -> FrameConfig {
+    bincode::config::standard().with_limit::<FRAME_BODY_BYTES_MAX>()
+}
+
+/// Encodes a record alone (without its LSN), so callers can do it outside the journal's lock.
+/// Fails when the frame would exceed [`FRAME_BODY_BYTES_MAX`]: such a frame could not be read back.
+pub(crate) fn encode_record(record: &Record) -> Result<Vec<u8>, JournalError> {
+    let bytes = bincode::serde::encode_to_vec(record, config())
+        .map_err(|e| JournalError::Encode(e.to_string()))?;
+    if bytes.len() + LSN_ENCODED_BYTES_MAX > FRAME_BODY_BYTES_MAX {
+        return Err(JournalError::TooLarge { bytes: bytes.len() });
+    }
+    Ok(bytes)
+}
+
+/// Appends the frame of `(lsn, record)` to `buf`, given the record's bytes from [`encode_record`].
+/// A bincode tuple is its fields' encodings back to back, so the body decodes as `(Lsn, Record)`.
+pub(crate) fn append_frame(buf: &mut Vec<u8>, lsn: Lsn, record_bytes: &[u8]) {
+    let mut lsn_bytes = [0u8; LSN_ENCODED_BYTES_MAX];
+    let lsn_len = bincode::encode_into_slice(lsn, &mut lsn_bytes, config())
+        .expect("a u64 varint always fits in 9 bytes");
+    let body_len = lsn_len + record_bytes.len();
+    assert!(
+        body_len <= FRAME_BODY_BYTES_MAX,
+        "encode_record bounds the body"
+    );
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&lsn_bytes[..lsn_len]), record_bytes);
+    buf.extend_from_slice(&(body_len as u32).to_le_bytes());
+    buf.extend_from_slice(&crc.to_le_bytes());
+    buf.extend_from_slice(&lsn_bytes[..lsn_len]);
+    buf.extend_from_slice(record_bytes);
+}
+
+/// A decoded frame and the offset just past it.
+pub(crate) struct Frame {
+    pub lsn: Lsn,
+    pub record: Record,
+    pub end: usize,
+}
+
+/// Reads the frame starting at `offset`. The error says what is wrong with it (for the message
+/// naming the segment and offset). Never panics, whatever the bytes.
+pub(crate) fn read_frame(data: &[u8], offset: usize) -> Result<Frame, String> {
+    let rest = data.get(offset..).unwrap_or(&[]);
+    if rest.len() < FRAME_HEADER_BYTES {
+        return Err(format!(
+            "incomplete frame header: {} of {FRAME_HEADER_BYTES} bytes",
+            rest.len()
+        ));
+    }
+    let body_len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+    let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
+    if !(FRAME_BODY_BYTES_MIN..=FRAME_BODY_BYTES_MAX).contains(&body_len) {
+        return Err(format!(
+            "bad frame length {body_len} (allowed {FRAME_BODY_BYTES_MIN}..={FRAME_BODY_BYTES_MAX})"
+        ));
+    }
+    let body = rest
+        .get(FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + body_len)
+        .ok_or_else(|| {
+            format!(
+                "incomplete frame: body of {body_len} bytes, {} present",
+                rest.len() - FRAME_HEADER_BYTES
+            )
+        })?;
+    let actual = crc32c::crc32c(body);
+    if actual != crc {
+        return Err(format!(
+            "CRC mismatch: stored {crc:#010x}, computed {actual:#010x}"
+        ));
+    }
+    let ((lsn, record), used): ((Lsn, Record), usize) =
+        bincode::serde::decode_from_slice(body, config())
+            .map_err(|e| format!("undecodable frame body: {e}"))?;
+    if used != body_len {
+        return Err(format!("frame body has {} trailing bytes", body_len - used));
+    }
+    Ok(Frame {
+        lsn,
+        record,
+        end: offset + FRAME_HEADER_BYTES + body_len,
+    })
+}
+
+/// True when a well-formed frame (length in range, CRC matching, decodable) starts at any offset
+/// in `from..`. Recovery uses it to tell a torn tail (nothing valid after the bad frame) from
+/// corruption in the middle (valid frames follow).
+pub(crate) fn valid_frame_after(data: &[u8], from: usize) -> Option<usize> {
+    let last_start = data
+        .len()
+        .checked_sub(FRAME_HEADER_BYTES + FRAME_BODY_BYTES_MIN)?;
+    (from..=last_start).find(|&offset| read_frame(data, offset).is_ok())
+}

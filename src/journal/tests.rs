@@ -1,0 +1,496 @@
+use super::*;
+use crate::money::Shares;
+use crate::record::{CreditRecord, GiftRecord};
+use std::fs;
+use std::time::Duration;
+
+pub(crate) fn gift(n: u64) -> Record {
+    Record::Gift(GiftRecord {
+        user_id: format!("u{}", n % 7),
+        user_name: format!("User {}", n % 7),
+        gift_id: format!("g{n}"),
+        stream: "demo".into(),
+        sticker: "rose".into(),
+        count: 1 + (n % 3) as u32,
+        price: 10,
+        amount: 10 * (1 + n % 3),
+        shares: Shares {
+            store: 3,
+            streamer: 5,
+            platform: 2,
+        },
+        message: n.is_multiple_of(2).then(|| format!("question {n}")),
+        balance_after: 1_000_000 - n,
+        ts_ms: 1_700_000_000_000 + n,
+    })
+}
+
+pub(crate) fn credit(n: u64) -> Record {
+    Record::Credit(CreditRecord {
+        user_id: format!("u{n}"),
+        coins: 1000,
+        reference: format!("welcome-u{n}"),
+        balance_after: 1000,
+        ts_ms: 1_700_000_000_000 + n,
+    })
+}
+
+fn record(n: u64) -> Record {
+    if n.is_multiple_of(5) {
+        credit(n)
+    } else {
+        gift(n)
+    }
+}
+
+fn config(dir: &Path) -> JournalConfig {
+    JournalConfig::new(dir)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Submits records `from..=to` one durable batch each (submit, wait), so each is its own frame
+/// write; returns when all are durable.
+fn write_one_by_one(journal: &Journal, from: u64, to: u64) {
+    let rt = runtime();
+    for n in from..=to {
+        let ticket = journal.submit(record(n)).unwrap();
+        assert_eq!(ticket.lsn(), n);
+        assert_eq!(rt.block_on(ticket.wait()), Ok(n));
+    }
+}
+
+fn shutdown(journal: Journal) {
+    runtime().block_on(journal.shutdown());
+}
+
+fn segment_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir.join("journal"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Frame start offsets of a segment, plus its end.
+fn frame_bounds(data: &[u8]) -> Vec<usize> {
+    let mut bounds = vec![0];
+    let mut offset = 0;
+    while offset < data.len() {
+        offset = frame::read_frame(data, offset).unwrap().end;
+        bounds.push(offset);
+    }
+    bounds
+}
+
+#[tokio::test]
+async fn round_trip_and_reopen_filters_by_after_lsn() {
+    let dir = tempfile::tempdir().unwrap();
+    let (journal, recovered, mut rx) = Journal::open(config(dir.path()), 0).unwrap();
+    assert!(recovered.records.is_empty());
+    assert_eq!(recovered.next_lsn, 1);
+    let tickets: Vec<Ticket> = (1..=100)
+        .map(|n| journal.submit(record(n)).unwrap())
+        .collect();
+    for (i, ticket) in tickets.into_iter().enumerate() {
+        assert_eq!(ticket.wait().await, Ok(i as u64 + 1));
+    }
+    for n in 1..=100 {
+        let (lsn, rec) = rx.recv().await.unwrap();
+        assert_eq!((lsn, &*rec), (n, &record(n)));
+    }
+    let stats = journal.stats();
+    assert_eq!(
+        (stats.next_lsn, stats.durable_lsn, stats.released_lsn),
+        (101, 100, 0)
+    );
+    journal.shutdown().await;
+    assert!(
+        rx.recv().await.is_none(),
+        "the durable stream ends after shutdown"
+    );
+    assert_eq!(
+        journal.submit(record(101)).err(),
+        Some(JournalError::Closed)
+    );
+    drop(journal);
+
+    let (journal, recovered, mut rx) = Journal::open(config(dir.path()), 0).unwrap();
+    let expected: Vec<(Lsn, Record)> = (1..=100).map(|n| (n, record(n))).collect();
+    assert_eq!(recovered.records, expected);
+    assert_eq!(recovered.next_lsn, 101);
+    assert_eq!(recovered.torn_tail, None);
+    for n in 1..=100 {
+        assert_eq!(
+            rx.recv().await.unwrap().0,
+            n,
+            "recovered records are queued for the flusher"
+        );
+    }
+    assert_eq!(journal.submit(record(101)).unwrap().wait().await, Ok(101));
+    journal.shutdown().await;
+    drop(journal);
+
+    let (journal, recovered, _rx) = Journal::open(config(dir.path()), 60).unwrap();
+    let expected: Vec<(Lsn, Record)> = (61..=101).map(|n| (n, record(n))).collect();
+    assert_eq!(recovered.records, expected);
+    assert_eq!(recovered.next_lsn, 102);
+    assert_eq!(journal.stats().released_lsn, 60);
+    journal.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_commit_uses_far_fewer_fsyncs_than_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let (journal, _, _rx) = Journal::open(config(dir.path()), 0).unwrap();
+    let mut tasks = Vec::new();
+    for n in 0..1000u64 {
+        let journal = journal.clone();
+        tasks.push(tokio::spawn(async move {
+            let ticket = journal.submit(record(n)).unwrap();
+            let lsn = ticket.lsn();
+            assert_eq!(ticket.wait().await, Ok(lsn));
+            lsn
+        }));
+    }
+    let mut lsns = Vec::new();
+    for task in tasks {
+        lsns.push(task.await.unwrap());
+    }
+    lsns.sort_unstable();
+    assert_eq!(lsns, (1..=1000).collect::<Vec<_>>());
+    let stats = journal.stats();
+    assert_eq!(stats.durable_lsn, 1000);
+    assert!(stats.fsyncs >= 1);
+    assert!(
+        stats.fsyncs <= 200,
+        "1000 concurrent records took {} fsyncs",
+        stats.fsyncs
+    );
+    journal.shutdown().await;
+}
+
+#[test]
+fn segments_rotate_and_release_deletes_old_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.segment_bytes_max = 500;
+    let (journal, _, _rx) = Journal::open(cfg.clone(), 0).unwrap();
+    write_one_by_one(&journal, 1, 60);
+    let segments = journal.stats().segments;
+    assert!(
+        segments >= 5,
+        "60 records of ~100 B in 500 B segments: {segments} segments"
+    );
+    assert_eq!(segment_files(dir.path()).len() as u64, segments);
+    // Every file is named by its first LSN, and the names increase.
+    let firsts: Vec<u64> = segment_files(dir.path())
+        .iter()
+        .map(|p| p.file_stem().unwrap().to_str().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(firsts[0], 1);
+    assert!(firsts.windows(2).all(|w| w[0] < w[1]));
+
+    // Releasing up to a middle LSN deletes only segments wholly at or below it.
+    let middle = firsts[2]; // segments 0 and 1 end at middle - 1
+    journal.release_upto(middle);
+    wait_until(|| journal.stats().segments == segments - 2);
+    assert_eq!(journal.stats().released_lsn, middle);
+    let left: Vec<u64> = segment_files(dir.path())
+        .iter()
+        .map(|p| p.file_stem().unwrap().to_str().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(left, firsts[2..].to_vec());
+
+    // Releasing everything keeps the active segment only.
+    journal.release_upto(60);
+    wait_until(|| journal.stats().segments == 1);
+    shutdown(journal);
+    let (journal, recovered, _rx) = Journal::open(cfg.clone(), 60).unwrap();
+    assert!(recovered.records.is_empty());
+    assert_eq!(recovered.next_lsn, 61);
+    write_one_by_one(&journal, 61, 62);
+    shutdown(journal);
+    let (_journal, recovered, _rx) = Journal::open(cfg, 60).unwrap();
+    assert_eq!(recovered.records, vec![(61, record(61)), (62, record(62))]);
+}
+
+fn wait_until(condition: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if condition() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("condition not reached in 5 s");
+}
+
+#[test]
+fn missing_records_above_the_checkpoint_stop_the_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.segment_bytes_max = 500;
+    let (journal, _, _rx) = Journal::open(cfg.clone(), 0).unwrap();
+    write_one_by_one(&journal, 1, 30);
+    shutdown(journal);
+    let files = segment_files(dir.path());
+    let second_first: u64 = files[1]
+        .file_stem()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    fs::remove_file(&files[0]).unwrap();
+    // The store has nothing: records 1..second_first are gone. Never silently skipped.
+    match Journal::open(cfg.clone(), 0) {
+        Err(JournalError::Corrupt {
+            path,
+            offset,
+            reason,
+        }) => {
+            assert_eq!((path, offset), (files[1].clone(), 0));
+            assert!(reason.contains("missing"), "{reason}");
+        }
+        other => panic!("expected Corrupt, got {:?}", other.map(|(_, r, _)| r)),
+    }
+    // With the store holding them, the same journal is fine.
+    let (_journal, recovered, _rx) = Journal::open(cfg, second_first - 1).unwrap();
+    assert_eq!(recovered.records.first().map(|r| r.0), Some(second_first));
+    assert_eq!(recovered.records.len() as u64, 30 - second_first + 1);
+}
+
+#[test]
+fn torn_tail_at_every_offset_keeps_exactly_the_complete_records() {
+    let source = tempfile::tempdir().unwrap();
+    let (journal, _, _rx) = Journal::open(config(source.path()), 0).unwrap();
+    write_one_by_one(&journal, 1, 20);
+    shutdown(journal);
+    let files = segment_files(source.path());
+    assert_eq!(files.len(), 1);
+    let data = fs::read(&files[0]).unwrap();
+    let bounds = frame_bounds(&data);
+    assert_eq!(bounds.len(), 21);
+    let start = bounds[16]; // inside the last 4 records, and every byte of them
+    for cut in start..=data.len() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("journal")).unwrap();
+        let segment = dir
+            .path()
+            .join("journal")
+            .join(files[0].file_name().unwrap());
+        fs::write(&segment, &data[..cut]).unwrap();
+        let complete = bounds.iter().filter(|&&b| b > 0 && b <= cut).count() as u64;
+        let last_good = bounds[complete as usize];
+        let (journal, recovered, _rx) =
+            Journal::open(config(dir.path()), 0).unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
+        let expected: Vec<(Lsn, Record)> = (1..=complete).map(|n| (n, record(n))).collect();
+        assert_eq!(recovered.records, expected, "cut at {cut}");
+        assert_eq!(recovered.next_lsn, complete + 1);
+        if cut == last_good {
+            assert_eq!(recovered.torn_tail, None, "cut at {cut}");
+        } else {
+            assert_eq!(
+                recovered.torn_tail,
+                Some((segment.clone(), last_good as u64))
+            );
+        }
+        assert_eq!(
+            fs::metadata(&segment).unwrap().len(),
+            last_good as u64,
+            "the torn bytes are cut"
+        );
+        // The journal continues with the next LSN, and a reopen reads everything.
+        write_one_by_one(&journal, complete + 1, complete + 1);
+        shutdown(journal);
+        let (_journal, recovered, _rx) = Journal::open(config(dir.path()), 0).unwrap();
+        assert_eq!(recovered.records.len() as u64, complete + 1, "cut at {cut}");
+        assert_eq!(recovered.torn_tail, None);
+    }
+}
+
+#[test]
+fn a_flipped_bit_in_a_middle_frame_is_detected_never_applied() {
+    let source = tempfile::tempdir().unwrap();
+    let (journal, _, _rx) = Journal::open(config(source.path()), 0).unwrap();
+    write_one_by_one(&journal, 1, 20);
+    shutdown(journal);
+    let files = segment_files(source.path());
+    let data = fs::read(&files[0]).unwrap();
+    let bounds = frame_bounds(&data);
+    let (frame_start, frame_end) = (bounds[9], bounds[10]); // record 10 of 20
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir(dir.path().join("journal")).unwrap();
+    let segment = dir
+        .path()
+        .join("journal")
+        .join(files[0].file_name().unwrap());
+    let mut checked = 0;
+    for byte in frame_start..frame_end {
+        for bit in 0..8 {
+            let mut flipped = data.clone();
+            flipped[byte] ^= 1 << bit;
+            fs::write(&segment, &flipped).unwrap();
+            match Journal::open(config(dir.path()), 0) {
+                Err(JournalError::Corrupt { path, offset, .. }) => {
+                    assert_eq!(path, segment);
+                    assert_eq!(offset, frame_start as u64, "byte {byte} bit {bit}");
+                }
+                Err(other) => panic!("byte {byte} bit {bit}: unexpected error {other}"),
+                Ok((_, recovered, _)) => panic!(
+                    "byte {byte} bit {bit}: open succeeded with {} records",
+                    recovered.records.len()
+                ),
+            }
+            assert_eq!(
+                fs::read(&segment).unwrap(),
+                flipped,
+                "a corrupt journal is never modified"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, (frame_end - frame_start) * 8);
+}
+
+#[test]
+fn damage_at_the_end_of_a_non_last_segment_is_corruption_not_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.segment_bytes_max = 500;
+    let (journal, _, _rx) = Journal::open(cfg.clone(), 0).unwrap();
+    write_one_by_one(&journal, 1, 30);
+    shutdown(journal);
+    let files = segment_files(dir.path());
+    let data = fs::read(&files[0]).unwrap();
+    fs::write(&files[0], &data[..data.len() - 3]).unwrap();
+    let bounds = frame_bounds(&data);
+    match Journal::open(cfg, 0) {
+        Err(JournalError::Corrupt { path, offset, .. }) => {
+            assert_eq!(path, files[0]);
+            assert_eq!(offset, bounds[bounds.len() - 2] as u64);
+        }
+        other => panic!("expected Corrupt, got {:?}", other.map(|(_, r, _)| r)),
+    }
+}
+
+#[tokio::test]
+async fn an_fsync_failure_kills_the_journal_for_good() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.fail_after_syncs = Some(2);
+    let (journal, _, mut rx) = Journal::open(cfg, 0).unwrap();
+    assert_eq!(journal.submit(record(1)).unwrap().wait().await, Ok(1));
+    assert_eq!(journal.submit(record(2)).unwrap().wait().await, Ok(2));
+    let third = journal.submit(record(3)).unwrap().wait().await;
+    assert!(
+        matches!(&third, Err(JournalError::Failed(reason)) if reason.contains("injected")),
+        "{third:?}"
+    );
+    for n in 4..10 {
+        assert!(matches!(
+            journal.submit(record(n)),
+            Err(JournalError::Failed(_))
+        ));
+    }
+    let stats = journal.stats();
+    assert!(stats.failed.is_some());
+    assert_eq!(
+        stats.durable_lsn, 2,
+        "the failed record is never reported durable"
+    );
+    assert_eq!(rx.recv().await.unwrap().0, 1);
+    assert_eq!(rx.recv().await.unwrap().0, 2);
+    journal.shutdown().await;
+    assert!(
+        rx.recv().await.is_none(),
+        "the failed record never reaches the flusher"
+    );
+}
+
+#[tokio::test]
+async fn backlog_bound_refuses_until_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.backlog_records_max = 10;
+    let (journal, _, _rx) = Journal::open(cfg, 0).unwrap();
+    for n in 1..=10 {
+        assert_eq!(journal.submit(record(n)).unwrap().wait().await, Ok(n));
+    }
+    assert_eq!(
+        journal.submit(record(11)).err(),
+        Some(JournalError::Full(FullReason::Backlog))
+    );
+    assert_eq!(
+        journal.stats().next_lsn,
+        11,
+        "a refused record takes no LSN"
+    );
+    journal.release_upto(4);
+    for n in 11..=14 {
+        assert_eq!(journal.submit(record(n)).unwrap().wait().await, Ok(n));
+    }
+    assert_eq!(
+        journal.submit(record(15)).err(),
+        Some(JournalError::Full(FullReason::Backlog))
+    );
+    journal.shutdown().await;
+}
+
+#[test]
+fn a_journal_in_use_cannot_be_opened_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let (journal, _, _rx) = Journal::open(config(dir.path()), 0).unwrap();
+    match Journal::open(config(dir.path()), 0) {
+        Err(JournalError::Io { message, .. }) => assert!(message.contains("in use"), "{message}"),
+        other => panic!("expected Io, got {:?}", other.map(|(_, r, _)| r)),
+    }
+    shutdown(journal);
+    assert!(
+        Journal::open(config(dir.path()), 0).is_ok(),
+        "the lock dies with the writer"
+    );
+}
+
+#[test]
+fn an_oversized_record_is_refused_at_submit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (journal, _, _rx) = Journal::open(config(dir.path()), 0).unwrap();
+    let Record::Gift(mut big) = gift(1) else {
+        unreachable!()
+    };
+    big.message = Some("x".repeat(FRAME_BODY_BYTES_MAX));
+    assert!(matches!(
+        journal.submit(Record::Gift(big)),
+        Err(JournalError::TooLarge { .. })
+    ));
+    assert_eq!(journal.stats().next_lsn, 1);
+    shutdown(journal);
+}
+
+#[test]
+fn a_store_checkpoint_ahead_of_the_journal_never_reuses_lsns() {
+    let dir = tempfile::tempdir().unwrap();
+    let (journal, _, _rx) = Journal::open(config(dir.path()), 0).unwrap();
+    write_one_by_one(&journal, 1, 3);
+    shutdown(journal);
+    // The store says it holds up to 10 (e.g. the journal directory was restored from an old copy).
+    let (journal, recovered, _rx) = Journal::open(config(dir.path()), 10).unwrap();
+    assert!(recovered.records.is_empty());
+    assert_eq!(recovered.next_lsn, 11);
+    let rt = runtime();
+    assert_eq!(
+        rt.block_on(journal.submit(record(11)).unwrap().wait()),
+        Ok(11)
+    );
+    shutdown(journal);
+    let (_journal, recovered, _rx) = Journal::open(config(dir.path()), 10).unwrap();
+    assert_eq!(recovered.records, vec![(11, record(11))]);
+}

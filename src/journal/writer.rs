@@ -1,0 +1,252 @@
+//! The single writer thread: group commit. It takes every record that arrived while the previous
+//! write + fsync ran (up to `batch_records_max`), writes them with one `write`, makes them durable
+//! with one `fdatasync`, then resolves their tickets and forwards them to the flusher.
+//!
+//! A dedicated OS thread rather than `spawn_blocking` per batch: the writer blocks in fsync most
+//! of its life, and a thread parked on a condvar wakes faster than a task hop to the blocking
+//! pool and back (no runtime needed either).
+
+use super::recover::{io_error, segment_path, sync_dir, Scan, Segment};
+use super::{frame, DurableTx, Entry, JournalConfig, JournalError, Shared};
+use crate::record::Lsn;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The write buffer is dropped after a batch when it grew beyond this, so one burst of large
+/// records does not pin memory for the life of the process.
+const WRITE_BUFFER_RETAIN_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+pub(crate) struct Writer {
+    shared: Arc<Shared>,
+    durable_tx: DurableTx,
+    dir: PathBuf,
+    segment_bytes_max: u64,
+    batch_records_max: usize,
+    /// Every segment on disk, oldest first; the last is the active one.
+    segments: Vec<Segment>,
+    active: File,
+    active_bytes: u64,
+    buf: Vec<u8>,
+    syncs: u64,
+    fail_after_syncs: Option<u64>,
+    failed: Option<String>,
+    /// Held (locked) for the writer's life: released when the writer exits.
+    _lock: File,
+}
+
+impl Writer {
+    /// Opens the active segment: the last one when it is empty, else a new one named by the next
+    /// LSN (a segment a crash may have torn is never appended to).
+    pub(crate) fn start(
+        cfg: &JournalConfig,
+        scan: &Scan,
+        shared: Arc<Shared>,
+        durable_tx: DurableTx,
+        lock: File,
+    ) -> Result<Writer, JournalError> {
+        let mut segments = scan.segments.clone();
+        let reuse = match segments.last() {
+            Some(last) if scan.last_segment_bytes == 0 && last.first_lsn == scan.next_lsn => true,
+            Some(last) if scan.last_segment_bytes == 0 => {
+                // An empty segment with a stale name (the store checkpoint is ahead of it).
+                std::fs::remove_file(&last.path).map_err(|e| io_error(&last.path, e))?;
+                segments.pop();
+                false
+            }
+            _ => false,
+        };
+        if !reuse {
+            segments.push(Segment {
+                first_lsn: scan.next_lsn,
+                path: segment_path(&cfg.dir, scan.next_lsn),
+            });
+        }
+        let path = &segments.last().expect("just ensured").path;
+        let active = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| io_error(path, e))?;
+        sync_dir(&cfg.dir).map_err(|e| io_error(&cfg.dir, e))?;
+        shared
+            .segments
+            .store(segments.len() as u64, Ordering::Release);
+        metrics::gauge!("giftcast_journal_segments").set(segments.len() as f64);
+        metrics::gauge!("giftcast_journal_failed").set(0.0);
+        Ok(Writer {
+            shared,
+            durable_tx,
+            dir: cfg.dir.clone(),
+            segment_bytes_max: cfg.segment_bytes_max,
+            batch_records_max: cfg.batch_records_max,
+            segments,
+            active,
+            active_bytes: 0,
+            buf: Vec::new(),
+            syncs: 0,
+            fail_after_syncs: cfg.fail_after_syncs,
+            failed: None,
+            _lock: lock,
+        })
+    }
+
+    pub(crate) fn run(mut self) {
+        loop {
+            let (batch, release, exit) = {
+                let mut queue = self.shared.queue.lock();
+                while queue.entries.is_empty() && !queue.release_pending && !queue.closed {
+                    self.shared.wake.wait(&mut queue);
+                }
+                let batch = if queue.entries.len() <= self.batch_records_max {
+                    std::mem::take(&mut queue.entries)
+                } else {
+                    queue.entries.drain(..self.batch_records_max).collect()
+                };
+                let release = std::mem::take(&mut queue.release_pending);
+                let exit = queue.closed && queue.entries.is_empty();
+                (batch, release, exit)
+            };
+            if !batch.is_empty() {
+                self.write_batch(batch);
+            }
+            if release {
+                self.delete_released_segments();
+            }
+            if exit {
+                tracing::info!(
+                    durable_lsn = self.shared.durable_lsn.load(Ordering::Acquire),
+                    "journal writer stopped"
+                );
+                return;
+            }
+        }
+    }
+
+    fn write_batch(&mut self, batch: Vec<Entry>) {
+        if let Some(reason) = &self.failed {
+            for entry in batch {
+                let _ = entry.done.send(Err(JournalError::Failed(reason.clone())));
+            }
+            return;
+        }
+        let first_lsn = batch[0].lsn;
+        let last_lsn = batch[batch.len() - 1].lsn;
+        debug_assert_eq!(last_lsn - first_lsn + 1, batch.len() as u64);
+        debug_assert_eq!(
+            first_lsn,
+            self.shared.durable_lsn.load(Ordering::Acquire) + 1
+        );
+        self.buf.clear();
+        for entry in &batch {
+            frame::append_frame(&mut self.buf, entry.lsn, &entry.bytes);
+        }
+        let started = Instant::now();
+        let result = self
+            .rotate_if_full(first_lsn)
+            .and_then(|()| self.write_and_sync());
+        let elapsed = started.elapsed();
+        if self.buf.capacity() > WRITE_BUFFER_RETAIN_BYTES_MAX {
+            self.buf = Vec::new();
+        }
+        if let Err(reason) = result {
+            tracing::error!(%reason, first_lsn, last_lsn, "journal write failed: the journal is dead, no more money is taken");
+            metrics::gauge!("giftcast_journal_failed").set(1.0);
+            self.shared.queue.lock().failed = Some(reason.clone());
+            self.failed = Some(reason.clone());
+            for entry in batch {
+                let _ = entry.done.send(Err(JournalError::Failed(reason.clone())));
+            }
+            return;
+        }
+        self.shared.durable_lsn.store(last_lsn, Ordering::Release);
+        self.shared.fsyncs.fetch_add(1, Ordering::AcqRel);
+        metrics::counter!("giftcast_journal_fsyncs_total").increment(1);
+        metrics::counter!("giftcast_journal_records_total").increment(batch.len() as u64);
+        metrics::histogram!("giftcast_journal_fsync_seconds").record(elapsed.as_secs_f64());
+        metrics::histogram!("giftcast_journal_batch_records").record(batch.len() as f64);
+        let released = self.shared.released_lsn.load(Ordering::Acquire);
+        metrics::gauge!("giftcast_journal_backlog_records")
+            .set(last_lsn.saturating_sub(released) as f64);
+        for entry in batch {
+            let _ = entry.done.send(Ok(entry.lsn));
+            // The receiver is gone only when no flusher runs (tests, shutdown): nothing to do.
+            let _ = self.durable_tx.send((entry.lsn, entry.record));
+        }
+    }
+
+    /// One write of the whole batch, then one fdatasync.
+    fn write_and_sync(&mut self) -> Result<(), String> {
+        let path = &self.segments.last().expect("an active segment").path;
+        self.active
+            .write_all(&self.buf)
+            .map_err(|e| format!("write to {} failed: {e}", path.display()))?;
+        self.active_bytes += self.buf.len() as u64;
+        if self.fail_after_syncs == Some(self.syncs) {
+            return Err(format!(
+                "fsync of {} failed: injected failure (JournalConfig::fail_after_syncs)",
+                path.display()
+            ));
+        }
+        self.active
+            .sync_data()
+            .map_err(|e| format!("fsync of {} failed: {e}", path.display()))?;
+        self.syncs += 1;
+        Ok(())
+    }
+
+    /// Starts a new segment named `first_lsn` when the active one is full.
+    fn rotate_if_full(&mut self, first_lsn: Lsn) -> Result<(), String> {
+        if self.active_bytes < self.segment_bytes_max {
+            return Ok(());
+        }
+        let path = segment_path(&self.dir, first_lsn);
+        let file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| format!("cannot create segment {}: {e}", path.display()))?;
+        sync_dir(&self.dir).map_err(|e| format!("fsync of {} failed: {e}", self.dir.display()))?;
+        self.active = file;
+        self.active_bytes = 0;
+        self.segments.push(Segment { first_lsn, path });
+        self.publish_segment_count();
+        Ok(())
+    }
+
+    /// Deletes every segment whose records are all <= the released LSN, except the active one.
+    fn delete_released_segments(&mut self) {
+        let released = self.shared.released_lsn.load(Ordering::Acquire);
+        let mut deleted = 0;
+        while self.segments.len() >= 2 && self.segments[1].first_lsn - 1 <= released {
+            let segment = &self.segments[0];
+            match std::fs::remove_file(&segment.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    // Not a money problem: the segment is only kept longer. Retried next release.
+                    tracing::warn!(segment = %segment.path.display(), error = %e, "cannot delete a released journal segment");
+                    break;
+                }
+            }
+            self.segments.remove(0);
+            deleted += 1;
+        }
+        if deleted > 0 {
+            if let Err(e) = sync_dir(&self.dir) {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "cannot fsync the journal directory after deleting segments");
+            }
+            self.publish_segment_count();
+        }
+    }
+
+    fn publish_segment_count(&self) {
+        self.shared
+            .segments
+            .store(self.segments.len() as u64, Ordering::Release);
+        metrics::gauge!("giftcast_journal_segments").set(self.segments.len() as f64);
+    }
+}

@@ -1,0 +1,346 @@
+//! Storage: the flusher's target and the start-up snapshot. Embedded SQLite (WAL) by default,
+//! PostgreSQL by URL, behind one type with one behaviour (and one test suite).
+//!
+//! The journal is the durability point; the store is the compacted, queryable copy. Every
+//! `apply_batch` is one transaction that also moves the journal checkpoint, and replays of
+//! records at or below the checkpoint are skipped, so applying a batch twice changes nothing.
+
+mod postgres;
+mod sqlite;
+
+#[cfg(test)]
+pub(crate) mod tests;
+
+pub use self::postgres::PgStore;
+pub use self::sqlite::SqliteStore;
+
+use crate::record::{CreditRecord, GiftRecord, Lsn, Record};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+/// The SQLite file in the data dir when no database URL is given.
+pub const SQLITE_FILE_NAME: &str = "giftcast.db";
+
+/// The checkpoint row used by a single node (`Store::open`). Cluster nodes sharing one
+/// PostgreSQL database each keep their own journal, hence their own checkpoint row.
+pub const NODE_ID_DEFAULT: &str = "local";
+
+/// One storage call (connect + migrate, a batch transaction, a load) must finish within this,
+/// or it is abandoned (the PostgreSQL connection dropped, so the server rolls back) and reported
+/// as an error: a hung database must not stall the flusher forever. Loads of a large table at
+/// start-up take seconds, hence the generous bound.
+pub const STORE_OPERATION_TIMEOUT_MS: u64 = 60_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("postgres: {}", pg_message(.0))]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("storage operation timed out after {0} ms")]
+    Timeout(u64),
+    #[error("bad database url: {0}")]
+    Url(String),
+    #[error("value out of range for storage: {0}")]
+    Range(String),
+    #[error("storage task failed: {0}")]
+    Task(String),
+    #[error("storage I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Revenue of one (stream, sticker, sender) over all stored gifts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RevenueRow {
+    pub stream: String,
+    pub sticker: String,
+    pub user_id: String,
+    /// The sender's name on their latest gift.
+    pub user_name: String,
+    /// Gift records.
+    pub gifts: u64,
+    /// Sum of the gifts' sticker counts.
+    pub stickers: u64,
+    /// Whole coins.
+    pub gross: u64,
+    /// Shares in units of 1/SHARE_UNIT coin; store + streamer + platform == gross * SHARE_UNIT.
+    pub store: u64,
+    pub streamer: u64,
+    pub platform: u64,
+}
+
+/// What the store holds, for building the in-memory ledger at start.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Every record <= this is in the store; replay the journal after it.
+    pub checkpoint_lsn: Lsn,
+    /// Every wallet's balance, sorted by user id.
+    pub balances: Vec<(String, u64)>,
+    /// Every credit (idempotency on `reference`), in LSN order.
+    pub credits: Vec<CreditRecord>,
+    /// Gifts with `ts_ms >= idempotency_since_ms` (the gift-id memory), in LSN order.
+    pub gifts: Vec<GiftRecord>,
+    /// Sorted by (stream, sticker, user_id).
+    pub revenue: Vec<RevenueRow>,
+    /// Sum of all credits' coins.
+    pub credited_total: u64,
+    /// Sum of all gifts' amounts.
+    pub gifted_total: u64,
+}
+
+/// Embedded SQLite or PostgreSQL. Cheap to clone (both hold an `Arc`).
+#[derive(Clone)]
+pub enum Store {
+    Sqlite(SqliteStore),
+    Postgres(PgStore),
+}
+
+impl Snapshot {
+    /// Byte-order sorting of balances and revenue, the same for both backends (their SQL
+    /// collations differ).
+    fn sort(&mut self) {
+        self.balances.sort();
+        self.revenue.sort_by(|a, b| {
+            (&a.stream, &a.sticker, &a.user_id).cmp(&(&b.stream, &b.sticker, &b.user_id))
+        });
+    }
+}
+
+impl Store {
+    /// `None` → `<data_dir>/giftcast.db` (SQLite, WAL); `sqlite:<path>` → that file;
+    /// `postgres://…` / `postgresql://…` → PostgreSQL (connects now, so a wrong URL fails fast).
+    /// Creates the schema if missing. For an isolated PostgreSQL schema add
+    /// `?options=-csearch_path%3D<schema>` to the URL (the schema must exist).
+    pub async fn open(database_url: Option<&str>, data_dir: &Path) -> Result<Store> {
+        Store::open_node(database_url, data_dir, NODE_ID_DEFAULT).await
+    }
+
+    /// As `open`, with the checkpoint row of `node_id` (cluster nodes sharing one database).
+    pub async fn open_node(
+        database_url: Option<&str>,
+        data_dir: &Path,
+        node_id: &str,
+    ) -> Result<Store> {
+        match database_url {
+            None => {
+                std::fs::create_dir_all(data_dir)?;
+                let path = data_dir.join(SQLITE_FILE_NAME);
+                Ok(Store::Sqlite(SqliteStore::open(&path, node_id).await?))
+            }
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                let store = PgStore::new(url, node_id)?;
+                store.ping().await?;
+                Ok(Store::Postgres(store))
+            }
+            Some(url) => match url.strip_prefix("sqlite:") {
+                Some(path) => {
+                    let path = Path::new(path.trim_start_matches("//"));
+                    Ok(Store::Sqlite(SqliteStore::open(path, node_id).await?))
+                }
+                None => Err(StoreError::Url(format!(
+                    "`{url}`: expected postgres://… or sqlite:<path>"
+                ))),
+            },
+        }
+    }
+
+    pub async fn load(&self, idempotency_since_ms: u64) -> Result<Snapshot> {
+        match self {
+            Store::Sqlite(s) => s.load(idempotency_since_ms).await,
+            Store::Postgres(s) => s.load(idempotency_since_ms).await,
+        }
+    }
+
+    /// Stores `records` (durable journal records, in LSN order) in ONE transaction: records at
+    /// or below the stored checkpoint are skipped; credits and gifts are inserted once (by their
+    /// keys); each touched wallet's balance becomes the `balance_after` of its last record;
+    /// revenue and totals grow by the newly inserted gifts and credits; the checkpoint becomes
+    /// the last LSN.
+    pub async fn apply_batch(&self, records: &[(Lsn, Arc<Record>)]) -> Result<()> {
+        debug_assert!(
+            records.windows(2).all(|w| w[0].0 < w[1].0),
+            "records in LSN order"
+        );
+        if records.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Store::Sqlite(s) => s.apply_batch(records).await,
+            Store::Postgres(s) => s.apply_batch(records).await,
+        }
+    }
+
+    /// Cheap liveness check for /readyz.
+    pub async fn ping(&self) -> Result<()> {
+        match self {
+            Store::Sqlite(s) => s.ping().await,
+            Store::Postgres(s) => s.ping().await,
+        }
+    }
+
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Store::Sqlite(_) => "sqlite",
+            Store::Postgres(_) => "postgres",
+        }
+    }
+}
+
+/// The schema, shared by both backends (SQLite accepts the PostgreSQL types). Append-only:
+/// migration N is applied once, when the stored version is below N.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE IF NOT EXISTS checkpoints (
+    node_id TEXT PRIMARY KEY,
+    lsn BIGINT NOT NULL,
+    credited_total BIGINT NOT NULL,
+    gifted_total BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS wallets (
+    user_id TEXT PRIMARY KEY,
+    balance BIGINT NOT NULL CHECK (balance >= 0)
+);
+CREATE TABLE IF NOT EXISTS credits (
+    reference TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    coins BIGINT NOT NULL CHECK (coins >= 0),
+    balance_after BIGINT NOT NULL,
+    ts_ms BIGINT NOT NULL,
+    lsn BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS gifts (
+    user_id TEXT NOT NULL,
+    gift_id TEXT NOT NULL,
+    user_name TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    sticker TEXT NOT NULL,
+    count BIGINT NOT NULL,
+    price BIGINT NOT NULL,
+    amount BIGINT NOT NULL CHECK (amount >= 0),
+    store_share BIGINT NOT NULL,
+    streamer_share BIGINT NOT NULL,
+    platform_share BIGINT NOT NULL,
+    message TEXT,
+    balance_after BIGINT NOT NULL,
+    ts_ms BIGINT NOT NULL,
+    lsn BIGINT NOT NULL,
+    PRIMARY KEY (user_id, gift_id)
+);
+CREATE INDEX IF NOT EXISTS gifts_ts_ms ON gifts (ts_ms);
+CREATE TABLE IF NOT EXISTS revenue (
+    stream TEXT NOT NULL,
+    sticker TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    user_name TEXT NOT NULL,
+    gifts BIGINT NOT NULL,
+    stickers BIGINT NOT NULL,
+    gross BIGINT NOT NULL,
+    store_share BIGINT NOT NULL,
+    streamer_share BIGINT NOT NULL,
+    platform_share BIGINT NOT NULL,
+    PRIMARY KEY (stream, sticker, user_id)
+);
+"#];
+
+/// The DDL of the version table itself (always run first).
+const SCHEMA_VERSION_DDL: &str =
+    "CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)";
+
+/// tokio-postgres' own Display says only "db error": add the server's message and SQLSTATE,
+/// or the I/O cause, so /readyz and the logs say what is wrong.
+fn pg_message(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        );
+    }
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
+}
+
+fn to_i64(value: u64, what: &str) -> Result<i64> {
+    i64::try_from(value).map_err(|_| StoreError::Range(format!("{what} = {value}")))
+}
+
+fn to_u64(value: i64, what: &str) -> Result<u64> {
+    u64::try_from(value).map_err(|_| StoreError::Range(format!("{what} = {value}")))
+}
+
+/// Per-batch aggregates computed in memory, so each row is written once per transaction.
+#[derive(Default)]
+struct Deltas {
+    credited: u64,
+    gifted: u64,
+    /// Keyed by (stream, sticker, user_id).
+    revenue: HashMap<(String, String, String), RevenueRow>,
+}
+
+impl Deltas {
+    fn add_credit(&mut self, credit: &CreditRecord) -> Result<()> {
+        self.credited = self
+            .credited
+            .checked_add(credit.coins)
+            .ok_or_else(|| StoreError::Range("credited total overflows".into()))?;
+        Ok(())
+    }
+
+    fn add_gift(&mut self, gift: &GiftRecord) -> Result<()> {
+        let overflow = || StoreError::Range("revenue total overflows".into());
+        self.gifted = self.gifted.checked_add(gift.amount).ok_or_else(overflow)?;
+        let key = (
+            gift.stream.clone(),
+            gift.sticker.clone(),
+            gift.user_id.clone(),
+        );
+        let row = self.revenue.entry(key).or_insert_with(|| RevenueRow {
+            stream: gift.stream.clone(),
+            sticker: gift.sticker.clone(),
+            user_id: gift.user_id.clone(),
+            ..RevenueRow::default()
+        });
+        row.user_name.clone_from(&gift.user_name);
+        row.gifts += 1;
+        row.stickers = row
+            .stickers
+            .checked_add(gift.count.into())
+            .ok_or_else(overflow)?;
+        row.gross = row.gross.checked_add(gift.amount).ok_or_else(overflow)?;
+        row.store = row
+            .store
+            .checked_add(gift.shares.store)
+            .ok_or_else(overflow)?;
+        row.streamer = row
+            .streamer
+            .checked_add(gift.shares.streamer)
+            .ok_or_else(overflow)?;
+        row.platform = row
+            .platform
+            .checked_add(gift.shares.platform)
+            .ok_or_else(overflow)?;
+        Ok(())
+    }
+}
+
+/// Each touched wallet's balance after its last record in `records`, in first-touch order.
+fn final_balances(records: &[(Lsn, Arc<Record>)]) -> Vec<(&str, u64)> {
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    let mut balances: Vec<(&str, u64)> = Vec::new();
+    for (_, record) in records {
+        let user = record.user_id();
+        match index.get(user) {
+            Some(&i) => balances[i].1 = record.balance_after(),
+            None => {
+                index.insert(user, balances.len());
+                balances.push((user, record.balance_after()));
+            }
+        }
+    }
+    balances
+}

@@ -1,0 +1,313 @@
+//! The embedded store: one SQLite connection in WAL mode, used from the blocking pool.
+
+use super::{
+    final_balances, to_i64, to_u64, Deltas, Result, RevenueRow, Snapshot, StoreError, MIGRATIONS,
+    SCHEMA_VERSION_DDL,
+};
+use crate::money::Shares;
+use crate::record::{CreditRecord, GiftRecord, Lsn, Record};
+use parking_lot::Mutex;
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a statement waits for SQLite's file lock (another process reading the file, e.g. an
+/// operator's sqlite3 shell) before failing; the flusher then retries the batch.
+const SQLITE_BUSY_TIMEOUT_MS: u64 = 5_000;
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    /// The lock is only taken inside `spawn_blocking` closures, never across an `.await`.
+    conn: Arc<Mutex<Connection>>,
+    node_id: Arc<str>,
+}
+
+impl SqliteStore {
+    pub async fn open(path: &Path, node_id: &str) -> Result<SqliteStore> {
+        let path = path.to_path_buf();
+        let node = node_id.to_string();
+        let conn = blocking(move || {
+            let mut conn = Connection::open(&path)?;
+            conn.busy_timeout(Duration::from_millis(SQLITE_BUSY_TIMEOUT_MS))?;
+            // WAL: readers never block the flusher. synchronous=NORMAL: a power cut may lose the
+            // last transactions, which the journal (the durability point) replays.
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+            migrate(&mut conn, &node)?;
+            Ok(conn)
+        })
+        .await?;
+        Ok(SqliteStore {
+            conn: Arc::new(Mutex::new(conn)),
+            node_id: node_id.into(),
+        })
+    }
+
+    async fn with_conn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection, &str) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let conn = self.conn.clone();
+        let node = self.node_id.clone();
+        blocking(move || f(&mut conn.lock(), &node)).await
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        self.with_conn(|conn, _| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?))
+            .await
+    }
+
+    pub async fn apply_batch(&self, records: &[(Lsn, Arc<Record>)]) -> Result<()> {
+        let records = records.to_vec();
+        self.with_conn(move |conn, node| {
+            let tx = conn.transaction()?;
+            apply(&tx, node, &records)?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn load(&self, idempotency_since_ms: u64) -> Result<Snapshot> {
+        self.with_conn(move |conn, node| {
+            let tx = conn.transaction()?; // one consistent read
+            let snapshot = load(&tx, node, idempotency_since_ms)?;
+            tx.commit()?;
+            Ok(snapshot)
+        })
+        .await
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+}
+
+fn migrate(conn: &mut Connection, node: &str) -> Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    tx.execute_batch(SCHEMA_VERSION_DDL)?;
+    let version: i64 = tx.query_row(
+        "SELECT COALESCE(MAX(version), 0) FROM schema_version",
+        [],
+        |r| r.get(0),
+    )?;
+    for (index, ddl) in MIGRATIONS.iter().enumerate() {
+        let number = index as i64 + 1;
+        if number > version {
+            tx.execute_batch(ddl)?;
+            tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [number])?;
+        }
+    }
+    tx.execute(
+        "INSERT INTO checkpoints (node_id, lsn, credited_total, gifted_total) VALUES (?1, 0, 0, 0)
+         ON CONFLICT (node_id) DO NOTHING",
+        [node],
+    )?;
+    tx.commit()?;
+    Ok(())
+}
+
+fn apply(tx: &Transaction<'_>, node: &str, records: &[(Lsn, Arc<Record>)]) -> Result<()> {
+    let checkpoint: i64 = tx.query_row(
+        "SELECT lsn FROM checkpoints WHERE node_id = ?1",
+        [node],
+        |r| r.get(0),
+    )?;
+    let checkpoint = to_u64(checkpoint, "checkpoint")?;
+    let start = records.partition_point(|(lsn, _)| *lsn <= checkpoint);
+    let records = &records[start..];
+    let Some((last_lsn, _)) = records.last() else {
+        return Ok(()); // a replay of what is stored already
+    };
+    let mut deltas = Deltas::default();
+    {
+        let mut insert_credit = tx.prepare_cached(
+            "INSERT INTO credits (reference, user_id, coins, balance_after, ts_ms, lsn)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+        )?;
+        let mut insert_gift = tx.prepare_cached(
+            "INSERT INTO gifts (user_id, gift_id, user_name, stream, sticker, count, price, amount,
+                 store_share, streamer_share, platform_share, message, balance_after, ts_ms, lsn)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+             ON CONFLICT DO NOTHING",
+        )?;
+        for (lsn, record) in records {
+            let lsn = to_i64(*lsn, "lsn")?;
+            match &**record {
+                Record::Credit(c) => {
+                    let inserted = insert_credit.execute(params![
+                        c.reference,
+                        c.user_id,
+                        to_i64(c.coins, "coins")?,
+                        to_i64(c.balance_after, "balance_after")?,
+                        to_i64(c.ts_ms, "ts_ms")?,
+                        lsn,
+                    ])?;
+                    if inserted == 1 {
+                        deltas.add_credit(c)?;
+                    }
+                }
+                Record::Gift(g) => {
+                    let inserted = insert_gift.execute(params![
+                        g.user_id,
+                        g.gift_id,
+                        g.user_name,
+                        g.stream,
+                        g.sticker,
+                        i64::from(g.count),
+                        to_i64(g.price, "price")?,
+                        to_i64(g.amount, "amount")?,
+                        to_i64(g.shares.store, "store share")?,
+                        to_i64(g.shares.streamer, "streamer share")?,
+                        to_i64(g.shares.platform, "platform share")?,
+                        g.message,
+                        to_i64(g.balance_after, "balance_after")?,
+                        to_i64(g.ts_ms, "ts_ms")?,
+                        lsn,
+                    ])?;
+                    if inserted == 1 {
+                        deltas.add_gift(g)?;
+                    }
+                }
+            }
+        }
+        let mut upsert_wallet = tx.prepare_cached(
+            "INSERT INTO wallets (user_id, balance) VALUES (?1, ?2)
+             ON CONFLICT (user_id) DO UPDATE SET balance = excluded.balance",
+        )?;
+        for (user, balance) in final_balances(records) {
+            upsert_wallet.execute(params![user, to_i64(balance, "balance")?])?;
+        }
+        let mut upsert_revenue = tx.prepare_cached(
+            "INSERT INTO revenue (stream, sticker, user_id, user_name, gifts, stickers, gross,
+                 store_share, streamer_share, platform_share)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+             ON CONFLICT (stream, sticker, user_id) DO UPDATE SET
+                 user_name = excluded.user_name,
+                 gifts = revenue.gifts + excluded.gifts,
+                 stickers = revenue.stickers + excluded.stickers,
+                 gross = revenue.gross + excluded.gross,
+                 store_share = revenue.store_share + excluded.store_share,
+                 streamer_share = revenue.streamer_share + excluded.streamer_share,
+                 platform_share = revenue.platform_share + excluded.platform_share",
+        )?;
+        for row in deltas.revenue.values() {
+            upsert_revenue.execute(params![
+                row.stream,
+                row.sticker,
+                row.user_id,
+                row.user_name,
+                to_i64(row.gifts, "gifts")?,
+                to_i64(row.stickers, "stickers")?,
+                to_i64(row.gross, "gross")?,
+                to_i64(row.store, "store share")?,
+                to_i64(row.streamer, "streamer share")?,
+                to_i64(row.platform, "platform share")?,
+            ])?;
+        }
+    }
+    tx.execute(
+        "UPDATE checkpoints SET lsn = ?1, credited_total = credited_total + ?2,
+             gifted_total = gifted_total + ?3 WHERE node_id = ?4",
+        params![
+            to_i64(*last_lsn, "lsn")?,
+            to_i64(deltas.credited, "credited")?,
+            to_i64(deltas.gifted, "gifted")?,
+            node
+        ],
+    )?;
+    Ok(())
+}
+
+fn load(tx: &Transaction<'_>, node: &str, since_ms: u64) -> Result<Snapshot> {
+    let checkpoint: Option<i64> = tx
+        .query_row(
+            "SELECT lsn FROM checkpoints WHERE node_id = ?1",
+            [node],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let (credited, gifted): (i64, i64) = tx.query_row(
+        "SELECT COALESCE(SUM(credited_total), 0), COALESCE(SUM(gifted_total), 0) FROM checkpoints",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let mut snapshot = Snapshot {
+        checkpoint_lsn: to_u64(checkpoint.unwrap_or(0), "checkpoint")?,
+        credited_total: to_u64(credited, "credited total")?,
+        gifted_total: to_u64(gifted, "gifted total")?,
+        ..Snapshot::default()
+    };
+    let mut stmt = tx.prepare("SELECT user_id, balance FROM wallets ORDER BY user_id")?;
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        snapshot
+            .balances
+            .push((row.get(0)?, to_u64(row.get(1)?, "balance")?));
+    }
+    let mut stmt = tx.prepare(
+        "SELECT user_id, coins, reference, balance_after, ts_ms FROM credits ORDER BY lsn",
+    )?;
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        snapshot.credits.push(CreditRecord {
+            user_id: row.get(0)?,
+            coins: to_u64(row.get(1)?, "coins")?,
+            reference: row.get(2)?,
+            balance_after: to_u64(row.get(3)?, "balance_after")?,
+            ts_ms: to_u64(row.get(4)?, "ts_ms")?,
+        });
+    }
+    let mut stmt = tx.prepare(
+        "SELECT user_id, user_name, gift_id, stream, sticker, count, price, amount, store_share,
+             streamer_share, platform_share, message, balance_after, ts_ms
+         FROM gifts WHERE ts_ms >= ?1 ORDER BY lsn",
+    )?;
+    let mut rows = stmt.query([to_i64(since_ms, "since")?])?;
+    while let Some(row) = rows.next()? {
+        snapshot.gifts.push(GiftRecord {
+            user_id: row.get(0)?,
+            user_name: row.get(1)?,
+            gift_id: row.get(2)?,
+            stream: row.get(3)?,
+            sticker: row.get(4)?,
+            count: u32::try_from(row.get::<_, i64>(5)?)
+                .map_err(|_| StoreError::Range("gift count".into()))?,
+            price: to_u64(row.get(6)?, "price")?,
+            amount: to_u64(row.get(7)?, "amount")?,
+            shares: Shares {
+                store: to_u64(row.get(8)?, "store share")?,
+                streamer: to_u64(row.get(9)?, "streamer share")?,
+                platform: to_u64(row.get(10)?, "platform share")?,
+            },
+            message: row.get(11)?,
+            balance_after: to_u64(row.get(12)?, "balance_after")?,
+            ts_ms: to_u64(row.get(13)?, "ts_ms")?,
+        });
+    }
+    let mut stmt = tx.prepare(
+        "SELECT stream, sticker, user_id, user_name, gifts, stickers, gross, store_share,
+             streamer_share, platform_share
+         FROM revenue ORDER BY stream, sticker, user_id",
+    )?;
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        snapshot.revenue.push(RevenueRow {
+            stream: row.get(0)?,
+            sticker: row.get(1)?,
+            user_id: row.get(2)?,
+            user_name: row.get(3)?,
+            gifts: to_u64(row.get(4)?, "gifts")?,
+            stickers: to_u64(row.get(5)?, "stickers")?,
+            gross: to_u64(row.get(6)?, "gross")?,
+            store: to_u64(row.get(7)?, "store share")?,
+            streamer: to_u64(row.get(8)?, "streamer share")?,
+            platform: to_u64(row.get(9)?, "platform share")?,
+        });
+    }
+    snapshot.sort();
+    Ok(snapshot)
+}
