@@ -133,6 +133,7 @@ function onJoined(f) {
   if (f.balance != null) setBalance(f.balance);
   setAuth();
   const r = f._resume;
+  if (r.first) sys(`Welcome to ${stream}'s chat! Be kind; gifts with a message get pinned.`);
   if (r.reconnect) {
     if ($('#notice').dataset.code === 'reconnecting') notice('reconnected', 'ok', 'Reconnected.', 2500);
   } else {
