@@ -25,6 +25,7 @@ pub struct FastEv {
 }
 
 static TYPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"{\"type\":\""));
+static OBJECT_SEP: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"},{\""));
 static SEQ: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"seq\":"));
 static TEXT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"text\":\"lt "));
 static MESSAGE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"message\":\"lt "));
@@ -45,26 +46,39 @@ fn digits(b: &[u8]) -> Option<u64> {
 /// Scan a frame (single event or batch) into `out`. Returns false when the frame holds anything
 /// but chat / shoutout / thanks events (then `out` is meaningless and the caller parses fully).
 ///
-/// Sound because a `{"type":"` can only start an object: inside a JSON string the quotes
-/// would be escaped.
+/// Only frames whose every object starts with its `"type"` key are taken (else: false).
+/// Sound because an unescaped `"` never occurs inside a JSON string, so `{"type":"` always
+/// starts an object and `},{"` always separates two objects.
 pub fn scan(frame: &str, out: &mut Vec<FastEv>) -> bool {
+    const BATCH: &[u8] = b"{\"type\":\"batch\",\"events\":[";
     out.clear();
     let b = frame.as_bytes();
     let marks: Vec<usize> = TYPE.find_iter(b).collect();
-    if marks.is_empty() {
-        return false;
-    }
-    for (i, &m) in marks.iter().enumerate() {
+    let events: &[usize] = if b.starts_with(BATCH) {
+        // The batch itself, then its first event right at the start of the array.
+        if marks.len() < 2 || marks[0] != 0 || marks[1] != BATCH.len() {
+            return false;
+        }
+        &marks[1..]
+    } else {
+        if marks.len() != 1 || marks[0] != 0 {
+            return false;
+        }
+        &marks[..]
+    };
+    for (i, &m) in events.iter().enumerate() {
         let start = m + 9;
-        let end = marks.get(i + 1).copied().unwrap_or(b.len());
+        let end = events.get(i + 1).copied().unwrap_or(b.len());
         let body = &b[start..end];
+        if OBJECT_SEP.find(body).is_some() {
+            // Another object starts here without a leading "type": not our layout.
+            return false;
+        }
         let Some(q) = memchr::memchr(b'"', body) else { return false };
-        let ty = &body[..q];
-        let kind = match ty {
+        let kind = match &body[..q] {
             b"chat" => Kind::Chat,
             b"shoutout" => Kind::Shoutout,
             b"thanks" => Kind::Thanks,
-            b"batch" if i == 0 && m == 0 => continue,
             _ => return false,
         };
         let seq = SEQ.find(body).and_then(|p| digits(&body[p + 6..]));
@@ -120,5 +134,14 @@ mod tests {
         assert!(!scan(r#"{"type":"joined","stream":"s","seq":0,"viewers":1,"catalog":[]}"#, &mut out));
         assert!(!scan("not json", &mut out));
         assert!(!scan(r#"{ "type": "chat", "seq": 1 }"#, &mut out));
+        // Keys in another order (e.g. sorted): "type" is not first, so the scan must refuse.
+        assert!(!scan(r#"{"seq":1,"text":"lt 1","type":"chat"}"#, &mut out));
+        assert!(!scan(r#"{"type":"batch","events":[{"seq":1,"text":"lt 1","type":"chat"},{"seq":2,"text":"lt 1","type":"chat"}]}"#, &mut out));
+        assert!(!scan(r#"{"type":"batch","events":[{"type":"chat","seq":1,"text":"lt 1"},{"seq":2,"text":"lt 1","type":"chat"},{"type":"chat","seq":3}]}"#, &mut out));
+        assert!(!scan(r#"{"type":"batch","events":[{"type":"chat","seq":1,"text":"lt 1"},{"gift_id":"g","type":"gift_ok"}]}"#, &mut out));
+        assert!(!scan(r#"{"events":[{"type":"chat","seq":1,"text":"lt 1"}],"type":"batch"}"#, &mut out));
+        // A text holding "},{" is fine: no unescaped quote follows.
+        assert!(scan(r#"{"type":"chat","seq":1,"text":"lt 1 },{ "x""}"#, &mut out));
+        assert_eq!(out.len(), 1);
     }
 }
