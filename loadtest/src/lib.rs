@@ -46,8 +46,8 @@ pub const CHILD_ENV: &str = "LOADTEST_CHILD_PLAN";
 
 enum Ev {
     Ready,
-    Progress(Sample),
-    Done(Result<Report>),
+    Progress(Box<Sample>),
+    Done(Box<Result<Report>>),
 }
 
 enum Go {
@@ -148,7 +148,7 @@ pub async fn run(cli: Cli) -> Result<Report> {
                 while let Some(m) = msg_rx.recv().await {
                     let e = match m {
                         WorkerMsg::Ready => Ev::Ready,
-                        WorkerMsg::Progress(s) => Ev::Progress(s),
+                        WorkerMsg::Progress(s) => Ev::Progress(Box::new(s)),
                     };
                     if tx.send((i, e)).is_err() {
                         break;
@@ -158,7 +158,7 @@ pub async fn run(cli: Cli) -> Result<Report> {
             let tx = ev_tx.clone();
             tokio::spawn(async move {
                 let r = run_worker(plan, msg_tx, go_rx).await;
-                let _ = tx.send((i, Ev::Done(r)));
+                let _ = tx.send((i, Ev::Done(Box::new(r))));
             });
         } else {
             let exe = match &c.exe {
@@ -184,22 +184,22 @@ pub async fn run(cli: Cli) -> Result<Report> {
                         Ev::Ready
                     } else if let Some(j) = l.strip_prefix("LT-SAMPLE ") {
                         match serde_json::from_str(j) {
-                            Ok(s) => Ev::Progress(s),
+                            Ok(s) => Ev::Progress(Box::new(s)),
                             Err(_) => continue,
                         }
                     } else if let Some(j) = l.strip_prefix("LT-REPORT ") {
                         done = true;
-                        Ev::Done(serde_json::from_str(j).context("worker report"))
+                        Ev::Done(Box::new(serde_json::from_str(j).context("worker report")))
                     } else if let Some(j) = l.strip_prefix("LT-ERROR ") {
                         done = true;
-                        Ev::Done(Err(anyhow!("worker {i}: {j}")))
+                        Ev::Done(Box::new(Err(anyhow!("worker {i}: {j}"))))
                     } else {
                         continue;
                     };
                     let _ = tx.send((i, e));
                 }
                 if !done {
-                    let _ = tx.send((i, Ev::Done(Err(anyhow!("worker {i} exited without a report")))));
+                    let _ = tx.send((i, Ev::Done(Box::new(Err(anyhow!("worker {i} exited without a report"))))));
                 }
             });
             children.push(child);
@@ -248,12 +248,12 @@ pub async fn run(cli: Cli) -> Result<Report> {
                         }
                     }
                     Ev::Progress(s) => {
-                        latest[i] = Some(s);
+                        latest[i] = Some(*s);
                         pb.set_message(progress_line(&latest, target, ready, c.procs));
                     }
                     Ev::Done(r) => {
                         done += 1;
-                        match r {
+                        match *r {
                             Ok(r) => reports[i] = Some(r),
                             Err(e) => { failure.get_or_insert(e); }
                         }
@@ -409,7 +409,7 @@ fn drift_windows(timeline: &[Sample], window: f64, rss: &[(f64, u64)]) -> Vec<Dr
             deliveries_per_sec: if secs > 0.0 { deliveries as f64 / secs } else { 0.0 },
             chat_p99_ms: p99("chat"),
             gift_ack_p99_ms: p99("gift_ack"),
-            server_rss_bytes: rss.iter().filter(|x| x.0 <= to).next_back().map(|x| x.1),
+            server_rss_bytes: rss.iter().rfind(|x| x.0 <= to).map(|x| x.1),
         });
         from = to;
     }

@@ -196,6 +196,7 @@ impl Gifter {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn on_ok(&mut self, id: &str, balance: Option<i64>, seq: Option<u64>, phase: Phase, shard: &mut Shard, stats: &Stats, out: &mut Vec<String>) {
         let Some(p) = self.pending.remove(id) else {
             shard.inc(C::UnexpectedAck, 1);
@@ -222,7 +223,7 @@ impl Gifter {
         self.acked_amount += p.amount;
         self.acked_count += 1;
         self.last_balance = Some(bal);
-        if self.cfg.retry_every > 0 && self.acked_count % self.cfg.retry_every == 0 && phase == Phase::Run {
+        if self.cfg.retry_every > 0 && self.acked_count.is_multiple_of(self.cfg.retry_every) && phase == Phase::Run {
             out.push(p.frame.clone());
             self.pending.insert(id.to_string(), Pending { sent: Instant::now(), amount: p.amount, frame: p.frame, expect: Some((bal, seq)) });
             stats.pending_gifts.fetch_add(1, Ordering::Relaxed);
@@ -553,12 +554,9 @@ impl Member {
             }
             return;
         }
-        let ev = match client::parse(txt) {
-            Ok(ev) => ev,
-            Err(_) => {
-                sh.err("bad_json_from_server");
-                return;
-            }
+        let Ok(ev) = client::parse(txt) else {
+            sh.err("bad_json_from_server");
+            return;
         };
         if ev.ty() == "batch" {
             sh.inc(C::BatchFrames, 1);
@@ -1124,7 +1122,8 @@ pub async fn run_worker(
             e.0 += w.acked_amount;
             e.1 += w.unknown_amount;
         }
-        let checks: Vec<(String, Option<i64>, Result<i64>, u64, u64)> = stream::iter(per_wallet.into_iter())
+        type Check = (String, Option<i64>, Result<i64>, u64, u64);
+        let checks: Vec<Check> = stream::iter(per_wallet)
             .map(|(user, (acked, unknown, tok))| {
                 let api = api.clone();
                 let start = start_balance.get(&user).copied();
