@@ -385,6 +385,22 @@ async function main() {
     assert(await viewer.getAttribute('#balance', 'data-value') === want, 'balance moved again');
   });
 
+  await check('viewer: going offline and back online resumes without loss', async () => {
+    const vctx = viewer.context();
+    await vctx.setOffline(true);
+    await viewer.waitForSelector('body[data-conn="reconnecting"]');
+    const m = `while offline ${Date.now()}`;
+    await bob.fill('#chat-input', m);
+    await bob.press('#chat-input', 'Enter');
+    await dash.locator('#feed li.chat .text', { hasText: m }).first().waitFor();
+    await vctx.setOffline(false);
+    await viewer.waitForSelector('body[data-conn="live"]');
+    await viewer.locator('#chat li[data-type="chat"] .text', { hasText: m }).first().waitFor();
+    await sleep(500);
+    const n = await viewer.locator('#chat li[data-type="chat"] .text', { hasText: m }).count();
+    assert(n === 1, `shown ${n} times`);
+  });
+
   // ---------- combos ----------
   await check('viewer: quick repeat gifts of one sticker show a combo count', async () => {
     // Meanwhile the streamer is typing a reply; new gifts must not wipe it.

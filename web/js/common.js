@@ -283,6 +283,10 @@ export class RoomSocket {
     addEventListener('online', () => {
       if (this.state === 'reconnecting' && !this.hold) this.reconnectNow();
     });
+    // The browser knows the network is gone: say so now rather than after a timeout.
+    addEventListener('offline', () => {
+      if (this.ws && !this.stopped) this.drop({ hold: this.hold });
+    });
     // A phone that slept may hold a dead socket: check it when the page is back.
     document.addEventListener('visibilitychange', () => {
       if (document.visibilityState !== 'visible' || !this.ws) return;
