@@ -21,7 +21,6 @@ let count = 1;
 let currentGift = null; // gift_id being sent from the sheet
 let lastChat = '';
 const pending = new Map(Object.entries(store.get(PENDING_KEY) || {})); // gift_id → {frame, stream}
-const shoutoutIds = new Set();
 let noticeTimer = null;
 
 // ---------- small UI helpers ----------
@@ -173,7 +172,6 @@ function comboEl(combo) {
 
 function addShoutout(f) {
   const s = sticker(catalog, f.sticker);
-  shoutoutIds.add(f.gift_id);
   const cnt = Number(f.count) || 1;
   const li = el('li', { class: `gift t${s.tier}`, dataset: { seq: f.seq, type: 'shoutout', giftId: f.gift_id } },
     el('span', { class: 'emoji' }, s.emoji),
