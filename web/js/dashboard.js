@@ -46,6 +46,19 @@ function streamId() {
   return session && (session.stream || session.user_id);
 }
 
+/** Coalesce re-renders to one per frame: a gift storm must not rebuild the page per gift. */
+const dirty = new Set();
+function later(fn) {
+  if (!dirty.size) {
+    requestAnimationFrame(() => {
+      const fns = [...dirty];
+      dirty.clear();
+      for (const f of fns) f();
+    });
+  }
+  dirty.add(fn);
+}
+
 // ---------- revenue ----------
 
 function renderRevenue() {
@@ -130,7 +143,7 @@ function countGift(f) {
   g.amount += amount;
   g.name = (f.from && f.from.name) || g.name;
   gifters.set(id, g);
-  renderRevenue();
+  later(renderRevenue);
   scheduleRefetch();
 }
 
@@ -327,11 +340,11 @@ function onFrame(f) {
         Number(f.combo) > 1 ? el('span', { class: 'combo' }, `x${f.combo} combo`) : null,
         f.message ? el('div', { class: 'muted' }, `❝ ${f.message}`) : null));
       addToQueue({ gift_id: f.gift_id, from: f.from, sticker: f.sticker, count: f.count, amount: f.amount, message: f.message, seq: f.seq, ts: f.ts });
-      renderQueue();
+      later(renderQueue);
       giftsLog.push({ t: tsMs(f.ts), amount: Number(f.amount) || 0 });
       if (giftsLog.length > 5000) giftsLog.shift();
       // Replayed gifts are in the totals fetched at join; live ones are counted until the refetch.
-      if (f._replay) renderChart();
+      if (f._replay) later(renderChart);
       else countGift(f);
       return;
     }
@@ -339,7 +352,7 @@ function onFrame(f) {
       thanked.add(f.gift_id);
       queue.delete(f.gift_id);
       sendingThanks.delete(f.gift_id);
-      renderQueue();
+      later(renderQueue);
       feed(el('li', { class: 'thanks', dataset: { seq: f.seq, giftId: f.gift_id } },
         '🙏 You thanked ', who(f.to), f.text ? el('span', { class: 'muted' }, `: “${f.text}”`) : null));
       return;

@@ -2,13 +2,14 @@
 // shout-out animations by tier, pinned paid messages, combos, the streamer's thanks.
 import {
   $, el, fill, api, ApiError, fetchCatalog, indexCatalog, sticker, newGiftId, RoomSocket,
-  describeStatus, rejectionText, formatCoins, userColor, appendScrolled, timeOf, tsMs,
+  describeStatus, rejectionText, formatCoins, userColor, timeOf, tsMs,
   loadSession, store, exposeHooks,
 } from './common.js';
 
 const SESSION_KEY = 'giftcast.viewer';
 const PENDING_KEY = 'giftcast.pending';
 const HISTORY_ON_LOAD = 50; // room events shown on arrival
+const CHAT_MAX = 200; // chat lines kept on the page
 const params = new URLSearchParams(location.search);
 const stream = (params.get('stream') || 'demo').trim().slice(0, 64) || 'demo';
 
@@ -150,20 +151,27 @@ function onJoined(f) {
 
 // ---------- chat rendering ----------
 
+/** Append to the chat (at most CHAT_MAX lines); a MutationObserver keeps it scrolled. */
+function chatAppend(node) {
+  const chat = $('#chat');
+  chat.append(node);
+  while (chat.childElementCount > CHAT_MAX) chat.firstElementChild.remove();
+}
+
 function nameEl(from) {
   const id = from && from.id;
   return el('span', { class: 'name', style: `color:${userColor(id)}` }, (from && from.name) || 'someone');
 }
 
 function sys(text) {
-  appendScrolled($('#chat'), el('li', { class: 'sys' }, text));
+  chatAppend(el('li', { class: 'sys' }, text));
 }
 
 function addChat(f) {
   const li = el('li', { class: 'msg', dataset: { seq: f.seq, type: 'chat' } },
     el('span', { class: 'time' }, timeOf(f.ts)), nameEl(f.from), el('span', { class: 'text' }, f.text ?? ''));
   if (session && f.from && f.from.id === session.user_id) li.classList.add('me');
-  appendScrolled($('#chat'), li);
+  chatAppend(li);
 }
 
 function comboEl(combo) {
@@ -181,7 +189,7 @@ function addShoutout(f) {
     comboEl(f.combo),
     el('span', { class: 'thanked-badge' }, '✓ thanked'),
     f.message ? el('span', { class: 'question' }, f.message) : null);
-  appendScrolled($('#chat'), li);
+  chatAppend(li);
   const age = Date.now() - tsMs(f.ts);
   if (!f._replay || age < 15_000) animate(f, s);
   if (f.message && s.pin_secs > 0) {
@@ -199,7 +207,7 @@ function addThanks(f) {
     li.classList.add('me');
     if (!f._replay) toast(`🙏 ${stream} thanked you${f.text ? `: “${f.text}”` : '!'}`, 'ok', 5000);
   }
-  appendScrolled($('#chat'), li);
+  chatAppend(li);
   for (const n of document.querySelectorAll('[data-gift-id]')) {
     if (n.dataset.giftId === f.gift_id && n.dataset.type !== 'thanks') n.classList.add('thanked');
   }
