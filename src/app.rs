@@ -33,7 +33,7 @@ pub struct App {
     pub keys: TokenKeys,
     pub metrics: PrometheusHandle,
     pub catalog_json: String,
-    pub durability: Option<Arc<dyn DurabilityStatus>>,
+    pub durability: Option<Arc<crate::durable::Durable>>,
     chat_limiter: Option<DefaultKeyedRateLimiter<String>>,
     gift_limiter: Option<DefaultKeyedRateLimiter<String>>,
     conns_per_ip: DashMap<IpAddr, u32>,
@@ -96,7 +96,7 @@ impl App {
         ledger: Arc<Ledger>,
         keys: TokenKeys,
         metrics: PrometheusHandle,
-        durability: Option<Arc<dyn DurabilityStatus>>,
+        durability: Option<Arc<crate::durable::Durable>>,
     ) -> App {
         let catalog_json = serde_json::to_string(&config.catalog).expect("catalog serialises");
         App {

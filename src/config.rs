@@ -115,6 +115,9 @@ pub struct ServeArgs {
     /// Cluster mode: every node's id, comma separated.
     #[arg(long, env = "GIFTCAST_NODES", value_delimiter = ',')]
     pub nodes: Vec<String>,
+    /// For the crash tests' negative control only: acknowledge money before it is durable.
+    #[arg(long, hide = true)]
+    pub unsafe_ack_before_durable: bool,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "GIFTCAST_LOG", default_value = "info")]
     pub log: String,
@@ -137,6 +140,8 @@ pub struct Config {
     pub max_conns: u32,
     pub allowed_origins: Vec<String>,
     pub catalog: crate::catalog::Catalog,
+    /// Test-only negative control (hidden flag): breaks the durability guarantee on purpose.
+    pub unsafe_ack_before_durable: bool,
 }
 
 impl ServeArgs {
@@ -198,6 +203,7 @@ impl ServeArgs {
             max_conns: self.max_conns,
             allowed_origins: self.allowed_origins,
             catalog,
+            unsafe_ack_before_durable: self.unsafe_ack_before_durable,
         })
     }
 }

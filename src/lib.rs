@@ -12,6 +12,7 @@
 //! - `journal`: append-only CRC32C frames with group-commit fsync; recovery.
 //! - `store`: SQLite or PostgreSQL, the flusher's target.
 //! - `flusher`: durable records to storage in batches.
+//! - `durable`: recovery at start, the journal as the ledger's sink, health, drain.
 //! - `hub`: rooms, members, history, fan-out; never touches money.
 //! - `app`: the chat, gift and thanks paths over hub and ledger.
 //! - `http`: axum routes, the WebSocket connection, pages, errors.
@@ -22,6 +23,7 @@ pub mod app;
 pub mod auth;
 pub mod catalog;
 pub mod config;
+pub mod durable;
 pub mod flusher;
 pub mod http;
 pub mod hub;

@@ -3,8 +3,8 @@
 use crate::app::App;
 use crate::auth::TokenKeys;
 use crate::config::Config;
+use crate::durable::Durable;
 use crate::hub::Hub;
-use crate::ledger::Ledger;
 use crate::limits::{LISTEN_BACKLOG, SHUTDOWN_DRAIN_MS};
 use anyhow::Context;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -45,18 +45,24 @@ pub async fn build(config: Config) -> anyhow::Result<Arc<App>> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let keys = TokenKeys::load_or_create(config.token_secret.as_deref(), &config.data_dir)?;
-    let hub = Hub::new();
-    let ledger = Arc::new(Ledger::new(
+    if config.unsafe_ack_before_durable {
+        tracing::warn!("--unsafe-ack-before-durable: acknowledging money before it is durable (test negative control)");
+    }
+    let (durable, ledger) = Durable::open(
+        &config.data_dir,
+        config.database_url.as_deref(),
         config.split,
-        Arc::new(crate::ledger::MemorySink),
-    ));
+        config.unsafe_ack_before_durable,
+    )
+    .await?;
+    let hub = Hub::new();
     let app = Arc::new(App::new(
         config,
         hub.clone(),
-        ledger,
+        Arc::new(ledger),
         keys,
         metrics_handle(),
-        None,
+        Some(Arc::new(durable)),
     ));
     tokio::spawn(hub.run_viewer_counts(app.shutdown.subscribe()));
     Ok(app)
@@ -97,6 +103,10 @@ pub async fn serve(
     let deadline = tokio::time::Instant::now() + Duration::from_millis(SHUTDOWN_DRAIN_MS);
     while app.gifts_in_flight.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    if let Some(durable) = &app.durability {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        durable.close(left.max(Duration::from_secs(1))).await;
     }
     tracing::info!("stopped");
     Ok(())

@@ -14,10 +14,15 @@ async fn viewer_dashboard_and_overlay_in_a_real_browser() {
     let artifacts = std::path::Path::new(root).join("target/browser-artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();
     assert!(
-        std::path::Path::new(root).join("tests/browser/node_modules/playwright-core").exists(),
+        std::path::Path::new(root)
+            .join("tests/browser/node_modules/playwright-core")
+            .exists(),
         "playwright-core is not installed: run `bash .ci/run` (or `cd tests/browser && npm ci`)"
     );
-    assert!(std::path::Path::new("/usr/bin/chromium").exists(), "Debian's chromium is not installed: run `bash .ci/run`");
+    assert!(
+        std::path::Path::new("/usr/bin/chromium").exists(),
+        "Debian's chromium is not installed: run `bash .ci/run`"
+    );
     let base = format!("http://{}", server.addr);
     let mut cmd = tokio::process::Command::new("node");
     cmd.arg("tests/browser/e2e.mjs")
@@ -35,6 +40,9 @@ async fn viewer_dashboard_and_overlay_in_a_real_browser() {
     println!("{stdout}");
     eprintln!("{stderr}");
     assert!(out.status.success(), "browser tests failed");
-    assert!(stdout.lines().any(|l| l.trim().ends_with(" 0 failed")), "no summary line");
+    assert!(
+        stdout.lines().any(|l| l.trim().ends_with(" 0 failed")),
+        "no summary line"
+    );
     assert_eq!(server.audit().await["ok"], true);
 }

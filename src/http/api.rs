@@ -1,7 +1,7 @@
 //! The HTTP API handlers.
 
 use super::ApiError;
-use crate::app::App;
+use crate::app::{App, DurabilityStatus};
 use crate::auth::{Claims, Role};
 use crate::limits::{GUEST_TOKEN_TTL_SECS, ID_CHARS_MAX, NAME_CHARS_MAX, REFERENCE_CHARS_MAX};
 use crate::money::AMOUNT_MAX;

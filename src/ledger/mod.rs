@@ -9,7 +9,7 @@
 
 mod revenue;
 
-pub use revenue::{RevenueReport, StreamRevenue};
+pub use revenue::{RevenueReport, RevenueRow, StreamRevenue, Totals};
 
 use crate::money::{Coins, Shares, Split, AMOUNT_MAX};
 use crate::record::{CreditRecord, GiftRecord, Record};

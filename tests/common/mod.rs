@@ -114,6 +114,8 @@ pub struct Client {
     buf: VecDeque<Value>,
     /// Batch frames received (to check coalescing).
     pub batches: usize,
+    /// Gift answers read while waiting for another one (answers may come in any order).
+    answers: Vec<Value>,
 }
 
 impl Client {
@@ -125,6 +127,7 @@ impl Client {
             ws,
             buf: VecDeque::new(),
             batches: 0,
+            answers: Vec::new(),
         }
     }
 
@@ -226,10 +229,17 @@ impl Client {
 
     /// Waits for this gift's `gift_ok` or `gift_rejected`, skipping room events.
     pub async fn gift_answer(&mut self, gift_id: &str) -> Value {
+        if let Some(i) = self.answers.iter().position(|a| a["gift_id"] == gift_id) {
+            return self.answers.remove(i);
+        }
         loop {
             let v = self.recv().await;
-            if (v["type"] == "gift_ok" || v["type"] == "gift_rejected") && v["gift_id"] == gift_id {
-                return v;
+            if v["type"] == "gift_ok" || v["type"] == "gift_rejected" {
+                if v["gift_id"] == gift_id {
+                    return v;
+                }
+                self.answers.push(v);
+                continue;
             }
             if v["type"] == "__close" || v["type"] == "__closed" {
                 panic!("closed while waiting for gift answer: {v}");

@@ -1,0 +1,172 @@
+//! Wiring of the durable path: recovery at start (storage snapshot, then the journal tail), the
+//! journal as the ledger's record sink, health for /readyz, and the drain on shutdown.
+
+use crate::app::DurabilityStatus;
+use crate::flusher::{self, FlushConfig, FlusherHandle};
+use crate::journal::{Journal, JournalConfig, JournalError};
+use crate::ledger::{DurableTicket, Ledger, RecordSink, RevenueRow, SinkError, Totals};
+use crate::limits::IDEMPOTENCY_RETENTION_MS;
+use crate::money::Split;
+use crate::record::Record;
+use crate::store::Store;
+use anyhow::Context;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The journal as the ledger's sink: `submit` queues the record (never blocks), the ticket
+/// resolves when its frame is fsynced.
+struct JournalSink {
+    journal: Journal,
+    /// Negative control for the crash tests only: acknowledge before the record is durable.
+    ack_before_durable: bool,
+}
+
+impl RecordSink for JournalSink {
+    fn submit(&self, record: Record) -> Result<DurableTicket, SinkError> {
+        match self.journal.submit(record) {
+            Ok(ticket) if self.ack_before_durable => {
+                drop(ticket);
+                Ok(Box::pin(async { Ok(()) }))
+            }
+            Ok(ticket) => Ok(Box::pin(async move {
+                ticket.wait().await.map(|_| ()).map_err(|e| e.to_string())
+            })),
+            Err(JournalError::Full(_)) => {
+                metrics::counter!("giftcast_journal_refused_total").increment(1);
+                Err(SinkError::Full)
+            }
+            Err(e) => Err(SinkError::Failed(e.to_string())),
+        }
+    }
+}
+
+/// The durable path of a running server.
+pub struct Durable {
+    pub journal: Journal,
+    pub flusher: FlusherHandle,
+    pub store: Store,
+}
+
+impl DurabilityStatus for Durable {
+    fn problem(&self) -> Option<String> {
+        if let Some(why) = self.journal.stats().failed {
+            return Some(format!("journal failed, not taking money: {why}"));
+        }
+        let status = self.flusher.status();
+        if !status.healthy {
+            return Some(format!(
+                "storage is behind by {} records ({} ms): {}",
+                status.pending_records,
+                status.behind_ms,
+                status.last_error.unwrap_or_default()
+            ));
+        }
+        None
+    }
+
+    fn taking_money(&self) -> bool {
+        self.journal.stats().failed.is_none()
+    }
+}
+
+impl Durable {
+    /// Opens storage and the journal and rebuilds the ledger: balances, credit references,
+    /// recent gift ids and revenue from storage at its checkpoint, then every journal record
+    /// after it. A corrupt journal or a record that does not fit stops the start.
+    pub async fn open(
+        data_dir: &Path,
+        database_url: Option<&str>,
+        split: Split,
+        ack_before_durable: bool,
+    ) -> anyhow::Result<(Durable, Ledger)> {
+        let store = Store::open(database_url, data_dir)
+            .await
+            .context("opening storage")?;
+        let since = crate::now_ms().saturating_sub(IDEMPOTENCY_RETENTION_MS);
+        let snapshot = store.load(since).await.context("loading storage")?;
+        let jconfig = JournalConfig::new(data_dir);
+        let checkpoint = snapshot.checkpoint_lsn;
+        let (journal, recovered, rx) =
+            tokio::task::spawn_blocking(move || Journal::open(jconfig, checkpoint))
+                .await
+                .context("journal open task")?
+                .context("opening the journal")?;
+        if let Some((path, offset)) = &recovered.torn_tail {
+            tracing::warn!(segment = %path.display(), offset, "journal: cut a torn last frame");
+        }
+        let sink = Arc::new(JournalSink {
+            journal: journal.clone(),
+            ack_before_durable,
+        });
+        let ledger = Ledger::new(split, sink);
+        for (user, balance) in &snapshot.balances {
+            ledger.restore_balance(user, *balance);
+        }
+        for c in &snapshot.credits {
+            ledger.restore_credit(c);
+        }
+        for g in &snapshot.gifts {
+            ledger.restore_gift(g);
+        }
+        for r in &snapshot.revenue {
+            ledger.restore_revenue(
+                &r.stream,
+                RevenueRow {
+                    sticker: r.sticker.clone(),
+                    user_id: r.user_id.clone(),
+                    user_name: r.user_name.clone(),
+                    totals: Totals {
+                        gifts: r.gifts,
+                        stickers: r.stickers,
+                        gross: r.gross,
+                        store: r.store,
+                        streamer: r.streamer,
+                        platform: r.platform,
+                    },
+                },
+            );
+        }
+        ledger.restore_totals(snapshot.credited_total, snapshot.gifted_total);
+        for (lsn, record) in &recovered.records {
+            ledger.replay(record).map_err(|e| {
+                anyhow::anyhow!("journal record {lsn} does not fit the stored state: {e}")
+            })?;
+        }
+        let audit = ledger.audit();
+        anyhow::ensure!(audit.ok, "recovered ledger does not balance: {audit:?}");
+        tracing::info!(
+            backend = store.backend(),
+            checkpoint,
+            replayed = recovered.records.len(),
+            wallets = snapshot.balances.len(),
+            credited = audit.credited,
+            gifted = audit.gifted,
+            "money recovered"
+        );
+        let flusher = flusher::spawn(store.clone(), journal.clone(), rx, FlushConfig::default());
+        Ok((
+            Durable {
+                journal,
+                flusher,
+                store,
+            },
+            ledger,
+        ))
+    }
+
+    /// Shutdown: the journal writes and fsyncs what is queued, the flusher stores what it can.
+    /// What storage does not take in time stays in the journal for the next start.
+    pub async fn close(&self, timeout: Duration) {
+        self.journal.shutdown().await;
+        match self.flusher.drain(timeout).await {
+            Ok(()) => tracing::info!(
+                stored = self.flusher.status().stored_lsn,
+                "storage is up to date"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "storage not up to date at exit; the journal keeps the rest")
+            }
+        }
+    }
+}
