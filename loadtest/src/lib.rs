@@ -333,6 +333,14 @@ pub async fn run(cli: Cli) -> Result<Report> {
         rss_timeline: rss_timeline.clone(),
     });
 
+    // Every chat should reach every member of its room (rooms are filled evenly).
+    if let (Some(&sent), true) = (report.counters.get("chats_sent"), shape.churners == 0) {
+        let members = shape.total_clients() as f64 / shape.rooms as f64;
+        if sent > 0 && members > 0.0 {
+            report.delivery_ratio = Some(*report.counters.get("deliveries").unwrap_or(&0) as f64 / (sent as f64 * members));
+        }
+    }
+
     // Drift windows (soak).
     if let args::Scenario::Soak(s) = &cli.scenario {
         report.drift = drift_windows(&report.timeline, s.window_secs, &rss_timeline);
