@@ -349,7 +349,7 @@ impl Member {
                     if reconnects > ctx.max_reconnects || *phase_rx.borrow() >= Phase::Drain {
                         break;
                     }
-                    tokio::time::sleep(Duration::from_millis(200 * reconnects as u64)).await;
+                    tokio::time::sleep(backoff(reconnects)).await;
                     continue;
                 }
             };
@@ -378,7 +378,7 @@ impl Member {
                         break;
                     }
                     ctx.stats.shard(shard_i).inc(C::Reconnects, 1);
-                    tokio::time::sleep(Duration::from_millis(100 * reconnects as u64)).await;
+                    tokio::time::sleep(backoff(reconnects)).await;
                 }
             }
         }
@@ -656,6 +656,11 @@ impl Member {
             }
         });
     }
+}
+
+/// 100 ms, 200 ms, 400 ms … at most 2 s between reconnect attempts.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis((100u64 << attempt.saturating_sub(1).min(5)).min(2000))
 }
 
 async fn next_cmd(rx: &mut Option<mpsc::Receiver<()>>) -> Option<()> {
