@@ -83,6 +83,16 @@ pub async fn run(cli: Cli) -> Result<Report> {
             c.procs
         ));
     }
+    let per_sender = |rates: &[f64], n: usize| if n == 0 { 0.0 } else { rates.iter().cloned().fold(0.0, f64::max) / n as f64 };
+    let chat_each = per_sender(&shape.chat_rates, shape.chatters);
+    let gift_each = per_sender(&shape.gift_rates, shape.wallets * shape.conns_per_wallet);
+    if chat_each > 90.0 || gift_each > 90.0 || shape.gifts_as_fast() {
+        notes.push(format!(
+            "up to {:.0} frames/s per sending connection{}: giftcast closes a connection sending over 100 frames/s sustained (4008); spread the rate over more senders/wallets",
+            chat_each.max(gift_each),
+            if shape.gifts_as_fast() { " (as fast as acknowledged: unbounded)" } else { "" }
+        ));
+    }
     if shape.total_clients() / (c.source_ips.max(1) as usize) > 28_000 {
         notes.push("more than 28,000 clients per source address: use --source-ips".into());
     }
@@ -292,6 +302,9 @@ pub async fn run(cli: Cli) -> Result<Report> {
     report.params = serde_json::to_value(&cli.scenario).unwrap_or_default();
     let targets: Vec<String> = (0..shape.steps).map(|s| shape.step_target(s)).collect();
     report.finalize(&targets, true);
+    if report.errors.contains_key("close:4008") {
+        notes.push("the server closed connections for flooding (close:4008): lower the per-connection send rate".into());
+    }
     report.notes.splice(0..0, notes);
 
     // Server memory and CPU.
