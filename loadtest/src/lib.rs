@@ -73,6 +73,7 @@ pub async fn run(cli: Cli) -> Result<Report> {
         bail!("--procs must be at least 1");
     }
     let shape = Shape::of(&cli);
+    let started_unix_ms = stats::now_us() / 1000;
     let run_id = c.run_id.clone().unwrap_or_else(|| format!("{:06x}", rand::random::<u32>() & 0xff_ffff));
     let api = Api::new(&c.url, c.admin_token.clone())?;
     let mut notes: Vec<String> = vec![];
@@ -298,7 +299,7 @@ pub async fn run(cli: Cli) -> Result<Report> {
     report.run_id = run_id.clone();
     report.url = c.url.clone();
     report.procs = c.procs;
-    report.started_unix_ms = stats::now_us() / 1000;
+    report.started_unix_ms = started_unix_ms;
     report.params = serde_json::to_value(&cli.scenario).unwrap_or_default();
     let targets: Vec<String> = (0..shape.steps).map(|s| shape.step_target(s)).collect();
     report.finalize(&targets, true);

@@ -416,7 +416,12 @@ impl Report {
                 m.tally.wallets_checked,
                 m.tally.wallet_mismatches
             );
-            for s in &m.streams {
+            let shown = if m.streams.len() > 10 { 5 } else { m.streams.len() };
+            if shown < m.streams.len() {
+                let exact = m.streams.iter().filter(|s| s.unknown_coins == 0 && s.gross_after - s.gross_before == s.acked_coins as i64).count();
+                let _ = writeln!(o, "  {} streams, {} with server gross Δ == acknowledged value exactly; the first {shown}:", m.streams.len(), exact);
+            }
+            for s in m.streams.iter().take(shown) {
                 let _ = writeln!(
                     o,
                     "  stream {}: acked {} (+{} unknown) vs server gross {} → {} (Δ {}), split exact: {}",
