@@ -210,7 +210,7 @@ function renderChart() {
   const base = y(0).toFixed(1);
   parts.push(svg('path', { class: 'area', d: `${d} V${base} H${x(pts[0].t).toFixed(1)} Z` }));
   parts.push(svg('path', { class: 'line', d }));
-  for (const p of dots) parts.push(svg('circle', { class: 'dot', cx: x(p.t), cy: y(p.v), r: 3 }));
+  if (dots.length <= 80) for (const p of dots) parts.push(svg('circle', { class: 'dot', cx: x(p.t), cy: y(p.v), r: 3 }));
   node.replaceChildren(...parts);
   $('#chart-note').textContent = `${formatCoins(rev.gross)} coins gross`;
 }
