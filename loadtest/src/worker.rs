@@ -1078,8 +1078,22 @@ pub async fn run_worker(
     let _ = phase_tx.send(Phase::Drain);
     let drain_end = Instant::now() + Duration::from_secs_f64(c.drain_secs.max(0.0));
     let min_drain = Instant::now() + Duration::from_secs_f64(c.drain_secs.clamp(0.0, 1.0));
-    while Instant::now() < drain_end && (Instant::now() < min_drain || ctx.stats.pending_gifts.load(Ordering::Relaxed) > 0) {
+    // Until every gift is answered and no room event arrived for 200 ms (at least a second,
+    // at most --drain-secs).
+    let received = || ctx.stats.counter_sum(&[C::Deliveries, C::Shoutouts, C::ThanksRecv, C::GiftsOk, C::GiftsRejected]);
+    let mut last_seen = received();
+    let mut quiet_since = Instant::now();
+    while Instant::now() < drain_end {
         tokio::time::sleep(Duration::from_millis(20)).await;
+        let now_seen = received();
+        if now_seen != last_seen {
+            last_seen = now_seen;
+            quiet_since = Instant::now();
+        }
+        let settled = ctx.stats.pending_gifts.load(Ordering::Relaxed) <= 0 && quiet_since.elapsed() >= Duration::from_millis(200);
+        if Instant::now() >= min_drain && settled {
+            break;
+        }
     }
     let pending_left = ctx.stats.pending_gifts.load(Ordering::Relaxed);
     if pending_left > 0 {
