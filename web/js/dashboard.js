@@ -365,9 +365,18 @@ function onFrame(f) {
       return;
     case 'error':
       if (f.code === 'not_found' || f.code === 'forbidden') {
-        for (const id of sendingThanks) sendingThanks.delete(id);
+        // The error names no gift: settle every thanks in flight. For not_found the server
+        // has no such un-thanked gift, so it leaves the queue (a successful one in flight
+        // is removed by its own thanks event anyway).
+        for (const id of sendingThanks) {
+          sendingThanks.delete(id);
+          if (f.code === 'not_found') {
+            queue.delete(id);
+            thanked.add(id);
+          }
+        }
         renderQueue();
-        toast(f.code === 'forbidden' ? 'Only this stream\'s streamer can thank gifts.' : 'That gift is unknown to the server.', 'bad');
+        toast(f.code === 'forbidden' ? 'Only this stream\'s streamer can thank gifts.' : 'That gift was already thanked (or is no longer in the queue).', 'bad');
       } else if (f.code === 'lagged') {
         toast('Connection fell behind; catching up…', 'warn');
       } else {
