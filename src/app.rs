@@ -10,6 +10,7 @@ use crate::limits::{
     CHAT_CHARS_MAX, GIFT_COUNT_MAX, GIFT_ID_CHARS_MAX, GIFT_MESSAGE_CHARS_MAX, THANKS_CHARS_MAX,
 };
 use crate::protocol::{self, clean_text, valid_id, UserRef};
+use crate::record::GiftRecord;
 use dashmap::DashMap;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -43,6 +44,8 @@ pub struct App {
     pub shutdown: tokio::sync::watch::Sender<bool>,
     /// Gift completions not yet settled: shutdown waits for them.
     pub gifts_in_flight: AtomicUsize,
+    /// Cluster mode (set once at start).
+    pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 fn per_minute(n: u32) -> Option<DefaultKeyedRateLimiter<String>> {
@@ -114,6 +117,7 @@ impl App {
             shutting_down: AtomicBool::new(false),
             shutdown: tokio::sync::watch::Sender::new(false),
             gifts_in_flight: AtomicUsize::new(0),
+            cluster: std::sync::OnceLock::new(),
         }
     }
 
@@ -215,7 +219,7 @@ impl App {
         }))
     }
 
-    /// A gift: checks, the atomic debit, durability, the shout-out, the answer.
+    /// A gift, on the node the sender is connected to: checks, then the wallet's node.
     pub async fn gift(
         self: &Arc<Self>,
         user: &Claims,
@@ -250,27 +254,53 @@ impl App {
         if !room.is_live() {
             return reject("not_found");
         }
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return reject("unavailable");
+        }
+        if let Some(l) = &self.gift_limiter {
+            if l.check_key(&user.sub).is_err() {
+                return reject("rate_limited");
+            }
+        }
+        if let Some(cluster) = self.cluster.get() {
+            if !cluster.owns(&user.sub) {
+                return cluster
+                    .remote_gift(user, &room.id, gift_id, &sticker.id, count, message)
+                    .await;
+            }
+        }
+        self.gift_wallet(
+            &user.sub, &user.name, gift_id, &room.id, sticker, count, message,
+        )
+        .await
+    }
+
+    /// A gift on the node that owns the sender's wallet: the atomic debit, durability, the
+    /// shout-out, the answer.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn gift_wallet(
+        self: &Arc<Self>,
+        user_id: &str,
+        user_name: &str,
+        gift_id: &str,
+        stream: &str,
+        sticker: &crate::catalog::Sticker,
+        count: u32,
+        message: Option<&str>,
+    ) -> GiftReply {
         if self.shutting_down.load(Ordering::SeqCst)
             || self.durability.as_ref().is_some_and(|d| !d.taking_money())
         {
             return GiftReply::Rejected {
                 code: "unavailable",
-                balance: Some(self.ledger.balance(&user.sub)),
+                balance: Some(self.ledger.balance(user_id)),
             };
         }
-        if let Some(l) = &self.gift_limiter {
-            if l.check_key(&user.sub).is_err() {
-                return GiftReply::Rejected {
-                    code: "rate_limited",
-                    balance: Some(self.ledger.balance(&user.sub)),
-                };
-            }
-        }
         let req = GiftRequest {
-            user_id: &user.sub,
-            user_name: &user.name,
+            user_id,
+            user_name,
             gift_id,
-            stream: &room.id,
+            stream,
             sticker: &sticker.id,
             price: sticker.price,
             count,
@@ -288,50 +318,17 @@ impl App {
                 ticket,
                 record,
             } => {
-                // The completion runs on its own task so that it finishes even if this
-                // connection goes away while the journal writes.
+                // The completion runs on its own task so that it finishes even if the
+                // connection (or the asking node) goes away while the journal writes.
                 self.gifts_in_flight.fetch_add(1, Ordering::SeqCst);
                 let app = self.clone();
-                let room = room.clone();
                 let tier = sticker.tier;
                 let slot2 = slot.clone();
                 tokio::spawn(async move {
                     match ticket.await {
                         Ok(()) => {
                             app.ledger.gift_durable(&record);
-                            let combo = room.combo(&record.user_id, &record.sticker, record.ts_ms);
-                            let seq = room.publish(|seq| {
-                                serde_json::to_string(&protocol::ShoutoutEvent {
-                                    kind: "shoutout",
-                                    seq,
-                                    gift_id: &record.gift_id,
-                                    from: UserRef {
-                                        id: &record.user_id,
-                                        name: &record.user_name,
-                                    },
-                                    sticker: &record.sticker,
-                                    count: record.count,
-                                    amount: record.amount,
-                                    message: record.message.as_deref(),
-                                    combo,
-                                    tier,
-                                    ts: record.ts_ms,
-                                })
-                                .expect("shoutout serialises")
-                            });
-                            room.queue_gift(QueuedGift {
-                                gift_id: record.gift_id.clone(),
-                                from: QueuedUser {
-                                    id: record.user_id.clone(),
-                                    name: record.user_name.clone(),
-                                },
-                                sticker: record.sticker.clone(),
-                                count: record.count,
-                                amount: record.amount,
-                                message: record.message.clone(),
-                                seq,
-                                ts: record.ts_ms,
-                            });
+                            let seq = app.announce(&record, tier).await;
                             slot2.state.send_replace(SlotState::Done { seq });
                             metrics::counter!("giftcast_gifts_total").increment(1);
                             metrics::counter!("giftcast_gifted_coins_total")
@@ -354,13 +351,91 @@ impl App {
             },
             _ => GiftReply::Rejected {
                 code: "unavailable",
-                balance: Some(self.ledger.balance(&user.sub)),
+                balance: Some(self.ledger.balance(user_id)),
             },
         }
     }
 
-    /// A durable credit, idempotent on `reference`. Returns the balance right after it.
+    /// Announces a durable gift in its room (on the room's node) and returns the shout-out's
+    /// seq; 0 when the room's node cannot be reached (the gift stands; the shout-out is lost).
+    pub async fn announce(&self, record: &GiftRecord, tier: u8) -> u64 {
+        if let Some(cluster) = self.cluster.get() {
+            if !cluster.owns(&record.stream) {
+                return cluster.remote_announce(record, tier).await;
+            }
+        }
+        self.announce_local(record, tier)
+    }
+
+    /// The shout-out, the combo and the thanks queue, in a room this node owns.
+    pub fn announce_local(&self, record: &GiftRecord, tier: u8) -> u64 {
+        let Ok(room) = self.hub.room(&record.stream) else {
+            tracing::warn!(stream = %record.stream, "no room for a shout-out (too many rooms)");
+            return 0;
+        };
+        let combo = room.combo(&record.user_id, &record.sticker, record.ts_ms);
+        let seq = room.publish(|seq| {
+            serde_json::to_string(&protocol::ShoutoutEvent {
+                kind: "shoutout",
+                seq,
+                gift_id: &record.gift_id,
+                from: UserRef {
+                    id: &record.user_id,
+                    name: &record.user_name,
+                },
+                sticker: &record.sticker,
+                count: record.count,
+                amount: record.amount,
+                message: record.message.as_deref(),
+                combo,
+                tier,
+                ts: record.ts_ms,
+            })
+            .expect("shoutout serialises")
+        });
+        room.queue_gift(QueuedGift {
+            gift_id: record.gift_id.clone(),
+            from: QueuedUser {
+                id: record.user_id.clone(),
+                name: record.user_name.clone(),
+            },
+            sticker: record.sticker.clone(),
+            count: record.count,
+            amount: record.amount,
+            message: record.message.clone(),
+            seq,
+            ts: record.ts_ms,
+        });
+        seq
+    }
+
+    /// A wallet's balance, from the node that owns it.
+    pub async fn balance(&self, user_id: &str) -> Result<u64, String> {
+        if let Some(cluster) = self.cluster.get() {
+            if !cluster.owns(user_id) {
+                return cluster.remote_balance(user_id).await;
+            }
+        }
+        Ok(self.ledger.balance(user_id))
+    }
+
+    /// A durable credit on the node that owns the wallet, idempotent on `reference`.
     pub async fn credit(
+        &self,
+        user_id: &str,
+        coins: u64,
+        reference: &str,
+    ) -> Result<u64, (&'static str, String)> {
+        if let Some(cluster) = self.cluster.get() {
+            if !cluster.owns(user_id) {
+                return cluster.remote_credit(user_id, coins, reference).await;
+            }
+        }
+        self.credit_local(user_id, coins, reference).await
+    }
+
+    /// A durable credit in this node's ledger. Returns the balance right after it.
+    pub async fn credit_local(
         &self,
         user_id: &str,
         coins: u64,

@@ -16,12 +16,14 @@
 //! - `hub`: rooms, members, history, fan-out; never touches money.
 //! - `app`: the chat, gift and thanks paths over hub and ledger.
 //! - `http`: axum routes, the WebSocket connection, pages, errors.
+//! - `cluster`: NATS: room owners, mirrors, wallet owners.
 //! - `server`: bind, build (with recovery), serve, drain.
 #![forbid(unsafe_code)]
 
 pub mod app;
 pub mod auth;
 pub mod catalog;
+pub mod cluster;
 pub mod config;
 pub mod durable;
 pub mod flusher;

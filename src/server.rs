@@ -64,6 +64,13 @@ pub async fn build(config: Config) -> anyhow::Result<Arc<App>> {
         metrics_handle(),
         Some(Arc::new(durable)),
     ));
+    if let Some(c) = &app.config.cluster {
+        let cluster =
+            crate::cluster::Cluster::connect(&c.nats_url, &c.cluster_id, &c.node_id, &c.nodes)
+                .await?;
+        cluster.start(app.clone()).await?;
+        let _ = app.cluster.set(cluster);
+    }
     tokio::spawn(hub.run_viewer_counts(app.shutdown.subscribe()));
     Ok(app)
 }
