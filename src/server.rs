@@ -53,6 +53,7 @@ pub async fn build(config: Config) -> anyhow::Result<Arc<App>> {
         config.database_url.as_deref(),
         config.split,
         config.unsafe_ack_before_durable,
+        config.cluster.as_ref().map(|c| c.node_id.as_str()).unwrap_or("local"),
     )
     .await?;
     let hub = Hub::new();
