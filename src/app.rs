@@ -492,3 +492,269 @@ impl App {
         }
     }
 }
+
+/// How often expired red packets are looked for.
+pub const PACKET_EXPIRY_SCAN_MS: u64 = 500;
+
+pub enum PacketReply {
+    Ok {
+        balance: u64,
+        seq: u64,
+    },
+    Rejected {
+        code: &'static str,
+        balance: Option<u64>,
+    },
+}
+
+pub enum GrabReply {
+    Ok { coins: u64, balance: u64 },
+    Rejected(&'static str),
+}
+
+impl App {
+    /// A red packet from a signed-in viewer: debited and made durable like a gift, then
+    /// announced to the room.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn red_packet(
+        self: &Arc<Self>,
+        user: &Claims,
+        room: &Arc<Room>,
+        packet_id: &str,
+        coins: u64,
+        shares: u32,
+        split: &str,
+        message: Option<&str>,
+    ) -> PacketReply {
+        use crate::ledger::packets::{PacketRequest, PacketStart};
+        let reject = |code| PacketReply::Rejected {
+            code,
+            balance: None,
+        };
+        let random = match split {
+            "equal" => false,
+            "random" => true,
+            _ => return reject("invalid"),
+        };
+        if !valid_id(packet_id, GIFT_ID_CHARS_MAX) {
+            return reject("invalid");
+        }
+        let message = match message {
+            None => None,
+            Some(m) if m.trim().is_empty() => None,
+            Some(m) => match clean_text(m, GIFT_MESSAGE_CHARS_MAX) {
+                Some(m) => Some(m),
+                None => return reject("invalid"),
+            },
+        };
+        if self.cluster.get().is_some() {
+            // A packet moves coins between wallets that other nodes may own.
+            return reject("unavailable");
+        }
+        if !room.is_live() {
+            return reject("not_found");
+        }
+        if self.shutting_down.load(Ordering::SeqCst)
+            || self.durability.as_ref().is_some_and(|d| !d.taking_money())
+        {
+            return reject("unavailable");
+        }
+        if let Some(l) = &self.gift_limiter {
+            if l.check_key(&user.sub).is_err() {
+                return reject("rate_limited");
+            }
+        }
+        let now = crate::now_ms();
+        let req = PacketRequest {
+            user_id: &user.sub,
+            user_name: &user.name,
+            packet_id,
+            stream: &room.id,
+            coins,
+            shares,
+            random,
+            message,
+            host_cut_bp: self.config.red_packet_host_cut_bp,
+            ttl_ms: self.config.red_packet_ttl_ms,
+            now_ms: now,
+        };
+        let slot = match self.ledger.begin_packet(&req) {
+            PacketStart::Rejected { code, balance } => {
+                return PacketReply::Rejected { code, balance }
+            }
+            PacketStart::Retry(slot) => slot,
+            PacketStart::New {
+                slot,
+                ticket,
+                record,
+            } => {
+                self.gifts_in_flight.fetch_add(1, Ordering::SeqCst);
+                let app = self.clone();
+                let room = room.clone();
+                let slot2 = slot.clone();
+                tokio::spawn(async move {
+                    match ticket.await {
+                        Ok(()) => {
+                            app.ledger.packet_durable(&record);
+                            let seq = room.publish(|seq| {
+                                let mut ev = serde_json::json!({
+                                    "type": "red_packet",
+                                    "seq": seq,
+                                    "packet_id": record.packet_id,
+                                    "from": {"id": record.user_id, "name": record.user_name},
+                                    "coins": record.coins,
+                                    "shares": record.amounts.len(),
+                                    "split": if record.random { "random" } else { "equal" },
+                                    "host_cut": record.host_cut,
+                                    "expires_at": record.expires_ms,
+                                    "ts": record.ts_ms,
+                                });
+                                if let Some(m) = &record.message {
+                                    ev["message"] = m.as_str().into();
+                                }
+                                ev.to_string()
+                            });
+                            slot2.state.send_replace(SlotState::Done { seq });
+                            metrics::counter!("giftcast_red_packets_total").increment(1);
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "journal refused a red packet; it is undone");
+                            app.ledger.packet_failed(&record, &slot2);
+                        }
+                    }
+                    app.gifts_in_flight.fetch_sub(1, Ordering::SeqCst);
+                });
+                slot
+            }
+        };
+        match slot.settled().await {
+            SlotState::Done { seq } => PacketReply::Ok {
+                balance: slot.balance_after,
+                seq,
+            },
+            _ => PacketReply::Rejected {
+                code: "unavailable",
+                balance: Some(self.ledger.balance(&user.sub)),
+            },
+        }
+    }
+
+    /// A grab: the next share of the packet, credited durably and announced.
+    pub async fn grab(
+        self: &Arc<Self>,
+        user: &Claims,
+        room: &Arc<Room>,
+        packet_id: &str,
+    ) -> GrabReply {
+        use crate::ledger::packets::GrabStart;
+        if !valid_id(packet_id, GIFT_ID_CHARS_MAX) {
+            return GrabReply::Rejected("invalid");
+        }
+        if self.cluster.get().is_some() {
+            return GrabReply::Rejected("unavailable");
+        }
+        if self.shutting_down.load(Ordering::SeqCst)
+            || self.durability.as_ref().is_some_and(|d| !d.taking_money())
+        {
+            return GrabReply::Rejected("unavailable");
+        }
+        let grab = match self.ledger.begin_grab(
+            &room.id,
+            packet_id,
+            &user.sub,
+            &user.name,
+            crate::now_ms(),
+        ) {
+            GrabStart::Rejected(code) => return GrabReply::Rejected(code),
+            GrabStart::Retry(grab) => grab,
+            GrabStart::New {
+                grab,
+                ticket,
+                record,
+                left_shares,
+            } => {
+                self.gifts_in_flight.fetch_add(1, Ordering::SeqCst);
+                let app = self.clone();
+                let room = room.clone();
+                let grab2 = grab.clone();
+                tokio::spawn(async move {
+                    match ticket.await {
+                        Ok(()) => {
+                            let seq = room.publish(|seq| {
+                                serde_json::json!({
+                                    "type": "grabbed",
+                                    "seq": seq,
+                                    "packet_id": record.packet_id,
+                                    "to": {"id": record.user_id, "name": record.user_name},
+                                    "coins": record.coins,
+                                    "left": left_shares,
+                                    "ts": record.ts_ms,
+                                })
+                                .to_string()
+                            });
+                            grab2.slot.state.send_replace(SlotState::Done { seq });
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "journal refused a grab; it is undone");
+                            app.ledger.grab_failed(&record, &grab2);
+                        }
+                    }
+                    app.gifts_in_flight.fetch_sub(1, Ordering::SeqCst);
+                });
+                grab
+            }
+        };
+        match grab.slot.settled().await {
+            SlotState::Done { .. } => GrabReply::Ok {
+                coins: grab.coins,
+                balance: grab.slot.balance_after,
+            },
+            _ => GrabReply::Rejected("unavailable"),
+        }
+    }
+
+    /// Refunds expired red packets to their senders, durably, and tells their rooms; runs
+    /// until shutdown. Packets that expired while the server was down are refunded at start.
+    pub async fn run_packet_expiry(self: Arc<Self>) {
+        let mut stop = self.shutdown.subscribe();
+        let mut tick =
+            tokio::time::interval(std::time::Duration::from_millis(PACKET_EXPIRY_SCAN_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let now = crate::now_ms();
+            for (stream, packet_id) in self.ledger.expired_packets(now) {
+                let Some((ticket, record)) = self.ledger.begin_refund(&stream, &packet_id, now)
+                else {
+                    continue;
+                };
+                let app = self.clone();
+                tokio::spawn(async move {
+                    match ticket.await {
+                        Ok(()) => {
+                            if let Ok(room) = app.hub.room(&record.stream) {
+                                room.publish(|seq| {
+                                    serde_json::json!({
+                                        "type": "red_packet_closed",
+                                        "seq": seq,
+                                        "packet_id": record.packet_id,
+                                        "refunded": record.coins,
+                                        "ts": record.ts_ms,
+                                    })
+                                    .to_string()
+                                });
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "journal refused a refund; it is retried");
+                            app.ledger.refund_failed(&record);
+                        }
+                    }
+                });
+            }
+        }
+    }
+}

@@ -100,6 +100,12 @@ pub struct ServeArgs {
     /// Open WebSockets in total (0 = no limit; this machine allows 20,000 open files per process).
     #[arg(long, env = "GIFTCAST_MAX_CONNS", default_value_t = 19_000)]
     pub max_conns: u32,
+    /// Red packets: seconds until unclaimed coins go back to the sender.
+    #[arg(long, env = "GIFTCAST_RED_PACKET_TTL_SECS", default_value_t = 120)]
+    pub red_packet_ttl_secs: u64,
+    /// Red packets: the host's cut in basis points (paid to the stream, split like a gift).
+    #[arg(long, env = "GIFTCAST_RED_PACKET_HOST_CUT", default_value_t = 0)]
+    pub red_packet_host_cut: u64,
     /// Extra Origins allowed to open /ws, comma separated (same origin and loopback always are).
     #[arg(long, env = "GIFTCAST_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
@@ -135,6 +141,9 @@ pub struct ClusterConfig {
     pub nodes: Vec<String>,
 }
 
+/// Red packets live at most a day.
+pub const RED_PACKET_TTL_SECS_MAX: u64 = 86_400;
+
 /// Settings after validation: what the server runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -152,6 +161,8 @@ pub struct Config {
     pub max_conns: u32,
     pub allowed_origins: Vec<String>,
     pub catalog: crate::catalog::Catalog,
+    pub red_packet_ttl_ms: u64,
+    pub red_packet_host_cut_bp: u64,
     /// Cluster mode over NATS, when `--nats-url` is given.
     pub cluster: Option<ClusterConfig>,
     /// Test-only negative control (hidden flag): breaks the durability guarantee on purpose.
@@ -191,6 +202,17 @@ impl ServeArgs {
             if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
                 return Err(format!("--database-url must be postgres://…, not `{url}` (leave it unset for embedded SQLite)"));
             }
+        }
+        if !(1..=RED_PACKET_TTL_SECS_MAX).contains(&self.red_packet_ttl_secs) {
+            return Err(format!(
+                "--red-packet-ttl-secs must be 1..={RED_PACKET_TTL_SECS_MAX}"
+            ));
+        }
+        if self.red_packet_host_cut > crate::ledger::packets::PACKET_HOST_CUT_BP_MAX {
+            return Err(format!(
+                "--red-packet-host-cut must be at most {} basis points",
+                crate::ledger::packets::PACKET_HOST_CUT_BP_MAX
+            ));
         }
         let catalog = match &self.catalog {
             Some(p) => crate::catalog::Catalog::load(p).map_err(|e| e.to_string())?,
@@ -252,6 +274,8 @@ impl ServeArgs {
             allowed_origins: self.allowed_origins,
             catalog,
             unsafe_ack_before_durable: self.unsafe_ack_before_durable,
+            red_packet_ttl_ms: self.red_packet_ttl_secs * 1000,
+            red_packet_host_cut_bp: self.red_packet_host_cut,
             cluster,
         })
     }

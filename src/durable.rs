@@ -129,6 +129,11 @@ impl Durable {
             );
         }
         ledger.restore_totals(snapshot.credited_total, snapshot.gifted_total);
+        for r in &snapshot.packets {
+            ledger
+                .restore_packet(r)
+                .map_err(|e| anyhow::anyhow!("stored red packet records do not fit: {e}"))?;
+        }
         for (lsn, record) in &recovered.records {
             ledger.replay(record).map_err(|e| {
                 anyhow::anyhow!("journal record {lsn} does not fit the stored state: {e}")

@@ -34,6 +34,17 @@ pub enum ClientFrame {
         #[serde(default)]
         t: serde_json::Value,
     },
+    RedPacket {
+        packet_id: String,
+        coins: u64,
+        shares: u32,
+        split: String,
+        #[serde(default)]
+        message: Option<String>,
+    },
+    Grab {
+        packet_id: String,
+    },
 }
 
 /// A user as shown to a room.
@@ -132,6 +143,27 @@ pub fn gift_rejected_frame(gift_id: &str, code: &str, balance: Option<u64>) -> S
         v["balance"] = b.into();
     }
     v.to_string()
+}
+
+pub fn packet_ok_frame(packet_id: &str, balance: u64, seq: u64) -> String {
+    serde_json::json!({"type": "red_packet_ok", "packet_id": packet_id, "balance": balance, "seq": seq}).to_string()
+}
+
+pub fn packet_rejected_frame(packet_id: &str, code: &str, balance: Option<u64>) -> String {
+    let mut v =
+        serde_json::json!({"type": "red_packet_rejected", "packet_id": packet_id, "code": code});
+    if let Some(b) = balance {
+        v["balance"] = b.into();
+    }
+    v.to_string()
+}
+
+pub fn grab_ok_frame(packet_id: &str, coins: u64, balance: u64) -> String {
+    serde_json::json!({"type": "grab_ok", "packet_id": packet_id, "coins": coins, "balance": balance}).to_string()
+}
+
+pub fn grab_rejected_frame(packet_id: &str, code: &str) -> String {
+    serde_json::json!({"type": "grab_rejected", "packet_id": packet_id, "code": code}).to_string()
 }
 
 /// `[A-Za-z0-9_-]{1,max}`: gift ids, user ids, stream ids, sticker ids.

@@ -12,13 +12,20 @@ pub type Lsn = u64;
 pub enum Record {
     Credit(CreditRecord),
     Gift(GiftRecord),
+    PacketCreate(PacketCreateRecord),
+    PacketGrab(PacketGrabRecord),
+    PacketRefund(PacketRefundRecord),
 }
 
 impl Record {
+    /// The wallet this record changes.
     pub fn user_id(&self) -> &str {
         match self {
             Record::Credit(c) => &c.user_id,
             Record::Gift(g) => &g.user_id,
+            Record::PacketCreate(p) => &p.user_id,
+            Record::PacketGrab(p) => &p.user_id,
+            Record::PacketRefund(p) => &p.user_id,
         }
     }
     /// The wallet balance right after this record was applied.
@@ -26,6 +33,9 @@ impl Record {
         match self {
             Record::Credit(c) => c.balance_after,
             Record::Gift(g) => g.balance_after,
+            Record::PacketCreate(p) => p.balance_after,
+            Record::PacketGrab(p) => p.balance_after,
+            Record::PacketRefund(p) => p.balance_after,
         }
     }
 }
@@ -57,6 +67,80 @@ pub struct GiftRecord {
     pub amount: u64,
     pub shares: Shares,
     pub message: Option<String>,
+    pub balance_after: u64,
+    pub ts_ms: u64,
+}
+
+/// A red packet: coins taken from the sender's wallet, `host_cut` of them paid to the stream as
+/// revenue (split like a gift), the rest held for `amounts.len()` grabbers. The amounts are
+/// drawn once, from `seed`, and journaled, so replay gives exactly the same shares.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PacketCreateRecord {
+    pub user_id: String,
+    pub user_name: String,
+    pub packet_id: String,
+    pub stream: String,
+    pub coins: u64,
+    pub host_cut: u64,
+    pub host_shares: Shares,
+    pub amounts: Vec<u64>,
+    pub random: bool,
+    pub seed: u64,
+    pub message: Option<String>,
+    pub balance_after: u64,
+    pub ts_ms: u64,
+    pub expires_ms: u64,
+}
+
+impl PacketCreateRecord {
+    /// The coins held for grabbers: `coins - host_cut`, the sum of `amounts`.
+    pub fn held(&self) -> u64 {
+        self.coins - self.host_cut
+    }
+
+    /// The host cut as a gift record (gift id `rp:<packet_id>`, which no client id can be), so
+    /// it is stored, split and reported exactly like a gift.
+    pub fn host_gift(&self) -> Option<GiftRecord> {
+        (self.host_cut > 0).then(|| GiftRecord {
+            user_id: self.user_id.clone(),
+            user_name: self.user_name.clone(),
+            gift_id: format!("rp:{}", self.packet_id),
+            stream: self.stream.clone(),
+            sticker: "red_packet".into(),
+            count: 1,
+            price: self.host_cut,
+            amount: self.host_cut,
+            shares: self.host_shares,
+            message: None,
+            balance_after: self.balance_after,
+            ts_ms: self.ts_ms,
+        })
+    }
+}
+
+/// One share of a red packet credited to a grabber.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PacketGrabRecord {
+    pub stream: String,
+    pub packet_id: String,
+    /// The grabber.
+    pub user_id: String,
+    pub user_name: String,
+    /// Which share (index into the packet's amounts).
+    pub index: u32,
+    pub coins: u64,
+    pub balance_after: u64,
+    pub ts_ms: u64,
+}
+
+/// What nobody grabbed before the packet expired, back to its sender.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PacketRefundRecord {
+    pub stream: String,
+    pub packet_id: String,
+    /// The packet's sender.
+    pub user_id: String,
+    pub coins: u64,
     pub balance_after: u64,
     pub ts_ms: u64,
 }

@@ -53,7 +53,11 @@ pub async fn build(config: Config) -> anyhow::Result<Arc<App>> {
         config.database_url.as_deref(),
         config.split,
         config.unsafe_ack_before_durable,
-        config.cluster.as_ref().map(|c| c.node_id.as_str()).unwrap_or("local"),
+        config
+            .cluster
+            .as_ref()
+            .map(|c| c.node_id.as_str())
+            .unwrap_or("local"),
     )
     .await?;
     let hub = Hub::new();
@@ -73,6 +77,7 @@ pub async fn build(config: Config) -> anyhow::Result<Arc<App>> {
         let _ = app.cluster.set(cluster);
     }
     tokio::spawn(hub.run_viewer_counts(app.shutdown.subscribe()));
+    tokio::spawn(app.clone().run_packet_expiry());
     Ok(app)
 }
 

@@ -165,7 +165,7 @@ async fn one_wallet_spent_through_three_nodes_never_overspends() {
         let audit = n.audit().await;
         assert_eq!(
             audit,
-            json!({"credited": 1000, "balances": 0, "gifted": 1000, "ok": true})
+            json!({"credited": 1000, "balances": 0, "gifted": 1000, "held": 0, "ok": true})
         );
         let (status, rev) = n.get_json("/api/streams/demo/revenue", Some(ADMIN)).await;
         assert_eq!(status, 200);

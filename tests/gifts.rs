@@ -56,7 +56,7 @@ async fn a_gift_is_debited_announced_and_acknowledged_once() {
     let audit = server.audit().await;
     assert_eq!(
         audit,
-        json!({"credited": 100, "balances": 70, "gifted": 30, "ok": true})
+        json!({"credited": 100, "balances": 70, "gifted": 30, "held": 0, "ok": true})
     );
 }
 
@@ -378,7 +378,7 @@ async fn admin_credit_is_idempotent_and_guarded() {
     assert_eq!(server.get_json("/api/admin/audit", None).await.0, 401);
     assert_eq!(
         server.audit().await,
-        json!({"credited": 50, "balances": 50, "gifted": 0, "ok": true})
+        json!({"credited": 50, "balances": 50, "gifted": 0, "held": 0, "ok": true})
     );
 }
 

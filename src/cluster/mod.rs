@@ -35,6 +35,8 @@ pub const CLUSTER_REQUEST_TIMEOUT_MS: u64 = 5_000;
 /// Rounds of owned rooms waiting to be published to NATS; beyond it rounds are dropped and the
 /// other nodes resync from history.
 pub const FORWARD_QUEUE_MAX: usize = 65_536;
+/// Self-requests at start (20 ms apart) waiting for our subscription to be active.
+const SUBSCRIBE_CHECKS_MAX: usize = 250;
 /// Nodes in one cluster.
 pub const NODES_MAX: usize = 64;
 
@@ -264,24 +266,27 @@ impl Cluster {
 
     /// Sums every node's audit: `credited == balances + gifted` across the cluster.
     pub async fn audit(&self) -> Result<crate::ledger::Audit, ClusterError> {
-        let (mut credited, mut balances, mut gifted) = (0u64, 0u64, 0u64);
+        let (mut credited, mut balances, mut gifted, mut held) = (0u64, 0u64, 0u64, 0u64);
         for a in self.admin_all(AdminReq::Audit).await? {
             if let AdminResp::Audit {
                 credited: c,
                 balances: b,
                 gifted: g,
+                held: h,
             } = a
             {
                 credited += c;
                 balances += b;
                 gifted += g;
+                held += h;
             }
         }
         Ok(crate::ledger::Audit {
             credited,
             balances,
             gifted,
-            ok: credited == balances + gifted,
+            held,
+            ok: credited == balances + gifted + held,
         })
     }
 
@@ -443,6 +448,24 @@ impl Cluster {
             .flush()
             .await
             .map_err(|e| anyhow::anyhow!("NATS flush: {e}"))?;
+        // A flush only sends our SUB; ask ourselves until the NATS server routes requests to
+        // us, so no other node meets "no responders" once we report ready.
+        let mut answered = false;
+        for _ in 0..SUBSCRIBE_CHECKS_MAX {
+            if self
+                .request::<_, AdminResp>(&self.node_id, "admin", &AdminReq::Audit)
+                .await
+                .is_ok()
+            {
+                answered = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        anyhow::ensure!(
+            answered,
+            "this node's NATS subscription never became active"
+        );
         tracing::info!(node = %self.node_id, nodes = ?self.nodes, "cluster mode on");
         Ok(())
     }
@@ -605,6 +628,7 @@ fn serve_admin(app: &Arc<App>, req: AdminReq) -> AdminResp {
                 credited: a.credited,
                 balances: a.balances,
                 gifted: a.gifted,
+                held: a.held,
             }
         }
         AdminReq::Revenue { stream } => {

@@ -145,6 +145,7 @@ pub enum AdminResp {
         credited: u64,
         balances: u64,
         gifted: u64,
+        held: u64,
     },
     Revenue(RevenueParts),
 }

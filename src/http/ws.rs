@@ -255,6 +255,16 @@ impl Conn<'_> {
                             return Ok(());
                         }
                     }
+                    if let Some(id) = v["packet_id"].as_str() {
+                        if v["type"] == "red_packet" {
+                            self.send(protocol::packet_rejected_frame(id, "invalid", None));
+                            return Ok(());
+                        }
+                        if v["type"] == "grab" {
+                            self.send(protocol::grab_rejected_frame(id, "invalid"));
+                            return Ok(());
+                        }
+                    }
                 }
                 let mut message = e.to_string();
                 message.truncate(200);
@@ -316,6 +326,89 @@ impl Conn<'_> {
                         }
                     }
                 }
+            }
+            ClientFrame::RedPacket {
+                packet_id,
+                coins,
+                shares,
+                split,
+                message,
+            } => {
+                let Some(user) = self.user.clone() else {
+                    self.send(protocol::packet_rejected_frame(
+                        &packet_id,
+                        "unauthorized",
+                        None,
+                    ));
+                    return Ok(());
+                };
+                let Ok(permit) = self.gifts.clone().try_acquire_owned() else {
+                    self.send(protocol::packet_rejected_frame(
+                        &packet_id,
+                        "rate_limited",
+                        None,
+                    ));
+                    return Ok(());
+                };
+                let room = self.joined.as_ref().expect("joined").0.clone();
+                let (app, tx, shared) = (self.app.clone(), self.tx.clone(), self.shared.clone());
+                tokio::spawn(async move {
+                    let reply = app
+                        .red_packet(
+                            &user,
+                            &room,
+                            &packet_id,
+                            coins,
+                            shares,
+                            &split,
+                            message.as_deref(),
+                        )
+                        .await;
+                    let text = match reply {
+                        crate::app::PacketReply::Ok { balance, seq } => {
+                            protocol::packet_ok_frame(&packet_id, balance, seq)
+                        }
+                        crate::app::PacketReply::Rejected { code, balance } => {
+                            protocol::packet_rejected_frame(&packet_id, code, balance)
+                        }
+                    };
+                    if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(Out::Frame {
+                        seq: 0,
+                        text: text.into(),
+                    }) {
+                        shared.mark_lagged();
+                    }
+                    drop(permit);
+                });
+            }
+            ClientFrame::Grab { packet_id } => {
+                let Some(user) = self.user.clone() else {
+                    self.send(protocol::grab_rejected_frame(&packet_id, "unauthorized"));
+                    return Ok(());
+                };
+                let Ok(permit) = self.gifts.clone().try_acquire_owned() else {
+                    self.send(protocol::grab_rejected_frame(&packet_id, "rate_limited"));
+                    return Ok(());
+                };
+                let room = self.joined.as_ref().expect("joined").0.clone();
+                let (app, tx, shared) = (self.app.clone(), self.tx.clone(), self.shared.clone());
+                tokio::spawn(async move {
+                    let text = match app.grab(&user, &room, &packet_id).await {
+                        crate::app::GrabReply::Ok { coins, balance } => {
+                            protocol::grab_ok_frame(&packet_id, coins, balance)
+                        }
+                        crate::app::GrabReply::Rejected(code) => {
+                            protocol::grab_rejected_frame(&packet_id, code)
+                        }
+                    };
+                    if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(Out::Frame {
+                        seq: 0,
+                        text: text.into(),
+                    }) {
+                        shared.mark_lagged();
+                    }
+                    drop(permit);
+                });
             }
             ClientFrame::Gift {
                 gift_id,
@@ -409,7 +502,7 @@ impl Conn<'_> {
                 tracing::warn!(room = %room.id, error = %e, "cannot mirror a room");
                 self.error(
                     "unavailable",
-                    "this stream's node is unreachable; try again soon",
+                    &format!("this stream's node is unreachable ({e}); try again soon"),
                 );
                 return Ok(());
             }

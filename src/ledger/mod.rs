@@ -7,6 +7,7 @@
 //!
 //! Architecture invariant: the ledger knows nothing of sockets, rooms or storage.
 
+pub mod packets;
 mod revenue;
 
 pub use revenue::{RevenueReport, RevenueRow, StreamRevenue, Totals};
@@ -154,12 +155,14 @@ pub enum CreditStart {
     Unavailable(SinkError),
 }
 
-/// `credited == balances + gifted` at every quiet moment.
+/// `credited == balances + gifted + held` at every quiet moment (`held`: coins in red packets
+/// in flight).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Audit {
     pub credited: u64,
     pub balances: u64,
     pub gifted: u64,
+    pub held: u64,
     pub ok: bool,
 }
 
@@ -172,6 +175,10 @@ pub struct Ledger {
     credited: AtomicU64,
     gifted: AtomicU64,
     revenue: DashMap<String, StreamRevenue>,
+    /// Red packets by (stream, packet id).
+    packets: DashMap<String, packets::Packet>,
+    /// Coins held in red packets in flight.
+    held: AtomicU64,
 }
 
 impl Ledger {
@@ -184,6 +191,8 @@ impl Ledger {
             credited: AtomicU64::new(0),
             gifted: AtomicU64::new(0),
             revenue: DashMap::new(),
+            packets: DashMap::new(),
+            held: AtomicU64::new(0),
         }
     }
 
@@ -358,12 +367,14 @@ impl Ledger {
         // Read the counters around the balances; equal readings on both sides mean quiet.
         let credited = self.credited.load(Ordering::SeqCst);
         let gifted = self.gifted.load(Ordering::SeqCst);
+        let held = self.held.load(Ordering::SeqCst);
         let balances: u64 = self.wallets.iter().map(|w| w.balance).sum();
         Audit {
             credited,
             balances,
             gifted,
-            ok: credited == balances + gifted,
+            held,
+            ok: credited == balances + gifted + held,
         }
     }
 
@@ -474,6 +485,7 @@ impl Ledger {
                 self.restore_gift(g);
                 self.gift_durable(g);
             }
+            packet => self.replay_packet(packet)?,
         }
         Ok(())
     }

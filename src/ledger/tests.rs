@@ -111,6 +111,7 @@ fn credits_are_idempotent_on_reference() {
             credited: 5,
             balances: 5,
             gifted: 0,
+            held: 0,
             ok: true
         }
     );

@@ -89,6 +89,8 @@ pub struct Snapshot {
     pub credited_total: u64,
     /// Sum of all gifts' amounts.
     pub gifted_total: u64,
+    /// This node's red packet records, in LSN order (packets in flight are rebuilt from them).
+    pub packets: Vec<Record>,
 }
 
 /// Embedded SQLite or PostgreSQL. Cheap to clone (both hold an `Arc`).
@@ -191,7 +193,8 @@ impl Store {
 
 /// The schema, shared by both backends (SQLite accepts the PostgreSQL types). Append-only:
 /// migration N is applied once, when the stored version is below N.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE IF NOT EXISTS checkpoints (
     node_id TEXT PRIMARY KEY,
     lsn BIGINT NOT NULL,
@@ -242,7 +245,47 @@ CREATE TABLE IF NOT EXISTS revenue (
     platform_share BIGINT NOT NULL,
     PRIMARY KEY (stream, sticker, user_id)
 );
-"#];
+"#,
+    r#"
+CREATE TABLE IF NOT EXISTS packet_records (
+    node_id TEXT NOT NULL,
+    lsn BIGINT NOT NULL,
+    body BYTEA NOT NULL,
+    PRIMARY KEY (node_id, lsn)
+);
+"#,
+];
+
+/// Red packet records are kept whole (bincode, as in the journal): the ledger rebuilds the
+/// packets in flight from them at start.
+pub(crate) fn encode_packet(record: &Record) -> Vec<u8> {
+    bincode::serde::encode_to_vec(record, bincode::config::standard()).expect("records encode")
+}
+
+pub(crate) fn decode_packet(bytes: &[u8]) -> Result<Record> {
+    let (record, _): (Record, usize) = bincode::serde::decode_from_slice(
+        bytes,
+        bincode::config::standard().with_limit::<{ 1024 * 1024 }>(),
+    )
+    .map_err(|e| StoreError::Range(format!("undecodable packet record: {e}")))?;
+    Ok(record)
+}
+
+/// A record's gift part: the gift itself, or a red packet's host cut.
+pub(crate) fn gift_part(record: &Record) -> Option<std::borrow::Cow<'_, GiftRecord>> {
+    match record {
+        Record::Gift(g) => Some(std::borrow::Cow::Borrowed(g)),
+        Record::PacketCreate(p) => p.host_gift().map(std::borrow::Cow::Owned),
+        _ => None,
+    }
+}
+
+pub(crate) fn is_packet(record: &Record) -> bool {
+    matches!(
+        record,
+        Record::PacketCreate(_) | Record::PacketGrab(_) | Record::PacketRefund(_)
+    )
+}
 
 /// The DDL of the version table itself (always run first).
 const SCHEMA_VERSION_DDL: &str =

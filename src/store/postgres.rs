@@ -236,7 +236,7 @@ async fn apply(conn: &PgConn, node: &str, records: &[(Lsn, Arc<Record>)]) -> Res
         .iter()
         .filter_map(|(lsn, r)| match &**r {
             Record::Credit(c) => Some((*lsn, c)),
-            Record::Gift(_) => None,
+            _ => None,
         })
         .collect();
     for chunk in credits.chunks(PG_ROWS_PER_STATEMENT_MAX) {
@@ -268,13 +268,28 @@ async fn apply(conn: &PgConn, node: &str, records: &[(Lsn, Arc<Record>)]) -> Res
         }
     }
 
-    let gifts: Vec<(Lsn, &GiftRecord)> = records
+    let gift_parts: Vec<(Lsn, std::borrow::Cow<'_, GiftRecord>)> = records
         .iter()
-        .filter_map(|(lsn, r)| match &**r {
-            Record::Gift(g) => Some((*lsn, g)),
-            Record::Credit(_) => None,
-        })
+        .filter_map(|(lsn, r)| super::gift_part(r).map(|g| (*lsn, g)))
         .collect();
+    let gifts: Vec<(Lsn, &GiftRecord)> = gift_parts.iter().map(|(lsn, g)| (*lsn, &**g)).collect();
+    let packets: Vec<(i64, Vec<u8>)> = records
+        .iter()
+        .filter(|(_, r)| super::is_packet(r))
+        .map(|(lsn, r)| Ok((to_i64(*lsn, "lsn")?, super::encode_packet(r))))
+        .collect::<Result<_>>()?;
+    for chunk in packets.chunks(PG_ROWS_PER_STATEMENT_MAX) {
+        let lsns: Vec<i64> = chunk.iter().map(|(l, _)| *l).collect();
+        let bodies: Vec<&[u8]> = chunk.iter().map(|(_, b)| b.as_slice()).collect();
+        client
+            .execute(
+                "INSERT INTO packet_records (node_id, lsn, body)
+                 SELECT $1, l, b FROM UNNEST($2::bigint[], $3::bytea[]) AS t(l, b)
+                 ON CONFLICT DO NOTHING",
+                &[&node, &lsns, &bodies],
+            )
+            .await?;
+    }
     for chunk in gifts.chunks(PG_ROWS_PER_STATEMENT_MAX) {
         let mut text: [Vec<&str>; 5] = Default::default();
         let mut message: Vec<Option<&str>> = Vec::with_capacity(chunk.len());
@@ -479,6 +494,16 @@ async fn load(client: &Client, node: &str, since_ms: u64) -> Result<Snapshot> {
             streamer: to_u64(row.get(8), "streamer share")?,
             platform: to_u64(row.get(9), "platform share")?,
         });
+    }
+    for row in client
+        .query(
+            "SELECT body FROM packet_records WHERE node_id = $1 ORDER BY lsn",
+            &[&node],
+        )
+        .await?
+    {
+        let body: Vec<u8> = row.get(0);
+        snapshot.packets.push(super::decode_packet(&body)?);
     }
     snapshot.sort();
     Ok(snapshot)

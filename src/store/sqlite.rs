@@ -134,6 +134,9 @@ fn apply(tx: &Transaction<'_>, node: &str, records: &[(Lsn, Arc<Record>)]) -> Re
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
              ON CONFLICT DO NOTHING",
         )?;
+        let mut insert_packet = tx.prepare_cached(
+            "INSERT INTO packet_records (node_id, lsn, body) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+        )?;
         for (lsn, record) in records {
             let lsn = to_i64(*lsn, "lsn")?;
             match &**record {
@@ -150,26 +153,32 @@ fn apply(tx: &Transaction<'_>, node: &str, records: &[(Lsn, Arc<Record>)]) -> Re
                         deltas.add_credit(c)?;
                     }
                 }
-                Record::Gift(g) => {
-                    let inserted = insert_gift.execute(params![
-                        g.user_id,
-                        g.gift_id,
-                        g.user_name,
-                        g.stream,
-                        g.sticker,
-                        i64::from(g.count),
-                        to_i64(g.price, "price")?,
-                        to_i64(g.amount, "amount")?,
-                        to_i64(g.shares.store, "store share")?,
-                        to_i64(g.shares.streamer, "streamer share")?,
-                        to_i64(g.shares.platform, "platform share")?,
-                        g.message,
-                        to_i64(g.balance_after, "balance_after")?,
-                        to_i64(g.ts_ms, "ts_ms")?,
-                        lsn,
-                    ])?;
-                    if inserted == 1 {
-                        deltas.add_gift(g)?;
+                other => {
+                    if let Some(g) = super::gift_part(other) {
+                        let g: &GiftRecord = &g;
+                        let inserted = insert_gift.execute(params![
+                            g.user_id,
+                            g.gift_id,
+                            g.user_name,
+                            g.stream,
+                            g.sticker,
+                            i64::from(g.count),
+                            to_i64(g.price, "price")?,
+                            to_i64(g.amount, "amount")?,
+                            to_i64(g.shares.store, "store share")?,
+                            to_i64(g.shares.streamer, "streamer share")?,
+                            to_i64(g.shares.platform, "platform share")?,
+                            g.message,
+                            to_i64(g.balance_after, "balance_after")?,
+                            to_i64(g.ts_ms, "ts_ms")?,
+                            lsn,
+                        ])?;
+                        if inserted == 1 {
+                            deltas.add_gift(g)?;
+                        }
+                    }
+                    if super::is_packet(other) {
+                        insert_packet.execute(params![node, lsn, super::encode_packet(other)])?;
                     }
                 }
             }
@@ -307,6 +316,14 @@ fn load(tx: &Transaction<'_>, node: &str, since_ms: u64) -> Result<Snapshot> {
             streamer: to_u64(row.get(8)?, "streamer share")?,
             platform: to_u64(row.get(9)?, "platform share")?,
         });
+    }
+    drop(rows);
+    drop(stmt);
+    let mut stmt = tx.prepare("SELECT body FROM packet_records WHERE node_id = ?1 ORDER BY lsn")?;
+    let mut rows = stmt.query([node])?;
+    while let Some(row) = rows.next()? {
+        let body: Vec<u8> = row.get(0)?;
+        snapshot.packets.push(super::decode_packet(&body)?);
     }
     snapshot.sort();
     Ok(snapshot)

@@ -175,25 +175,31 @@ pub(crate) fn model(records: &[(Lsn, Arc<Record>)], since_ms: u64) -> Snapshot {
                     snapshot.credits.push(c.clone());
                 }
             }
-            Record::Gift(g) => {
-                if seen_gifts.insert((g.user_id.clone(), g.gift_id.clone())) {
-                    snapshot.gifted_total += g.amount;
-                    if g.ts_ms >= since_ms {
-                        snapshot.gifts.push(g.clone());
+            other => {
+                if let Some(g) = super::gift_part(other) {
+                    let g: &GiftRecord = &g;
+                    if seen_gifts.insert((g.user_id.clone(), g.gift_id.clone())) {
+                        snapshot.gifted_total += g.amount;
+                        if g.ts_ms >= since_ms {
+                            snapshot.gifts.push(g.clone());
+                        }
+                        let row = revenue
+                            .entry((g.stream.clone(), g.sticker.clone(), g.user_id.clone()))
+                            .or_default();
+                        row.stream.clone_from(&g.stream);
+                        row.sticker.clone_from(&g.sticker);
+                        row.user_id.clone_from(&g.user_id);
+                        row.user_name.clone_from(&g.user_name);
+                        row.gifts += 1;
+                        row.stickers += u64::from(g.count);
+                        row.gross += g.amount;
+                        row.store += g.shares.store;
+                        row.streamer += g.shares.streamer;
+                        row.platform += g.shares.platform;
                     }
-                    let row = revenue
-                        .entry((g.stream.clone(), g.sticker.clone(), g.user_id.clone()))
-                        .or_default();
-                    row.stream.clone_from(&g.stream);
-                    row.sticker.clone_from(&g.sticker);
-                    row.user_id.clone_from(&g.user_id);
-                    row.user_name.clone_from(&g.user_name);
-                    row.gifts += 1;
-                    row.stickers += u64::from(g.count);
-                    row.gross += g.amount;
-                    row.store += g.shares.store;
-                    row.streamer += g.shares.streamer;
-                    row.platform += g.shares.platform;
+                }
+                if super::is_packet(other) {
+                    snapshot.packets.push(other.clone());
                 }
             }
         }
@@ -265,6 +271,7 @@ async fn records_at_or_below_the_checkpoint_are_skipped(backend: Backend) {
                     g.gift_id.push_str("-forged");
                     g.balance_after += 1;
                 }
+                _ => {}
             }
             (*lsn, Arc::new(r))
         })
@@ -326,6 +333,66 @@ async fn a_duplicate_key_under_a_new_lsn_is_counted_once(backend: Backend) {
     assert_eq!(snapshot.credits.len(), 3);
 }
 
+/// Red packet records are stored whole and come back in order; the host cut is a gift.
+async fn packet_records_round_trip(backend: Backend) {
+    use crate::record::{PacketCreateRecord, PacketGrabRecord, PacketRefundRecord};
+    let db = TestDb::new(backend).await;
+    let mut records = history(2, 2);
+    let mut lsn = records.last().unwrap().0;
+    let split = Split::default();
+    let create = PacketCreateRecord {
+        user_id: "u0".into(),
+        user_name: "U0".into(),
+        packet_id: "p".into(),
+        stream: "s0".into(),
+        coins: 10,
+        host_cut: 1,
+        host_shares: split.shares(crate::money::Coins(1)).unwrap(),
+        amounts: vec![5, 4],
+        random: true,
+        seed: 7,
+        message: Some("hi".into()),
+        balance_after: 0,
+        ts_ms: 5,
+        expires_ms: 99,
+    };
+    let grab = PacketGrabRecord {
+        stream: "s0".into(),
+        packet_id: "p".into(),
+        user_id: "u1".into(),
+        user_name: "U1".into(),
+        index: 0,
+        coins: 5,
+        balance_after: 1_005,
+        ts_ms: 6,
+    };
+    let refund = PacketRefundRecord {
+        stream: "s0".into(),
+        packet_id: "p".into(),
+        user_id: "u0".into(),
+        coins: 4,
+        balance_after: 4,
+        ts_ms: 100,
+    };
+    for r in [
+        Record::PacketCreate(create),
+        Record::PacketGrab(grab),
+        Record::PacketRefund(refund),
+    ] {
+        lsn += 1;
+        records.push((lsn, Arc::new(r)));
+    }
+    db.store.apply_batch(&records).await.unwrap();
+    db.store.apply_batch(&records).await.unwrap();
+    let loaded = db.store.load(0).await.unwrap();
+    assert_eq!(loaded.packets.len(), 3);
+    assert_eq!(loaded, model(&records, 0));
+    assert!(loaded
+        .gifts
+        .iter()
+        .any(|g| g.gift_id == "rp:p" && g.amount == 1));
+}
+
 macro_rules! both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite_backend {
@@ -343,6 +410,7 @@ both_backends!(
     records_at_or_below_the_checkpoint_are_skipped,
     revenue_aggregation_is_exact,
     a_duplicate_key_under_a_new_lsn_is_counted_once,
+    packet_records_round_trip,
 );
 
 #[tokio::test]

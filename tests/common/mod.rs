@@ -22,7 +22,7 @@ pub struct TestServer {
     pub app: Arc<App>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-    pub dir: tempfile::TempDir,
+    pub dir: Option<tempfile::TempDir>,
 }
 
 impl TestServer {
@@ -32,7 +32,15 @@ impl TestServer {
 
     pub async fn start_with(f: impl FnOnce(&mut Config)) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = Config::for_tests(dir.path().to_path_buf());
+        let mut s = TestServer::start_in(dir.path().to_path_buf(), f).await;
+        s.dir = Some(dir);
+        s
+    }
+
+    /// A server on a data dir the caller keeps (to restart on it).
+    pub async fn start_in(data_dir: std::path::PathBuf, f: impl FnOnce(&mut Config)) -> TestServer {
+        let dir: Option<tempfile::TempDir> = None;
+        let mut config = Config::for_tests(data_dir);
         config.admin_token = Some(ADMIN.into());
         f(&mut config);
         let listener = giftcast::server::bind(config.listen).unwrap();
@@ -190,6 +198,16 @@ impl Client {
                 continue;
             }
             panic!("expected {ty}, got {v}");
+        }
+    }
+
+    /// The next frame of type `ty`, skipping everything else.
+    pub async fn recv_type_skipping(&mut self, ty: &str) -> Value {
+        loop {
+            let v = self.recv().await;
+            if v["type"] == ty {
+                return v;
+            }
         }
     }
 

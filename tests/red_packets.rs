@@ -1,0 +1,268 @@
+//! Red packets end to end: debit, announce, grabs (first `shares` win, exactly), expiry
+//! refunds, audit with coins held, restart from the journal.
+
+mod common;
+
+use common::*;
+use giftcast::auth::Role;
+use serde_json::{json, Value};
+
+async fn send_packet(c: &mut Client, id: &str, coins: u64, shares: u32, split: &str) -> Value {
+    c.send(json!({"type":"red_packet","packet_id":id,"coins":coins,"shares":shares,"split":split,"message":"lucky!"}))
+        .await;
+    loop {
+        let v = c.recv().await;
+        if (v["type"] == "red_packet_ok" || v["type"] == "red_packet_rejected")
+            && v["packet_id"] == id
+        {
+            return v;
+        }
+    }
+}
+
+async fn grab(c: &mut Client, id: &str) -> Value {
+    c.send(json!({"type":"grab","packet_id":id})).await;
+    loop {
+        let v = c.recv().await;
+        if (v["type"] == "grab_ok" || v["type"] == "grab_rejected") && v["packet_id"] == id {
+            return v;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_grabbers_on_ten_shares_get_exactly_ten_winners() {
+    let server = TestServer::start_with(|c| {
+        c.gift_rate_per_min = 0;
+        c.max_conns_per_ip = 0;
+        c.chat_rate_per_min = 0;
+    })
+    .await;
+    server.credit("boss", 1000, "fund").await;
+    let (mut boss, _) = server.joined("demo", Some(("boss", Role::Viewer))).await;
+    let (mut watcher, _) = server.joined("demo", None).await;
+    let ok = send_packet(&mut boss, "p1", 500, 10, "random").await;
+    assert_eq!(ok["type"], "red_packet_ok", "{ok}");
+    assert_eq!(ok["balance"], 500);
+    let ev = watcher.recv_type_skipping("red_packet").await;
+    assert_eq!(
+        (
+            ev["coins"].as_u64(),
+            ev["shares"].as_u64(),
+            ev["split"].as_str()
+        ),
+        (Some(500), Some(10), Some("random"))
+    );
+    assert_eq!(
+        server.audit().await,
+        json!({"credited": 1000, "balances": 500, "gifted": 0, "held": 500, "ok": true})
+    );
+
+    // 1000 grabbers over 50 connections (20 users each, one connection per user at a time is
+    // not required: each user grabs once).
+    let mut tasks = Vec::new();
+    for c in 0..50 {
+        let url = server.ws_url();
+        let tokens: Vec<String> = (0..20)
+            .map(|u| server.token(&format!("g{c}x{u}"), Role::Viewer))
+            .collect();
+        tasks.push(tokio::spawn(async move {
+            let mut results = Vec::new();
+            for t in tokens {
+                let mut cl = Client::connect(&url).await;
+                cl.join("demo", Some(&t), None).await;
+                results.push(grab(&mut cl, "p1").await);
+            }
+            results
+        }));
+    }
+    let mut winners = Vec::new();
+    let mut gone = 0;
+    for t in tasks {
+        for r in t.await.unwrap() {
+            match r["type"].as_str() {
+                Some("grab_ok") => winners.push(r["coins"].as_u64().unwrap()),
+                _ => {
+                    assert_eq!(r["code"], "gone", "{r}");
+                    gone += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(winners.len(), 10);
+    assert_eq!(gone, 990);
+    assert_eq!(winners.iter().sum::<u64>(), 500, "the shares sum exactly");
+    assert!(winners.iter().all(|c| *c >= 1));
+    let audit = server.audit().await;
+    assert_eq!(
+        audit,
+        json!({"credited": 1000, "balances": 1000, "gifted": 0, "held": 0, "ok": true})
+    );
+}
+
+#[tokio::test]
+async fn grabs_are_once_per_viewer_and_announced() {
+    let server = TestServer::start().await;
+    server.credit("amy", 100, "fund").await;
+    let (mut amy, _) = server.joined("demo", Some(("amy", Role::Viewer))).await;
+    assert_eq!(
+        send_packet(&mut amy, "eq", 9, 3, "equal").await["type"],
+        "red_packet_ok"
+    );
+    let (mut bob, _) = server.joined("demo", Some(("bob", Role::Viewer))).await;
+    let first = grab(&mut bob, "eq").await;
+    assert_eq!(first["type"], "grab_ok");
+    assert_eq!(first["coins"], 3);
+    assert_eq!(first["balance"], 3);
+    // Again: the same answer, nothing more.
+    assert_eq!(grab(&mut bob, "eq").await, first);
+    let grabbed = amy.recv_type("grabbed").await;
+    assert_eq!(grabbed["to"]["id"], "bob");
+    assert_eq!(grabbed["left"], 2);
+    // Idempotent create; conflicting contents; other rejections.
+    assert_eq!(
+        send_packet(&mut amy, "eq", 9, 3, "equal").await["balance"],
+        91
+    );
+    assert_eq!(
+        send_packet(&mut amy, "eq", 10, 3, "equal").await["code"],
+        "conflict"
+    );
+    assert_eq!(
+        send_packet(&mut amy, "big", 1000, 3, "equal").await["code"],
+        "insufficient_funds"
+    );
+    assert_eq!(
+        send_packet(&mut amy, "few", 2, 3, "equal").await["code"],
+        "invalid"
+    );
+    assert_eq!(
+        send_packet(&mut amy, "odd", 5, 1, "lottery").await["code"],
+        "invalid"
+    );
+    assert_eq!(
+        send_packet(&mut amy, "many", 500, 101, "equal").await["code"],
+        "invalid"
+    );
+    assert_eq!(grab(&mut bob, "nope").await["code"], "not_found");
+    let (mut anon, _) = server.joined("demo", None).await;
+    assert_eq!(grab(&mut anon, "eq").await["code"], "unauthorized");
+    assert_eq!(server.audit().await["ok"], true);
+}
+
+#[tokio::test]
+async fn unclaimed_coins_go_back_at_expiry() {
+    let server = TestServer::start_with(|c| c.red_packet_ttl_ms = 1_000).await;
+    server.credit("cy", 100, "fund").await;
+    let (mut cy, _) = server.joined("demo", Some(("cy", Role::Viewer))).await;
+    assert_eq!(
+        send_packet(&mut cy, "x", 40, 4, "random").await["type"],
+        "red_packet_ok"
+    );
+    let (mut dee, _) = server.joined("demo", Some(("dee", Role::Viewer))).await;
+    let got = grab(&mut dee, "x").await["coins"].as_u64().unwrap();
+    let closed = cy.recv_type_skipping("red_packet_closed").await;
+    assert_eq!(closed["refunded"].as_u64(), Some(40 - got));
+    assert_eq!(
+        grab(&mut dee, "x").await["coins"].as_u64(),
+        Some(got),
+        "a winner's retry still answers"
+    );
+    let (mut eve, _) = server.joined("demo", Some(("eve", Role::Viewer))).await;
+    assert_eq!(grab(&mut eve, "x").await["code"], "expired");
+    let (_, me) = server
+        .get_json("/api/me", Some(&server.token("cy", Role::Viewer)))
+        .await;
+    assert_eq!(me["balance"].as_u64(), Some(100 - got));
+    assert_eq!(
+        server.audit().await,
+        json!({"credited": 100, "balances": 100, "gifted": 0, "held": 0, "ok": true})
+    );
+}
+
+#[tokio::test]
+async fn the_host_cut_is_revenue_split_exactly() {
+    let server = TestServer::start_with(|c| c.red_packet_host_cut_bp = 1000).await;
+    server.credit("fay", 1000, "fund").await;
+    let (mut fay, _) = server.joined("demo", Some(("fay", Role::Viewer))).await;
+    let (mut watcher, _) = server.joined("demo", None).await;
+    assert_eq!(
+        send_packet(&mut fay, "h", 100, 5, "equal").await["balance"],
+        900
+    );
+    let ev = watcher.recv_type_skipping("red_packet").await;
+    assert_eq!(ev["host_cut"], 10);
+    let (_, rev) = server
+        .get_json("/api/streams/demo/revenue", Some(ADMIN))
+        .await;
+    assert_eq!(rev["gross"], 10);
+    assert_eq!(rev["streamer"], 10 * 5000);
+    assert_eq!(
+        server.audit().await,
+        json!({"credited": 1000, "balances": 900, "gifted": 10, "held": 90, "ok": true})
+    );
+}
+
+/// Restart in the middle of a packet: the packet, its grabs and its held coins come back from
+/// storage and the journal, grabbing goes on, nothing is doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packets_in_flight_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "packet-restart-secret";
+    let start = |dir: std::path::PathBuf| async move {
+        TestServer::start_in(dir, |c| {
+            c.token_secret = Some(secret.into());
+            c.red_packet_ttl_ms = 60_000;
+        })
+        .await
+    };
+    let server = start(dir.path().to_path_buf()).await;
+    server.credit("gus", 100, "fund").await;
+    let (mut gus, _) = server.joined("demo", Some(("gus", Role::Viewer))).await;
+    assert_eq!(
+        send_packet(&mut gus, "r", 50, 5, "random").await["type"],
+        "red_packet_ok"
+    );
+    let mut won = Vec::new();
+    for u in 0..2 {
+        let (mut c, _) = server
+            .joined("demo", Some((&format!("w{u}"), Role::Viewer)))
+            .await;
+        won.push(grab(&mut c, "r").await);
+    }
+    drop(gus);
+    server.stop().await.unwrap();
+    let server = start(dir.path().to_path_buf()).await;
+    let audit = server.audit().await;
+    let held_before: u64 = 50
+        - won
+            .iter()
+            .map(|w| w["coins"].as_u64().unwrap())
+            .sum::<u64>();
+    assert_eq!(
+        audit,
+        json!({"credited": 100, "balances": 100 - held_before, "gifted": 0, "held": held_before, "ok": true})
+    );
+    // Winners' retries answer the same; three more shares are left, then it is gone.
+    for (u, w) in won.iter().enumerate() {
+        let (mut c, _) = server
+            .joined("demo", Some((&format!("w{u}"), Role::Viewer)))
+            .await;
+        assert_eq!(grab(&mut c, "r").await["coins"], w["coins"]);
+    }
+    let mut rest = 0;
+    for u in 2..6 {
+        let (mut c, _) = server
+            .joined("demo", Some((&format!("w{u}"), Role::Viewer)))
+            .await;
+        let g = grab(&mut c, "r").await;
+        if u < 5 {
+            rest += g["coins"].as_u64().unwrap();
+        } else {
+            assert_eq!(g["code"], "gone");
+        }
+    }
+    assert_eq!(rest, held_before);
+    assert_eq!(server.audit().await["held"], 0);
+    assert_eq!(server.audit().await["ok"], true);
+}
