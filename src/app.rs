@@ -11,6 +11,7 @@ use crate::limits::{
     CHAT_CHARS_MAX, GIFT_COUNT_MAX, GIFT_ID_CHARS_MAX, GIFT_MESSAGE_CHARS_MAX, THANKS_CHARS_MAX,
 };
 use crate::protocol::{self, clean_text, valid_id, UserRef};
+use crate::record::GiftRecord;
 use dashmap::DashMap;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -44,8 +45,10 @@ pub struct App {
     pub shutdown: tokio::sync::watch::Sender<bool>,
     /// Gift completions not yet settled: shutdown waits for them.
     pub gifts_in_flight: AtomicUsize,
-    /// `--daily-cap`: what each viewer spent today.
+    /// `--daily-cap`: what each viewer spent today (on the wallet's node).
     pub daily_spend: DailySpend,
+    /// Cluster mode (set once at start).
+    pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 /// The message of a moderation refusal.
@@ -140,6 +143,7 @@ impl App {
             shutting_down: AtomicBool::new(false),
             shutdown: tokio::sync::watch::Sender::new(false),
             gifts_in_flight: AtomicUsize::new(0),
+            cluster: std::sync::OnceLock::new(),
         }
     }
 
@@ -254,7 +258,7 @@ impl App {
         }))
     }
 
-    /// A gift: checks, the atomic debit, durability, the shout-out, the answer.
+    /// A gift, on the node the sender is connected to: checks, then the wallet's node.
     pub async fn gift(
         self: &Arc<Self>,
         user: &Claims,
@@ -289,22 +293,15 @@ impl App {
         if !room.is_live() {
             return reject("not_found");
         }
-        if self.shutting_down.load(Ordering::SeqCst)
-            || self.durability.as_ref().is_some_and(|d| !d.taking_money())
-        {
-            return GiftReply::Rejected {
-                code: "unavailable",
-                balance: Some(self.ledger.balance(&user.sub)),
-            };
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return reject("unavailable");
         }
-        // A retry of an accepted gift gets its original answer from the ledger, whatever
-        // moderation or the daily cap say now.
-        let retry = self.ledger.has_gift(&user.sub, gift_id);
-        let now = crate::now_ms();
-        if !retry {
+        // Moderation of the room (bans, timeouts, blocked words in the message). A retry of an
+        // accepted gift gets its original answer from the ledger, whatever moderation says now.
+        if !self.ledger.has_gift(&user.sub, gift_id) {
             let m = room.moderation();
             let staff = is_streamer(user, room) || m.is_moderator(&user.sub);
-            if let Err(gate) = m.gate(&user.sub, message, staff, now) {
+            if let Err(gate) = m.gate(&user.sub, message, staff, crate::now_ms()) {
                 return GiftReply::Rejected {
                     code: gate.code(),
                     balance: Some(self.ledger.balance(&user.sub)),
@@ -313,38 +310,72 @@ impl App {
         }
         if let Some(l) = &self.gift_limiter {
             if l.check_key(&user.sub).is_err() {
-                return GiftReply::Rejected {
-                    code: "rate_limited",
-                    balance: Some(self.ledger.balance(&user.sub)),
-                };
+                return reject("rate_limited");
             }
         }
-        // The daily cap: reserved before the debit, given back if nothing is debited.
-        let amount = sticker.price.checked_mul(count as u64);
-        let reservation = match amount {
-            Some(amount) if !retry => match self.daily_spend.reserve(&user.sub, amount, now) {
-                Ok(r) => Some(r),
-                Err(_) => {
-                    metrics::counter!("giftcast_gifts_rejected_total", "code" => "daily_cap")
-                        .increment(1);
-                    return GiftReply::Rejected {
-                        code: "daily_cap",
-                        balance: Some(self.ledger.balance(&user.sub)),
-                    };
+        if let Some(cluster) = self.cluster.get() {
+            if !cluster.owns(&user.sub) {
+                return cluster
+                    .remote_gift(user, &room.id, gift_id, &sticker.id, count, message)
+                    .await;
+            }
+        }
+        self.gift_wallet(
+            &user.sub, &user.name, gift_id, &room.id, sticker, count, message,
+        )
+        .await
+    }
+
+    /// A gift on the node that owns the sender's wallet: the atomic debit, durability, the
+    /// shout-out, the answer.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn gift_wallet(
+        self: &Arc<Self>,
+        user_id: &str,
+        user_name: &str,
+        gift_id: &str,
+        stream: &str,
+        sticker: &crate::catalog::Sticker,
+        count: u32,
+        message: Option<&str>,
+    ) -> GiftReply {
+        if self.shutting_down.load(Ordering::SeqCst)
+            || self.durability.as_ref().is_some_and(|d| !d.taking_money())
+        {
+            return GiftReply::Rejected {
+                code: "unavailable",
+                balance: Some(self.ledger.balance(user_id)),
+            };
+        }
+        // The daily cap, on the wallet's node: reserved before the debit, given back if nothing
+        // is debited. A retry of an accepted gift gets its original answer whatever the cap says.
+        let retry = self.ledger.has_gift(user_id, gift_id);
+        let reservation = match sticker.price.checked_mul(count as u64) {
+            Some(amount) if !retry => {
+                match self.daily_spend.reserve(user_id, amount, crate::now_ms()) {
+                    Ok(r) => Some(r),
+                    Err(_) => {
+                        metrics::counter!("giftcast_gifts_rejected_total", "code" => "daily_cap")
+                            .increment(1);
+                        return GiftReply::Rejected {
+                            code: "daily_cap",
+                            balance: Some(self.ledger.balance(user_id)),
+                        };
+                    }
                 }
-            },
+            }
             _ => None,
         };
         let release = |r: Option<crate::daily_cap::Reservation>| {
             if let Some(r) = r {
-                self.daily_spend.release(&user.sub, r);
+                self.daily_spend.release(user_id, r);
             }
         };
         let req = GiftRequest {
-            user_id: &user.sub,
-            user_name: &user.name,
+            user_id,
+            user_name,
             gift_id,
-            stream: &room.id,
+            stream,
             sticker: &sticker.id,
             price: sticker.price,
             count,
@@ -366,50 +397,17 @@ impl App {
                 ticket,
                 record,
             } => {
-                // The completion runs on its own task so that it finishes even if this
-                // connection goes away while the journal writes.
+                // The completion runs on its own task so that it finishes even if the
+                // connection (or the asking node) goes away while the journal writes.
                 self.gifts_in_flight.fetch_add(1, Ordering::SeqCst);
                 let app = self.clone();
-                let room = room.clone();
                 let tier = sticker.tier;
                 let slot2 = slot.clone();
                 tokio::spawn(async move {
                     match ticket.await {
                         Ok(()) => {
                             app.ledger.gift_durable(&record);
-                            let combo = room.combo(&record.user_id, &record.sticker, record.ts_ms);
-                            let seq = room.publish(|seq| {
-                                serde_json::to_string(&protocol::ShoutoutEvent {
-                                    kind: "shoutout",
-                                    seq,
-                                    gift_id: &record.gift_id,
-                                    from: UserRef {
-                                        id: &record.user_id,
-                                        name: &record.user_name,
-                                    },
-                                    sticker: &record.sticker,
-                                    count: record.count,
-                                    amount: record.amount,
-                                    message: record.message.as_deref(),
-                                    combo,
-                                    tier,
-                                    ts: record.ts_ms,
-                                })
-                                .expect("shoutout serialises")
-                            });
-                            room.queue_gift(QueuedGift {
-                                gift_id: record.gift_id.clone(),
-                                from: QueuedUser {
-                                    id: record.user_id.clone(),
-                                    name: record.user_name.clone(),
-                                },
-                                sticker: record.sticker.clone(),
-                                count: record.count,
-                                amount: record.amount,
-                                message: record.message.clone(),
-                                seq,
-                                ts: record.ts_ms,
-                            });
+                            let seq = app.announce(&record, tier).await;
                             slot2.state.send_replace(SlotState::Done { seq });
                             metrics::counter!("giftcast_gifts_total").increment(1);
                             metrics::counter!("giftcast_gifted_coins_total")
@@ -435,13 +433,91 @@ impl App {
             },
             _ => GiftReply::Rejected {
                 code: "unavailable",
-                balance: Some(self.ledger.balance(&user.sub)),
+                balance: Some(self.ledger.balance(user_id)),
             },
         }
     }
 
-    /// A durable credit, idempotent on `reference`. Returns the balance right after it.
+    /// Announces a durable gift in its room (on the room's node) and returns the shout-out's
+    /// seq; 0 when the room's node cannot be reached (the gift stands; the shout-out is lost).
+    pub async fn announce(&self, record: &GiftRecord, tier: u8) -> u64 {
+        if let Some(cluster) = self.cluster.get() {
+            if !cluster.owns(&record.stream) {
+                return cluster.remote_announce(record, tier).await;
+            }
+        }
+        self.announce_local(record, tier)
+    }
+
+    /// The shout-out, the combo and the thanks queue, in a room this node owns.
+    pub fn announce_local(&self, record: &GiftRecord, tier: u8) -> u64 {
+        let Ok(room) = self.hub.room(&record.stream) else {
+            tracing::warn!(stream = %record.stream, "no room for a shout-out (too many rooms)");
+            return 0;
+        };
+        let combo = room.combo(&record.user_id, &record.sticker, record.ts_ms);
+        let seq = room.publish(|seq| {
+            serde_json::to_string(&protocol::ShoutoutEvent {
+                kind: "shoutout",
+                seq,
+                gift_id: &record.gift_id,
+                from: UserRef {
+                    id: &record.user_id,
+                    name: &record.user_name,
+                },
+                sticker: &record.sticker,
+                count: record.count,
+                amount: record.amount,
+                message: record.message.as_deref(),
+                combo,
+                tier,
+                ts: record.ts_ms,
+            })
+            .expect("shoutout serialises")
+        });
+        room.queue_gift(QueuedGift {
+            gift_id: record.gift_id.clone(),
+            from: QueuedUser {
+                id: record.user_id.clone(),
+                name: record.user_name.clone(),
+            },
+            sticker: record.sticker.clone(),
+            count: record.count,
+            amount: record.amount,
+            message: record.message.clone(),
+            seq,
+            ts: record.ts_ms,
+        });
+        seq
+    }
+
+    /// A wallet's balance, from the node that owns it.
+    pub async fn balance(&self, user_id: &str) -> Result<u64, String> {
+        if let Some(cluster) = self.cluster.get() {
+            if !cluster.owns(user_id) {
+                return cluster.remote_balance(user_id).await;
+            }
+        }
+        Ok(self.ledger.balance(user_id))
+    }
+
+    /// A durable credit on the node that owns the wallet, idempotent on `reference`.
     pub async fn credit(
+        &self,
+        user_id: &str,
+        coins: u64,
+        reference: &str,
+    ) -> Result<u64, (&'static str, String)> {
+        if let Some(cluster) = self.cluster.get() {
+            if !cluster.owns(user_id) {
+                return cluster.remote_credit(user_id, coins, reference).await;
+            }
+        }
+        self.credit_local(user_id, coins, reference).await
+    }
+
+    /// A durable credit in this node's ledger. Returns the balance right after it.
+    pub async fn credit_local(
         &self,
         user_id: &str,
         coins: u64,

@@ -115,6 +115,10 @@ pub struct ServeArgs {
     /// Cluster mode: this node's id.
     #[arg(long, env = "GIFTCAST_NODE_ID")]
     pub node_id: Option<String>,
+    /// Cluster mode: the cluster's name; nodes of one cluster share it (NATS subjects are
+    /// prefixed with it, so several clusters can share one NATS server).
+    #[arg(long, env = "GIFTCAST_CLUSTER_ID", default_value = "main")]
+    pub cluster_id: String,
     /// Cluster mode: every node's id, comma separated.
     #[arg(long, env = "GIFTCAST_NODES", value_delimiter = ',')]
     pub nodes: Vec<String>,
@@ -124,6 +128,14 @@ pub struct ServeArgs {
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "GIFTCAST_LOG", default_value = "info")]
     pub log: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub nats_url: String,
+    pub cluster_id: String,
+    pub node_id: String,
+    pub nodes: Vec<String>,
 }
 
 /// Settings after validation: what the server runs with.
@@ -151,6 +163,8 @@ pub struct Config {
     pub heartbeat_timeout_ms: u64,
     /// Time allowed for an HTTP/1 request head (`HTTP_HEADER_READ_TIMEOUT_MS`).
     pub http_header_read_timeout_ms: u64,
+    /// Cluster mode over NATS, when `--nats-url` is given.
+    pub cluster: Option<ClusterConfig>,
     /// Test-only negative control (hidden flag): breaks the durability guarantee on purpose.
     pub unsafe_ack_before_durable: bool,
 }
@@ -199,12 +213,46 @@ impl ServeArgs {
                 crate::money::AMOUNT_MAX
             ));
         }
-        if self.nats_url.is_some() {
-            return Err(
-                "cluster mode (--nats-url) is not available in this build yet; see docs/cluster.md"
-                    .into(),
-            );
-        }
+        let cluster = match &self.nats_url {
+            None => {
+                if self.node_id.is_some() || !self.nodes.is_empty() {
+                    return Err("--node-id and --nodes need --nats-url (cluster mode)".into());
+                }
+                None
+            }
+            Some(url) => {
+                let node_id = self.node_id.clone().ok_or("cluster mode needs --node-id")?;
+                if self.nodes.is_empty() || self.nodes.len() > crate::cluster::NODES_MAX {
+                    return Err(format!(
+                        "cluster mode needs --nodes with 1 to {} node ids",
+                        crate::cluster::NODES_MAX
+                    ));
+                }
+                for n in &self.nodes {
+                    if !crate::protocol::valid_id(n, 32) {
+                        return Err(format!("node id `{n}` must be 1-32 of [A-Za-z0-9_-]"));
+                    }
+                }
+                let mut sorted = self.nodes.clone();
+                sorted.sort();
+                sorted.dedup();
+                if sorted.len() != self.nodes.len() {
+                    return Err("--nodes lists a node twice".into());
+                }
+                if !self.nodes.contains(&node_id) {
+                    return Err(format!("--node-id `{node_id}` is not in --nodes"));
+                }
+                if !crate::protocol::valid_id(&self.cluster_id, 32) {
+                    return Err("--cluster-id must be 1-32 of [A-Za-z0-9_-]".into());
+                }
+                Some(ClusterConfig {
+                    nats_url: url.clone(),
+                    cluster_id: self.cluster_id.clone(),
+                    node_id,
+                    nodes: self.nodes.clone(),
+                })
+            }
+        };
         Ok(Config {
             listen,
             data_dir: self.data_dir,
@@ -225,6 +273,7 @@ impl ServeArgs {
             heartbeat_timeout_ms: crate::limits::HEARTBEAT_TIMEOUT_MS,
             http_header_read_timeout_ms: crate::limits::HTTP_HEADER_READ_TIMEOUT_MS,
             unsafe_ack_before_durable: self.unsafe_ack_before_durable,
+            cluster,
         })
     }
 }

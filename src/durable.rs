@@ -87,8 +87,9 @@ impl Durable {
         database_url: Option<&str>,
         split: Split,
         ack_before_durable: bool,
+        node_id: &str,
     ) -> anyhow::Result<(Durable, Ledger)> {
-        let store = Store::open(database_url, data_dir)
+        let store = Store::open_node(database_url, data_dir, node_id)
             .await
             .context("opening storage")?;
         let since = crate::now_ms().saturating_sub(IDEMPOTENCY_RETENTION_MS);

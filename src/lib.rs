@@ -18,12 +18,14 @@
 //! - `moderate`: the moderation frames: who may act, each action, its room event.
 //! - `daily_cap`: what each viewer spent today, for `--daily-cap`.
 //! - `http`: axum routes, the WebSocket connection, pages, errors.
+//! - `cluster`: NATS: room owners, mirrors, wallet owners.
 //! - `server`: bind, build (with recovery), serve, drain.
 #![forbid(unsafe_code)]
 
 pub mod app;
 pub mod auth;
 pub mod catalog;
+pub mod cluster;
 pub mod config;
 pub mod daily_cap;
 pub mod durable;

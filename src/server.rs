@@ -53,6 +53,7 @@ pub async fn build(config: Config) -> anyhow::Result<Arc<App>> {
         config.database_url.as_deref(),
         config.split,
         config.unsafe_ack_before_durable,
+        config.cluster.as_ref().map(|c| c.node_id.as_str()).unwrap_or("local"),
     )
     .await?;
     let hub = Hub::new();
@@ -64,6 +65,13 @@ pub async fn build(config: Config) -> anyhow::Result<Arc<App>> {
         metrics_handle(),
         Some(Arc::new(durable)),
     ));
+    if let Some(c) = &app.config.cluster {
+        let cluster =
+            crate::cluster::Cluster::connect(&c.nats_url, &c.cluster_id, &c.node_id, &c.nodes)
+                .await?;
+        cluster.start(app.clone()).await?;
+        let _ = app.cluster.set(cluster);
+    }
     tokio::spawn(hub.run_viewer_counts(app.shutdown.subscribe()));
     Ok(app)
 }

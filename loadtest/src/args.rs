@@ -42,12 +42,12 @@ pub struct Common {
     pub ws_url: Option<String>,
     /// HS256 key to mint user tokens locally (claims sub, name, role, exp). Without it, users
     /// sign up through POST /api/guest (guest sign-up must be on).
-    #[arg(long, global = true, env = "LOADTEST_TOKEN_SECRET")]
+    #[arg(long, global = true, env = "LOADTEST_TOKEN_SECRET", hide_env_values = true)]
     pub token_secret: Option<String>,
     /// Admin bearer token: funds wallets (POST /api/admin/credit) and reads the audit and
     /// revenue for the money check. Without it wallets use what they already hold and the
     /// revenue/audit part of the check is skipped.
-    #[arg(long, global = true, env = "LOADTEST_ADMIN_TOKEN")]
+    #[arg(long, global = true, env = "LOADTEST_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
     /// Length of the measured phase in seconds (per load step when --rate lists several).
     #[arg(long, global = true, default_value_t = 10.0)]

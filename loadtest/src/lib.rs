@@ -73,6 +73,7 @@ pub async fn run(cli: Cli) -> Result<Report> {
         bail!("--procs must be at least 1");
     }
     let shape = Shape::of(&cli);
+    let started_unix_ms = stats::now_us() / 1000;
     let run_id = c.run_id.clone().unwrap_or_else(|| format!("{:06x}", rand::random::<u32>() & 0xff_ffff));
     let api = Api::new(&c.url, c.admin_token.clone())?;
     let mut notes: Vec<String> = vec![];
@@ -81,6 +82,16 @@ pub async fn run(cli: Cli) -> Result<Report> {
             "{} clients over {} process(es): more than 19,000 per process will hit the 20,000 open files limit; use --procs",
             shape.total_clients(),
             c.procs
+        ));
+    }
+    let per_sender = |rates: &[f64], n: usize| if n == 0 { 0.0 } else { rates.iter().cloned().fold(0.0, f64::max) / n as f64 };
+    let chat_each = per_sender(&shape.chat_rates, shape.chatters);
+    let gift_each = per_sender(&shape.gift_rates, shape.wallets * shape.conns_per_wallet);
+    if chat_each > 90.0 || gift_each > 90.0 || shape.gifts_as_fast() {
+        notes.push(format!(
+            "up to {:.0} frames/s per sending connection{}: giftcast closes a connection sending over 100 frames/s sustained (4008); spread the rate over more senders/wallets",
+            chat_each.max(gift_each),
+            if shape.gifts_as_fast() { " (as fast as acknowledged: unbounded)" } else { "" }
         ));
     }
     if shape.total_clients() / (c.source_ips.max(1) as usize) > 28_000 {
@@ -288,10 +299,13 @@ pub async fn run(cli: Cli) -> Result<Report> {
     report.run_id = run_id.clone();
     report.url = c.url.clone();
     report.procs = c.procs;
-    report.started_unix_ms = stats::now_us() / 1000;
+    report.started_unix_ms = started_unix_ms;
     report.params = serde_json::to_value(&cli.scenario).unwrap_or_default();
     let targets: Vec<String> = (0..shape.steps).map(|s| shape.step_target(s)).collect();
     report.finalize(&targets, true);
+    if report.errors.contains_key("close:4008") {
+        notes.push("the server closed connections for flooding (close:4008): lower the per-connection send rate".into());
+    }
     report.notes.splice(0..0, notes);
 
     // Server memory and CPU.
@@ -332,6 +346,14 @@ pub async fn run(cli: Cli) -> Result<Report> {
         cpu_us_per_delivery: cpu_run.filter(|_| deliveries > 0).map(|c| c * 1e6 / deliveries as f64),
         rss_timeline: rss_timeline.clone(),
     });
+
+    // Every chat should reach every member of its room (rooms are filled evenly).
+    if let (Some(&sent), true) = (report.counters.get("chats_sent"), shape.churners == 0) {
+        let members = shape.total_clients() as f64 / shape.rooms as f64;
+        if sent > 0 && members > 0.0 {
+            report.delivery_ratio = Some(*report.counters.get("deliveries").unwrap_or(&0) as f64 / (sent as f64 * members));
+        }
+    }
 
     // Drift windows (soak).
     if let args::Scenario::Soak(s) = &cli.scenario {

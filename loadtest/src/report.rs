@@ -191,6 +191,9 @@ pub struct Report {
     pub client_rss_bytes: u64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub drift: Vec<DriftWindow>,
+    /// Chat events received / (chats sent × members of the sender's room), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery_ratio: Option<f64>,
     pub notes: Vec<String>,
 }
 
@@ -341,20 +344,23 @@ impl Report {
         if self.steps.len() > 1 {
             let _ = writeln!(o, "load steps:");
             for st in &self.steps {
-                let chat = st.latency_ms.get("chat").or_else(|| st.latency_ms.get("gift_ack"));
-                let _ = writeln!(
-                    o,
-                    "  step {} [{}]: deliveries/s {}, sent/s {}, gift acks/s {}, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-                    st.step,
-                    st.target,
-                    human(*st.rates.get("deliveries").unwrap_or(&0.0)),
-                    human(*st.rates.get("chats_sent").unwrap_or(&0.0)),
-                    human(*st.rates.get("gifts_ok").unwrap_or(&0.0)),
-                    chat.map(|c| c.p50_ms).unwrap_or(0.0),
-                    chat.map(|c| c.p99_ms).unwrap_or(0.0),
-                    chat.map(|c| c.max_ms).unwrap_or(0.0),
-                );
+                let mut line = format!("  step {} [{}]:", st.step, st.target);
+                for (k, label) in [("deliveries", "deliveries/s"), ("chats_sent", "sent/s"), ("shoutouts", "shout-outs/s"), ("gifts_ok", "gift acks/s"), ("joins", "joins/s")] {
+                    let v = *st.rates.get(k).unwrap_or(&0.0);
+                    if v > 0.0 {
+                        let _ = write!(line, " {label} {}", human(v));
+                    }
+                }
+                for k in ["chat", "gift_ack", "join"] {
+                    if let Some(l) = st.latency_ms.get(k) {
+                        let _ = write!(line, "; {k} p50 {:.2} p99 {:.2} max {:.2} ms", l.p50_ms, l.p99_ms, l.max_ms);
+                    }
+                }
+                let _ = writeln!(o, "{line}");
             }
+        }
+        if let Some(r) = self.delivery_ratio {
+            let _ = writeln!(o, "delivery ratio: {:.4} (chat events received / chats sent × room members)", r);
         }
         let _ = writeln!(o, "counters:");
         for (k, v) in &self.counters {
@@ -410,7 +416,12 @@ impl Report {
                 m.tally.wallets_checked,
                 m.tally.wallet_mismatches
             );
-            for s in &m.streams {
+            let shown = if m.streams.len() > 10 { 5 } else { m.streams.len() };
+            if shown < m.streams.len() {
+                let exact = m.streams.iter().filter(|s| s.unknown_coins == 0 && s.gross_after - s.gross_before == s.acked_coins as i64).count();
+                let _ = writeln!(o, "  {} streams, {} with server gross Δ == acknowledged value exactly; the first {shown}:", m.streams.len(), exact);
+            }
+            for s in m.streams.iter().take(shown) {
                 let _ = writeln!(
                     o,
                     "  stream {}: acked {} (+{} unknown) vs server gross {} → {} (Δ {}), split exact: {}",

@@ -244,6 +244,17 @@ impl Stats {
         *prev = totals;
         Interval { counters: delta, hists, errors_total }
     }
+    /// Sum of some cumulative counters.
+    pub fn counter_sum(&self, which: &[C]) -> u64 {
+        let mut t = 0;
+        for s in &self.shards {
+            let g = s.0.lock();
+            for c in which {
+                t += g.counters[*c as usize];
+            }
+        }
+        t
+    }
     /// Cumulative counters and errors.
     pub fn totals(&self) -> (BTreeMap<String, u64>, BTreeMap<String, u64>) {
         let mut c = [0u64; NC];

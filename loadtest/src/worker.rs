@@ -349,7 +349,7 @@ impl Member {
                     if reconnects > ctx.max_reconnects || *phase_rx.borrow() >= Phase::Drain {
                         break;
                     }
-                    tokio::time::sleep(Duration::from_millis(200 * reconnects as u64)).await;
+                    tokio::time::sleep(backoff(reconnects)).await;
                     continue;
                 }
             };
@@ -378,7 +378,7 @@ impl Member {
                         break;
                     }
                     ctx.stats.shard(shard_i).inc(C::Reconnects, 1);
-                    tokio::time::sleep(Duration::from_millis(100 * reconnects as u64)).await;
+                    tokio::time::sleep(backoff(reconnects)).await;
                 }
             }
         }
@@ -656,6 +656,11 @@ impl Member {
             }
         });
     }
+}
+
+/// 100 ms, 200 ms, 400 ms … at most 2 s between reconnect attempts.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis((100u64 << attempt.saturating_sub(1).min(5)).min(2000))
 }
 
 async fn next_cmd(rx: &mut Option<mpsc::Receiver<()>>) -> Option<()> {
@@ -1073,8 +1078,22 @@ pub async fn run_worker(
     let _ = phase_tx.send(Phase::Drain);
     let drain_end = Instant::now() + Duration::from_secs_f64(c.drain_secs.max(0.0));
     let min_drain = Instant::now() + Duration::from_secs_f64(c.drain_secs.clamp(0.0, 1.0));
-    while Instant::now() < drain_end && (Instant::now() < min_drain || ctx.stats.pending_gifts.load(Ordering::Relaxed) > 0) {
+    // Until every gift is answered and no room event arrived for 200 ms (at least a second,
+    // at most --drain-secs).
+    let received = || ctx.stats.counter_sum(&[C::Deliveries, C::Shoutouts, C::ThanksRecv, C::GiftsOk, C::GiftsRejected]);
+    let mut last_seen = received();
+    let mut quiet_since = Instant::now();
+    while Instant::now() < drain_end {
         tokio::time::sleep(Duration::from_millis(20)).await;
+        let now_seen = received();
+        if now_seen != last_seen {
+            last_seen = now_seen;
+            quiet_since = Instant::now();
+        }
+        let settled = ctx.stats.pending_gifts.load(Ordering::Relaxed) <= 0 && quiet_since.elapsed() >= Duration::from_millis(200);
+        if Instant::now() >= min_drain && settled {
+            break;
+        }
     }
     let pending_left = ctx.stats.pending_gifts.load(Ordering::Relaxed);
     if pending_left > 0 {

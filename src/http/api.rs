@@ -143,7 +143,10 @@ pub async fn guest(
 
 pub async fn me(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiResult {
     let c = user(&app, &headers)?;
-    let balance = app.ledger.balance(&c.sub);
+    let balance = app
+        .balance(&c.sub)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e))?;
     Ok(
         Json(
             json!({"user_id": c.sub, "name": c.name, "role": c.role.as_str(), "balance": balance}),
@@ -177,6 +180,16 @@ pub async fn revenue(
     Path(id): Path<String>,
 ) -> ApiResult {
     require_owner(&app, &headers, &id)?;
+    if let Some(cluster) = app.cluster.get() {
+        let report = cluster.revenue(&id).await.map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                e.to_string(),
+            )
+        })?;
+        return Ok(Json(report).into_response());
+    }
     Ok(Json(app.ledger.revenue(&id)).into_response())
 }
 
@@ -186,6 +199,27 @@ pub async fn queue(
     Path(id): Path<String>,
 ) -> ApiResult {
     require_owner(&app, &headers, &id)?;
+    if let Some(cluster) = app.cluster.get().filter(|c| !c.owns(&id)) {
+        let answer = cluster
+            .room_request(&id, crate::cluster::wire::RoomReq::Queue)
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    e.to_string(),
+                )
+            })?;
+        if let crate::cluster::wire::RoomResp::Queue(json) = answer {
+            let gifts: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
+            return Ok(Json(json!({"stream": id, "gifts": gifts})).into_response());
+        }
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "unexpected answer from the stream's node",
+        ));
+    }
     let gifts = app.hub.get(&id).map(|r| r.queued()).unwrap_or_default();
     Ok(Json(json!({"stream": id, "gifts": gifts})).into_response())
 }
@@ -239,6 +273,16 @@ pub async fn admin_credit(
 
 pub async fn admin_audit(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiResult {
     require_admin(&app, &headers)?;
+    if let Some(cluster) = app.cluster.get() {
+        let audit = cluster.audit().await.map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                e.to_string(),
+            )
+        })?;
+        return Ok(Json(audit).into_response());
+    }
     Ok(Json(app.ledger.audit()).into_response())
 }
 

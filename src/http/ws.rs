@@ -6,6 +6,7 @@
 
 use crate::app::{is_streamer, App, ConnRefusal, ConnSlot, GiftReply};
 use crate::auth::{Claims, Role};
+use crate::cluster::wire::RoomReq;
 use crate::hub::{ConnShared, MemberHandle, Out, Room};
 use crate::limits::*;
 use crate::protocol::{self, ClientFrame, UserRef};
@@ -284,14 +285,25 @@ impl Conn<'_> {
                 stream,
                 token,
                 since,
-            } => return self.join(&stream, token.as_deref(), since),
+            } => return self.join(&stream, token.as_deref(), since).await,
             _ if self.joined.is_none() => self.error("not_joined", "send join first"),
             ClientFrame::Chat { text } => {
                 let (room, _) = self.joined.as_ref().expect("joined");
                 match &self.user {
                     None => self.error("read_only", "sign in to chat"),
                     Some(user) => {
-                        if let Err((code, message)) = self.app.chat(user, room, &text) {
+                        if let (true, Some(cluster)) = (room.is_mirror(), self.app.cluster.get()) {
+                            let req = RoomReq::Chat {
+                                user_id: user.sub.clone(),
+                                name: user.name.clone(),
+                                text,
+                            };
+                            if let Err((code, message)) =
+                                cluster.forward_room_action(&room.id, req).await
+                            {
+                                self.error(code, &message);
+                            }
+                        } else if let Err((code, message)) = self.app.chat(user, room, &text) {
                             self.error(code, message);
                         }
                     }
@@ -302,7 +314,19 @@ impl Conn<'_> {
                 match &self.user {
                     None => self.error("read_only", "sign in to thank"),
                     Some(user) => {
-                        if let Err((code, message)) =
+                        if let (true, Some(cluster)) = (room.is_mirror(), self.app.cluster.get()) {
+                            let req = RoomReq::Thanks {
+                                user_id: user.sub.clone(),
+                                is_streamer: user.role == Role::Streamer,
+                                gift_id,
+                                text,
+                            };
+                            if let Err((code, message)) =
+                                cluster.forward_room_action(&room.id, req).await
+                            {
+                                self.error(code, &message);
+                            }
+                        } else if let Err((code, message)) =
                             self.app.thanks(user, room, &gift_id, text.as_deref())
                         {
                             self.error(code, message);
@@ -321,6 +345,11 @@ impl Conn<'_> {
                 let (room, _) = self.joined.as_ref().expect("joined");
                 match &self.user {
                     None => self.error("read_only", "sign in to moderate"),
+                    // Cluster mode: moderation state lives on the room's own node only.
+                    Some(_) if room.is_mirror() => self.error(
+                        "unavailable",
+                        "moderate this stream from a connection to its own node",
+                    ),
                     Some(user) => {
                         if let Err((code, message)) = self.app.moderate(user, room, &frame) {
                             self.error(code, &message);
@@ -380,7 +409,7 @@ impl Conn<'_> {
         Ok(())
     }
 
-    fn join(
+    async fn join(
         &mut self,
         stream: &str,
         token: Option<&str>,
@@ -414,14 +443,33 @@ impl Conn<'_> {
                 return Ok(());
             }
         };
+        let cluster = self.app.cluster.get().filter(|c| !c.owns(&room.id));
+        if let Some(cluster) = cluster {
+            if let Err(e) = cluster.ensure_mirror(&room).await {
+                tracing::warn!(room = %room.id, error = %e, "cannot mirror a room");
+                self.error(
+                    "unavailable",
+                    "this stream's node is unreachable; try again soon",
+                );
+                return Ok(());
+            }
+        }
         if let Some(u) = &self.user {
             if u.role == Role::Streamer && u.sub == room.id {
                 room.mark_streamer_seen();
+                if let Some(cluster) = cluster {
+                    let _ = cluster
+                        .forward_room_action(&room.id, RoomReq::StreamerSeen)
+                        .await;
+                }
             }
         }
         let app = self.app;
+        let balance = match &self.user {
+            Some(u) => app.balance(&u.sub).await.ok(),
+            None => None,
+        };
         let user = self.user.as_ref();
-        let balance = user.map(|u| app.ledger.balance(&u.sub));
         let (moderator, slow_mode) = {
             let m = room.moderation();
             let moderator = user.is_some_and(|u| is_streamer(u, &room) || m.is_moderator(&u.sub));
@@ -432,7 +480,7 @@ impl Conn<'_> {
             self.shared.clone(),
             user.map(|u| u.sub.as_str()),
             since,
-            |seq, viewers, resumed| {
+            |seq, viewers, resumed, epoch| {
                 serde_json::to_string(&protocol::Joined {
                     kind: "joined",
                     stream: &room.id,
@@ -444,7 +492,7 @@ impl Conn<'_> {
                     seq,
                     viewers,
                     catalog: &app.config.catalog.stickers,
-                    epoch: app.hub.epoch(),
+                    epoch,
                     resumed,
                     moderator,
                     slow_mode,

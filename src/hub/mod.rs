@@ -17,7 +17,7 @@ mod moderation;
 mod room;
 
 pub use moderation::{Gate, LimitReached, Moderation};
-pub use room::{JoinOutcome, MemberHandle, QueuedGift, QueuedUser, Room};
+pub use room::{Forward, Gap, JoinOutcome, MemberHandle, QueuedGift, QueuedUser, Room};
 
 use crate::limits::{ROOMS_MAX, VIEWERS_INTERVAL_MS};
 use axum::extract::ws::Utf8Bytes;
@@ -58,7 +58,12 @@ pub struct Hub {
     rooms: DashMap<String, Arc<Room>>,
     /// A random id of this server run: seqs of one epoch mean nothing in another.
     epoch: String,
+    /// Cluster mode: where owned rooms forward their rounds, and which rooms this node owns.
+    cluster: std::sync::OnceLock<(tokio::sync::mpsc::Sender<Forward>, OwnsRoom)>,
 }
+
+/// Whether this node owns a room (cluster mode).
+pub type OwnsRoom = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum HubError {
@@ -76,6 +81,7 @@ impl Hub {
         let hub = Arc::new(Hub {
             rooms: DashMap::new(),
             epoch,
+            cluster: std::sync::OnceLock::new(),
         });
         // The demo stream is always live.
         let _ = hub.room("demo");
@@ -83,6 +89,16 @@ impl Hub {
             r.set_always_live();
         }
         hub
+    }
+
+    /// Cluster mode: rooms this node owns (now and later) forward their rounds to `tx`.
+    pub fn set_cluster(&self, tx: tokio::sync::mpsc::Sender<Forward>, owns: OwnsRoom) {
+        for r in self.rooms.iter() {
+            if owns(&r.id) {
+                r.set_forward(tx.clone());
+            }
+        }
+        let _ = self.cluster.set((tx, owns));
     }
 
     pub fn epoch(&self) -> &str {
@@ -100,7 +116,15 @@ impl Hub {
         let room = self
             .rooms
             .entry(stream.to_string())
-            .or_insert_with(|| Room::spawn(stream))
+            .or_insert_with(|| {
+                let room = Room::spawn(stream, &self.epoch);
+                if let Some((tx, owns)) = self.cluster.get() {
+                    if owns(stream) {
+                        room.set_forward(tx.clone());
+                    }
+                }
+                room
+            })
             .clone();
         metrics::gauge!("giftcast_rooms").set(self.rooms.len() as f64);
         Ok(room)

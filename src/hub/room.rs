@@ -22,7 +22,7 @@ struct Member {
 }
 
 /// An un-thanked gift waiting in the streamer's queue.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct QueuedGift {
     pub gift_id: String,
     pub from: QueuedUser,
@@ -35,7 +35,7 @@ pub struct QueuedGift {
     pub ts: u64,
 }
 
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct QueuedUser {
     pub id: String,
     pub name: String,
@@ -56,6 +56,23 @@ struct Inner {
     /// (user, sticker) → (streak, last gift ms).
     combos: HashMap<(String, String), (u32, u64)>,
     unthanked: VecDeque<QueuedGift>,
+    /// The epoch of the room's seqs: this node's run, or (for a mirror) the owner's.
+    epoch: Arc<str>,
+}
+
+/// A fan-out round of a room this node owns, for the other nodes (cluster mode).
+#[derive(Debug)]
+pub struct Forward {
+    pub room: String,
+    pub epoch: Arc<str>,
+    pub live: bool,
+    pub events: Vec<(u64, Utf8Bytes)>,
+}
+
+/// A mirror saw a seq that does not follow its last one: it must resync from the owner.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Gap {
+    pub last: u64,
 }
 
 pub struct Room {
@@ -68,6 +85,10 @@ pub struct Room {
     /// Moderators, bans, timeouts, slow mode, blocked words. Its own lock, never held while the
     /// room lock is taken except in `join` (room lock, then this one: one order only).
     moderation: Mutex<Moderation>,
+    /// Cluster mode, rooms this node owns: every fan-out round also goes here, in seq order.
+    forward: std::sync::OnceLock<mpsc::Sender<Forward>>,
+    /// Cluster mode: this room is a mirror of a room another node owns.
+    mirror: AtomicBool,
 }
 
 /// What a joiner gets: its membership (leaves the room on drop) and the resume verdict.
@@ -92,7 +113,7 @@ impl Drop for MemberHandle {
 }
 
 impl Room {
-    pub(super) fn spawn(id: &str) -> Arc<Room> {
+    pub(super) fn spawn(id: &str, epoch: &str) -> Arc<Room> {
         let room = Arc::new(Room {
             id: id.to_string(),
             inner: Mutex::new(Inner {
@@ -105,12 +126,15 @@ impl Room {
                 last_viewers_sent: 0,
                 combos: HashMap::new(),
                 unthanked: VecDeque::new(),
+                epoch: Arc::from(epoch),
             }),
             wake: Notify::new(),
             viewers: AtomicUsize::new(0),
             always_live: AtomicBool::new(false),
             streamer_seen: AtomicBool::new(false),
             moderation: Mutex::new(Moderation::default()),
+            forward: std::sync::OnceLock::new(),
+            mirror: AtomicBool::new(false),
         });
         tokio::spawn(room.clone().fan_out());
         room
@@ -122,7 +146,116 @@ impl Room {
 
     /// The streamer connected to its room (at least once since the start): gifts are taken.
     pub fn mark_streamer_seen(&self) {
-        self.streamer_seen.store(true, Ordering::Relaxed);
+        if !self.streamer_seen.swap(true, Ordering::Relaxed) {
+            if let Some(f) = self.forward.get() {
+                let epoch = self.inner.lock().epoch.clone();
+                let _ = f.try_send(Forward {
+                    room: self.id.clone(),
+                    epoch,
+                    live: true,
+                    events: Vec::new(),
+                });
+            }
+        }
+    }
+
+    /// Cluster mode: this node owns the room; its rounds go to `tx` for the other nodes.
+    pub fn set_forward(&self, tx: mpsc::Sender<Forward>) {
+        let _ = self.forward.set(tx);
+    }
+
+    pub fn is_mirror(&self) -> bool {
+        self.mirror.load(Ordering::Relaxed)
+    }
+
+    pub fn epoch(&self) -> Arc<str> {
+        self.inner.lock().epoch.clone()
+    }
+
+    /// History after `since` (all of it when `None`): (seq, event) pairs, the last seq, and
+    /// whether the history reaches back to `since`.
+    pub fn history_since(&self, since: Option<u64>) -> (Vec<(u64, Utf8Bytes)>, u64, bool) {
+        let inner = self.inner.lock();
+        let visible = inner.fanned_seq;
+        let from = since.unwrap_or(0);
+        let oldest = inner
+            .history
+            .front()
+            .map(|(s, _)| *s)
+            .unwrap_or(visible + 1);
+        let complete = from <= visible && from + 1 >= oldest;
+        let events = inner
+            .history
+            .iter()
+            .filter(|(s, _)| *s > from && *s <= visible)
+            .cloned()
+            .collect();
+        (events, visible, complete)
+    }
+
+    /// Cluster mode: makes this room a mirror of the owner's, starting from its history.
+    /// Local members of an earlier epoch are told they lagged (they rejoin and resync).
+    pub fn install_mirror(
+        &self,
+        epoch: &str,
+        live: bool,
+        seq: u64,
+        events: Vec<(u64, Utf8Bytes)>,
+        lost_events: bool,
+    ) {
+        self.mirror.store(true, Ordering::Relaxed);
+        self.streamer_seen.store(live, Ordering::Relaxed);
+        let mut inner = self.inner.lock();
+        if &*inner.epoch != epoch || lost_events {
+            inner.epoch = Arc::from(epoch);
+            for m in inner.members.values() {
+                m.shared.mark_lagged();
+            }
+            inner.members.clear();
+            self.viewers.store(0, Ordering::Relaxed);
+        }
+        inner.history.clear();
+        for e in events.into_iter().rev().take(ROOM_HISTORY_EVENTS_MAX).rev() {
+            inner.history.push_back(e);
+        }
+        inner.seq = seq;
+        inner.fanned_seq = seq;
+        inner.pending.clear();
+    }
+
+    /// Cluster mode: events the owner stamped, in order. A seq that does not follow is a gap.
+    pub fn apply_remote(
+        &self,
+        epoch: &str,
+        live: bool,
+        events: Vec<(u64, Utf8Bytes)>,
+    ) -> Result<(), Gap> {
+        self.streamer_seen.store(live, Ordering::Relaxed);
+        let mut inner = self.inner.lock();
+        if &*inner.epoch != epoch {
+            return Err(Gap { last: inner.seq });
+        }
+        let mut wake = false;
+        for (seq, text) in events {
+            if seq <= inner.seq {
+                continue;
+            }
+            if seq != inner.seq + 1 {
+                return Err(Gap { last: inner.seq });
+            }
+            inner.seq = seq;
+            if inner.history.len() == ROOM_HISTORY_EVENTS_MAX {
+                inner.history.pop_front();
+            }
+            inner.history.push_back((seq, text.clone()));
+            wake |= inner.pending.is_empty();
+            inner.pending.push_back((seq, text));
+        }
+        drop(inner);
+        if wake {
+            self.wake.notify_one();
+        }
+        Ok(())
     }
 
     pub fn is_live(&self) -> bool {
@@ -152,7 +285,7 @@ impl Room {
         shared: Arc<ConnShared>,
         user: Option<&str>,
         since: Option<u64>,
-        joined: impl FnOnce(u64, usize, Option<bool>) -> String,
+        joined: impl FnOnce(u64, usize, Option<bool>, &str) -> String,
     ) -> Result<JoinOutcome, Gate> {
         let mut inner = self.inner.lock();
         if user.is_some_and(|u| self.moderation.lock().is_banned(u)) {
@@ -166,7 +299,7 @@ impl Room {
             .unwrap_or(visible + 1);
         let resumed = since.map(|s| s <= visible && s + 1 >= oldest);
         let viewers = inner.members.len() + 1;
-        let text = joined(visible, viewers, resumed);
+        let text = joined(visible, viewers, resumed, &inner.epoch);
         // The outbox is new and empty, and OUTBOX_FRAMES_MAX exceeds the replay's frames.
         let _ = tx.try_send(Out::Frame {
             seq: 0,
@@ -326,7 +459,27 @@ impl Room {
                     }
                 });
                 self.viewers.store(inner.members.len(), Ordering::Relaxed);
+                let epoch = inner.epoch.clone();
                 drop(inner);
+                if let Some(f) = self.forward.get() {
+                    let events: Vec<(u64, Utf8Bytes)> =
+                        taken.iter().filter(|(s, _)| *s > 0).cloned().collect();
+                    if !events.is_empty() {
+                        let live = self.is_live();
+                        // A full queue drops the round: the other nodes see a gap and resync.
+                        if f.try_send(Forward {
+                            room: self.id.clone(),
+                            epoch,
+                            live,
+                            events,
+                        })
+                        .is_err()
+                        {
+                            metrics::counter!("giftcast_cluster_forward_dropped_total")
+                                .increment(1);
+                        }
+                    }
+                }
                 metrics::counter!("giftcast_fanout_frames_total").increment(delivered);
                 metrics::counter!("giftcast_fanout_events_total")
                     .increment(delivered * taken.len() as u64);

@@ -375,6 +375,18 @@ impl Ledger {
         }
     }
 
+    /// This node's revenue of a stream in mergeable parts (cluster mode).
+    #[allow(clippy::type_complexity)]
+    pub fn revenue_parts(
+        &self,
+        stream: &str,
+    ) -> (Totals, Vec<(String, Totals)>, Vec<(String, String, Totals)>) {
+        self.revenue
+            .get(stream)
+            .map(|r| r.parts())
+            .unwrap_or_default()
+    }
+
     pub fn revenue(&self, stream: &str) -> RevenueReport {
         match self.revenue.get(stream) {
             Some(r) => r.report(stream),

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 /// How many gifters `top_gifters` lists.
 pub const TOP_GIFTERS_MAX: usize = 10;
 
-#[derive(Default, Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[derive(Default, Debug, Clone, Copy, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct Totals {
     pub gifts: u64,
     pub stickers: u64,
@@ -19,7 +19,7 @@ pub struct Totals {
 }
 
 impl Totals {
-    fn add(&mut self, t: &Totals) {
+    pub fn add(&mut self, t: &Totals) {
         self.gifts += t.gifts;
         self.stickers += t.stickers;
         self.gross += t.gross;
@@ -107,6 +107,42 @@ impl StreamRevenue {
             .entry(row.user_id)
             .or_insert_with(|| (row.user_name, Totals::default()));
         gifter.1.add(&row.totals);
+    }
+
+    /// The totals in parts: (total, by sticker, by gifter id with name).
+    #[allow(clippy::type_complexity)]
+    pub fn parts(&self) -> (Totals, Vec<(String, Totals)>, Vec<(String, String, Totals)>) {
+        (
+            self.total,
+            self.by_sticker
+                .iter()
+                .map(|(k, t)| (k.clone(), *t))
+                .collect(),
+            self.by_gifter
+                .iter()
+                .map(|(k, (n, t))| (k.clone(), n.clone(), *t))
+                .collect(),
+        )
+    }
+
+    /// Adds another node's parts (cluster mode: each gifter's wallet lives on one node).
+    pub fn merge(
+        &mut self,
+        total: Totals,
+        by_sticker: Vec<(String, Totals)>,
+        by_gifter: Vec<(String, String, Totals)>,
+    ) {
+        self.total.add(&total);
+        for (k, t) in by_sticker {
+            self.by_sticker.entry(k).or_default().add(&t);
+        }
+        for (k, n, t) in by_gifter {
+            self.by_gifter
+                .entry(k)
+                .or_insert_with(|| (n, Totals::default()))
+                .1
+                .add(&t);
+        }
     }
 
     pub fn report(&self, stream: &str) -> RevenueReport {

@@ -295,6 +295,7 @@ async function main() {
     await viewer.locator(`#chat li[data-type="shoutout"][data-gift-id="${giftId}"].thanked`).waitFor();
   });
   await shot(dash, 'dashboard');
+  await shot(viewer, 'viewer');
 
   await check('overlay: the alert is shown exactly once, also after a reconnect that replays history', async () => {
     const alertMs = (giftSticker.alert_secs || 5) * 1000;
@@ -470,7 +471,7 @@ async function main() {
     const id = await viewer.evaluate((k) => window.__giftcast.sendGift(k, 1, 'Pinned question: how long is the stream?'), giftSticker.id);
     if ((giftSticker.pin_secs || 0) > 0) await viewer.locator(`#pins .pin[data-gift-id="${id}"]`).waitFor();
     await sleep(700);
-    await shot(viewer, 'viewer');
+    await shot(viewer, 'viewer-end');
   });
 
   await check('pages load every asset and raise no script errors, CSP violations or dialogs', async () => {

@@ -210,7 +210,7 @@ function renderChart() {
   const base = y(0).toFixed(1);
   parts.push(svg('path', { class: 'area', d: `${d} V${base} H${x(pts[0].t).toFixed(1)} Z` }));
   parts.push(svg('path', { class: 'line', d }));
-  for (const p of dots) parts.push(svg('circle', { class: 'dot', cx: x(p.t), cy: y(p.v), r: 3 }));
+  if (dots.length <= 80) for (const p of dots) parts.push(svg('circle', { class: 'dot', cx: x(p.t), cy: y(p.v), r: 3 }));
   node.replaceChildren(...parts);
   $('#chart-note').textContent = `${formatCoins(rev.gross)} coins gross`;
 }
@@ -394,9 +394,18 @@ function onFrame(f) {
       return;
     case 'error':
       if (f.code === 'not_found' || f.code === 'forbidden') {
-        for (const id of sendingThanks) sendingThanks.delete(id);
+        // The error names no gift: settle every thanks in flight. For not_found the server
+        // has no such un-thanked gift, so it leaves the queue (a successful one in flight
+        // is removed by its own thanks event anyway).
+        for (const id of sendingThanks) {
+          sendingThanks.delete(id);
+          if (f.code === 'not_found') {
+            queue.delete(id);
+            thanked.add(id);
+          }
+        }
         renderQueue();
-        toast(f.code === 'forbidden' ? 'Only this stream\'s streamer can thank gifts.' : 'That gift is unknown to the server.', 'bad');
+        toast(f.code === 'forbidden' ? 'Only this stream\'s streamer can thank gifts.' : 'That gift was already thanked (or is no longer in the queue).', 'bad');
       } else if (f.code === 'lagged') {
         toast('Connection fell behind; catching up…', 'warn');
       } else {

@@ -21,13 +21,13 @@ function enqueue(f) {
   if (!f.gift_id || seen.has(f.gift_id)) return;
   seen.add(f.gift_id);
   if (seen.size > 5000) seen.delete(seen.values().next().value);
-  // A combo streak waiting in the queue becomes one alert (a gift storm would otherwise
-  // keep the overlay busy for minutes); questions always get their own alert.
-  const last = queue[queue.length - 1];
-  if (last && !last.message && !f.message && last.sticker === f.sticker && last.from && f.from && last.from.id === f.from.id) {
-    last.count = (Number(last.count) || 1) + (Number(f.count) || 1);
-    last.combo = f.combo;
-    last.ids.push(f.gift_id);
+  // Gifts of one sender and sticker still waiting in the queue become one alert (a gift
+  // storm would otherwise keep the overlay busy for minutes); questions get their own alert.
+  const same = !f.message && queue.find((q) => !q.message && q.sticker === f.sticker && q.from && f.from && q.from.id === f.from.id);
+  if (same) {
+    same.count = (Number(same.count) || 1) + (Number(f.count) || 1);
+    same.combo = Math.max(Number(same.combo) || 1, Number(f.combo) || 1);
+    same.ids.push(f.gift_id);
     return;
   }
   queue.push({ ...f, ids: [f.gift_id] });

@@ -1,0 +1,145 @@
+//! A small run of every load-harness scenario against the real server, with the harness's
+//! money check: the bundled harness works end to end, and the server passes it.
+
+mod common;
+
+use common::*;
+
+const SECRET: &str = "smoke-test-secret";
+
+async fn server() -> TestServer {
+    TestServer::start_with(|c| {
+        c.token_secret = Some(SECRET.into());
+        c.chat_rate_per_min = 0;
+        c.gift_rate_per_min = 0;
+        c.max_conns_per_ip = 0;
+    })
+    .await
+}
+
+fn args(server: &TestServer, scenario: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = vec!["loadtest".into()];
+    v.extend(scenario.iter().map(|s| s.to_string()));
+    for s in [
+        "--url",
+        &format!("http://{}", server.addr),
+        "--token-secret",
+        SECRET,
+        "--admin-token",
+        ADMIN,
+        "--no-progress",
+        "--duration-secs",
+        "1",
+        "--drain-secs",
+        "3",
+        "--sample-ms",
+        "250",
+    ] {
+        v.push(s.to_string());
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_delivers_every_event_in_order() {
+    let s = server().await;
+    let r = loadtest::run_from_args(args(
+        &s,
+        &[
+            "fanout",
+            "--viewers",
+            "30",
+            "--senders",
+            "3",
+            "--rate",
+            "50",
+        ],
+    ))
+    .await
+    .unwrap();
+    assert!(r.counters["chats_sent"] >= 30, "{:?}", r.counters);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert!(!r.counters.contains_key("seq_gaps"), "{:?}", r.counters);
+    assert_eq!(r.delivery_ratio, Some(1.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gifts_pass_the_money_check() {
+    let s = server().await;
+    let r = loadtest::run_from_args(args(
+        &s,
+        &["gifts", "--wallets", "10", "--rooms", "2", "--rate", "200"],
+    ))
+    .await
+    .unwrap();
+    let m = r.money.expect("gift scenario checks money");
+    assert!(m.ok, "{:#?}", m.failures);
+    assert!(m.acked_coins > 0);
+    assert_eq!(s.audit().await["ok"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_churn_and_soak_run_clean() {
+    let s = server().await;
+    let r = loadtest::run_from_args(args(
+        &s,
+        &[
+            "mixed",
+            "--viewers",
+            "20",
+            "--chatters",
+            "3",
+            "--chat-rate",
+            "30",
+            "--gifters",
+            "3",
+            "--gift-rate",
+            "30",
+            "--thank-ratio",
+            "1",
+        ],
+    ))
+    .await
+    .unwrap();
+    assert!(r.money.expect("money check").ok);
+    let r = loadtest::run_from_args(args(
+        &s,
+        &[
+            "churn",
+            "--clients",
+            "10",
+            "--hold-ms",
+            "20",
+            "--viewers",
+            "5",
+            "--senders",
+            "1",
+            "--rate",
+            "10",
+        ],
+    ))
+    .await
+    .unwrap();
+    assert!(r.counters["churn_cycles"] > 10, "{:?}", r.counters);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let r = loadtest::run_from_args(args(
+        &s,
+        &[
+            "soak",
+            "--viewers",
+            "5",
+            "--chatters",
+            "2",
+            "--gifters",
+            "2",
+            "--gift-rate",
+            "10",
+            "--window-secs",
+            "0.5",
+        ],
+    ))
+    .await
+    .unwrap();
+    assert!(!r.drift.is_empty());
+    assert!(r.money.expect("money check").ok);
+}
