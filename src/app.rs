@@ -4,7 +4,8 @@
 
 use crate::auth::{Claims, Role, TokenKeys};
 use crate::config::Config;
-use crate::hub::{Hub, QueuedGift, QueuedUser, Room};
+use crate::daily_cap::DailySpend;
+use crate::hub::{Gate, Hub, QueuedGift, QueuedUser, Room};
 use crate::ledger::{CreditStart, GiftRequest, GiftStart, Ledger, SlotState};
 use crate::limits::{
     CHAT_CHARS_MAX, GIFT_COUNT_MAX, GIFT_ID_CHARS_MAX, GIFT_MESSAGE_CHARS_MAX, THANKS_CHARS_MAX,
@@ -44,8 +45,25 @@ pub struct App {
     pub shutdown: tokio::sync::watch::Sender<bool>,
     /// Gift completions not yet settled: shutdown waits for them.
     pub gifts_in_flight: AtomicUsize,
+    /// `--daily-cap`: what each viewer spent today (on the wallet's node).
+    pub daily_spend: DailySpend,
     /// Cluster mode (set once at start).
     pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
+}
+
+/// The message of a moderation refusal.
+pub fn gate_message(gate: Gate) -> &'static str {
+    match gate {
+        Gate::Banned => "you are banned from this stream",
+        Gate::TimedOut => "you are timed out in this stream; try again later",
+        Gate::Blocked => "that contains a word this stream does not allow",
+        Gate::SlowMode => "slow mode is on in this stream; wait before chatting again",
+    }
+}
+
+/// The stream's own streamer.
+pub fn is_streamer(user: &Claims, room: &Room) -> bool {
+    user.role == Role::Streamer && user.sub == room.id
 }
 
 fn per_minute(n: u32) -> Option<DefaultKeyedRateLimiter<String>> {
@@ -102,7 +120,15 @@ impl App {
         durability: Option<Arc<crate::durable::Durable>>,
     ) -> App {
         let catalog_json = serde_json::to_string(&config.catalog).expect("catalog serialises");
+        let daily_spend = DailySpend::new(config.daily_cap);
+        if let Some(d) = &durability {
+            let now = crate::now_ms();
+            for (user, amount, ts_ms) in d.take_gifts_today() {
+                daily_spend.restore(&user, amount, ts_ms, now);
+            }
+        }
         App {
+            daily_spend,
             chat_limiter: per_minute(config.chat_rate_per_min),
             gift_limiter: per_minute(config.gift_rate_per_min),
             config,
@@ -158,12 +184,25 @@ impl App {
     ) -> Result<u64, (&'static str, &'static str)> {
         let text = clean_text(text, CHAT_CHARS_MAX)
             .ok_or(("invalid", "chat must be 1-500 characters, not blank"))?;
-        if let Some(l) = &self.chat_limiter {
-            if l.check_key(&user.sub).is_err() {
-                return Err(("rate_limited", "too many chat messages; slow down"));
-            }
-        }
         let ts = crate::now_ms();
+        {
+            // Moderation, slow mode and the rate limit are checked and recorded under the room's
+            // moderation lock: two connections of one user cannot both slip through slow mode.
+            let mut m = room.moderation();
+            let staff = is_streamer(user, room) || m.is_moderator(&user.sub);
+            if let Err(gate) = m.gate(&user.sub, Some(text), staff, ts) {
+                return Err((gate.code(), gate_message(gate)));
+            }
+            if !staff && !m.slow_mode_allows(&user.sub, ts) {
+                return Err((Gate::SlowMode.code(), gate_message(Gate::SlowMode)));
+            }
+            if let Some(l) = &self.chat_limiter {
+                if l.check_key(&user.sub).is_err() {
+                    return Err(("rate_limited", "too many chat messages; slow down"));
+                }
+            }
+            m.chat_accepted(&user.sub, ts);
+        }
         Ok(room.publish(|seq| {
             serde_json::to_string(&protocol::ChatEvent {
                 kind: "chat",
@@ -257,6 +296,18 @@ impl App {
         if self.shutting_down.load(Ordering::SeqCst) {
             return reject("unavailable");
         }
+        // Moderation of the room (bans, timeouts, blocked words in the message). A retry of an
+        // accepted gift gets its original answer from the ledger, whatever moderation says now.
+        if !self.ledger.has_gift(&user.sub, gift_id) {
+            let m = room.moderation();
+            let staff = is_streamer(user, room) || m.is_moderator(&user.sub);
+            if let Err(gate) = m.gate(&user.sub, message, staff, crate::now_ms()) {
+                return GiftReply::Rejected {
+                    code: gate.code(),
+                    balance: Some(self.ledger.balance(&user.sub)),
+                };
+            }
+        }
         if let Some(l) = &self.gift_limiter {
             if l.check_key(&user.sub).is_err() {
                 return reject("rate_limited");
@@ -296,6 +347,30 @@ impl App {
                 balance: Some(self.ledger.balance(user_id)),
             };
         }
+        // The daily cap, on the wallet's node: reserved before the debit, given back if nothing
+        // is debited. A retry of an accepted gift gets its original answer whatever the cap says.
+        let retry = self.ledger.has_gift(user_id, gift_id);
+        let reservation = match sticker.price.checked_mul(count as u64) {
+            Some(amount) if !retry => {
+                match self.daily_spend.reserve(user_id, amount, crate::now_ms()) {
+                    Ok(r) => Some(r),
+                    Err(_) => {
+                        metrics::counter!("giftcast_gifts_rejected_total", "code" => "daily_cap")
+                            .increment(1);
+                        return GiftReply::Rejected {
+                            code: "daily_cap",
+                            balance: Some(self.ledger.balance(user_id)),
+                        };
+                    }
+                }
+            }
+            _ => None,
+        };
+        let release = |r: Option<crate::daily_cap::Reservation>| {
+            if let Some(r) = r {
+                self.daily_spend.release(user_id, r);
+            }
+        };
         let req = GiftRequest {
             user_id,
             user_name,
@@ -309,10 +384,14 @@ impl App {
         };
         let slot = match self.ledger.begin_gift(&req) {
             GiftStart::Rejected { code, balance } => {
+                release(reservation);
                 metrics::counter!("giftcast_gifts_rejected_total", "code" => code).increment(1);
                 return GiftReply::Rejected { code, balance };
             }
-            GiftStart::Retry(slot) => slot,
+            GiftStart::Retry(slot) => {
+                release(reservation);
+                slot
+            }
             GiftStart::New {
                 slot,
                 ticket,
@@ -337,6 +416,9 @@ impl App {
                         Err(e) => {
                             tracing::error!(error = %e, "journal refused a gift; the debit is undone");
                             app.ledger.gift_failed(&record, &slot2);
+                            if let Some(r) = reservation {
+                                app.daily_spend.release(&record.user_id, r);
+                            }
                         }
                     }
                     app.gifts_in_flight.fetch_sub(1, Ordering::SeqCst);

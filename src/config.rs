@@ -106,6 +106,9 @@ pub struct ServeArgs {
     /// Red packets: the host's cut in basis points (paid to the stream, split like a gift).
     #[arg(long, env = "GIFTCAST_RED_PACKET_HOST_CUT", default_value_t = 0)]
     pub red_packet_host_cut: u64,
+    /// Coins one viewer may spend on gifts per UTC day (0 = no cap).
+    #[arg(long, env = "GIFTCAST_DAILY_CAP", default_value_t = 0)]
+    pub daily_cap: u64,
     /// Extra Origins allowed to open /ws, comma separated (same origin and loopback always are).
     #[arg(long, env = "GIFTCAST_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
@@ -163,6 +166,14 @@ pub struct Config {
     pub catalog: crate::catalog::Catalog,
     pub red_packet_ttl_ms: u64,
     pub red_packet_host_cut_bp: u64,
+    /// Coins per viewer per UTC day (0 = off).
+    pub daily_cap: u64,
+    /// WebSocket Ping interval (`HEARTBEAT_INTERVAL_MS`; tests shorten it).
+    pub heartbeat_interval_ms: u64,
+    /// Silence after which a WebSocket is closed as half-open (`HEARTBEAT_TIMEOUT_MS`).
+    pub heartbeat_timeout_ms: u64,
+    /// Time allowed for an HTTP/1 request head (`HTTP_HEADER_READ_TIMEOUT_MS`).
+    pub http_header_read_timeout_ms: u64,
     /// Cluster mode over NATS, when `--nats-url` is given.
     pub cluster: Option<ClusterConfig>,
     /// Test-only negative control (hidden flag): breaks the durability guarantee on purpose.
@@ -218,6 +229,12 @@ impl ServeArgs {
             Some(p) => crate::catalog::Catalog::load(p).map_err(|e| e.to_string())?,
             None => crate::catalog::Catalog::default(),
         };
+        if self.daily_cap > crate::money::AMOUNT_MAX {
+            return Err(format!(
+                "--daily-cap must be at most {}",
+                crate::money::AMOUNT_MAX
+            ));
+        }
         let cluster = match &self.nats_url {
             None => {
                 if self.node_id.is_some() || !self.nodes.is_empty() {
@@ -273,6 +290,10 @@ impl ServeArgs {
             max_conns: self.max_conns,
             allowed_origins: self.allowed_origins,
             catalog,
+            daily_cap: self.daily_cap,
+            heartbeat_interval_ms: crate::limits::HEARTBEAT_INTERVAL_MS,
+            heartbeat_timeout_ms: crate::limits::HEARTBEAT_TIMEOUT_MS,
+            http_header_read_timeout_ms: crate::limits::HTTP_HEADER_READ_TIMEOUT_MS,
             unsafe_ack_before_durable: self.unsafe_ack_before_durable,
             red_packet_ttl_ms: self.red_packet_ttl_secs * 1000,
             red_packet_host_cut_bp: self.red_packet_host_cut,
@@ -313,6 +334,8 @@ mod tests {
         assert_eq!(c.chat_rate_per_min, 60);
         assert_eq!(c.gift_rate_per_min, 600);
         assert_eq!(c.max_conns_per_ip, 1000);
+        assert_eq!(c.daily_cap, 0, "no daily cap unless asked");
+        assert_eq!(cfg(&["--daily-cap", "500"]).unwrap().daily_cap, 500);
     }
 
     #[test]

@@ -46,6 +46,9 @@ pub struct Durable {
     pub journal: Journal,
     pub flusher: FlusherHandle,
     pub store: Store,
+    /// Gifts restored at start that were made today (UTC): (user, amount, ts_ms), for the
+    /// `--daily-cap` totals. Taken once by the app.
+    gifts_today: parking_lot::Mutex<Vec<(String, u64, u64)>>,
 }
 
 impl DurabilityStatus for Durable {
@@ -71,6 +74,11 @@ impl DurabilityStatus for Durable {
 }
 
 impl Durable {
+    /// Today's restored gifts (see the field); empty after the first call.
+    pub fn take_gifts_today(&self) -> Vec<(String, u64, u64)> {
+        std::mem::take(&mut *self.gifts_today.lock())
+    }
+
     /// Opens storage and the journal and rebuilds the ledger: balances, credit references,
     /// recent gift ids and revenue from storage at its checkpoint, then every journal record
     /// after it. A corrupt journal or a record that does not fit stops the start.
@@ -150,12 +158,24 @@ impl Durable {
             gifted = audit.gifted,
             "money recovered"
         );
+        let today_ms = crate::now_ms() / crate::limits::DAY_MS * crate::limits::DAY_MS;
+        let gifts_today = snapshot
+            .gifts
+            .iter()
+            .chain(recovered.records.iter().filter_map(|(_, r)| match r {
+                Record::Gift(g) => Some(g),
+                _ => None,
+            }))
+            .filter(|g| g.ts_ms >= today_ms)
+            .map(|g| (g.user_id.clone(), g.amount, g.ts_ms))
+            .collect();
         let flusher = flusher::spawn(store.clone(), journal.clone(), rx, FlushConfig::default());
         Ok((
             Durable {
                 journal,
                 flusher,
                 store,
+                gifts_today: parking_lot::Mutex::new(gifts_today),
             },
             ledger,
         ))

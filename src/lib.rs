@@ -15,6 +15,8 @@
 //! - `durable`: recovery at start, the journal as the ledger's sink, health, drain.
 //! - `hub`: rooms, members, history, fan-out; never touches money.
 //! - `app`: the chat, gift and thanks paths over hub and ledger.
+//! - `moderate`: the moderation frames: who may act, each action, its room event.
+//! - `daily_cap`: what each viewer spent today, for `--daily-cap`.
 //! - `http`: axum routes, the WebSocket connection, pages, errors.
 //! - `cluster`: NATS: room owners, mirrors, wallet owners.
 //! - `server`: bind, build (with recovery), serve, drain.
@@ -25,6 +27,7 @@ pub mod auth;
 pub mod catalog;
 pub mod cluster;
 pub mod config;
+pub mod daily_cap;
 pub mod durable;
 pub mod flusher;
 pub mod http;
@@ -32,6 +35,7 @@ pub mod hub;
 pub mod journal;
 pub mod ledger;
 pub mod limits;
+pub mod moderate;
 pub mod money;
 pub mod protocol;
 pub mod record;

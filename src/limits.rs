@@ -71,3 +71,47 @@ pub const REFERENCE_CHARS_MAX: usize = 128;
 pub const IDEMPOTENCY_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
 /// Time allowed, on SIGTERM, for connections to close and money to become durable and stored.
 pub const SHUTDOWN_DRAIN_MS: u64 = 10_000;
+
+// ---- safety: hostile input, half-open sockets, slowloris, moderation, spending ----
+
+/// Nesting depth a client frame may have. Every frame is one object of scalars (depth 1; the
+/// `words` array of `blocked_words` is depth 2, and `ping.t` may carry a small structure): deeper
+/// nesting only ever attacks the parser's stack and time, and is refused with `bad_frame`.
+pub const JSON_DEPTH_MAX: usize = 8;
+/// The server sends a WebSocket Ping this often; browsers and WebSocket libraries answer with a
+/// Pong on their own.
+pub const HEARTBEAT_INTERVAL_MS: u64 = 15_000;
+/// A connection from which nothing at all (frame, Pong) arrives for this long is half-open (the
+/// peer vanished without a FIN): it is closed with 4011, freeing its slot, task and outbox.
+/// Two missed Pings are tolerated.
+pub const HEARTBEAT_TIMEOUT_MS: u64 = 45_000;
+const _: () = assert!(HEARTBEAT_TIMEOUT_MS >= 2 * HEARTBEAT_INTERVAL_MS);
+/// An HTTP/1 request head (request line and headers) must arrive completely within this time,
+/// counted from when the server starts waiting for it (also on an idle keep-alive connection):
+/// slowloris clients that dribble a header byte at a time are closed.
+pub const HTTP_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+/// Largest HTTP request head, bytes; beyond it the answer is 431. Tokens are < 1 KiB; 16 KiB
+/// leaves room for cookies while bounding what one connection makes the server buffer.
+pub const HTTP_HEADER_BYTES_MAX: usize = 16 * 1024;
+/// Moderators a streamer may name per room: a moderation team, not an audience.
+pub const ROOM_MODERATORS_MAX: usize = 100;
+/// Users banned per room (in memory: ~100 B each, 1 MiB per room at most).
+pub const ROOM_BANS_MAX: usize = 10_000;
+/// Users timed out at once per room; expired timeouts are evicted first when it is full.
+pub const ROOM_TIMEOUTS_MAX: usize = 10_000;
+/// Longest timeout, seconds (two weeks, as the big platforms allow).
+pub const TIMEOUT_SECS_MAX: u64 = 14 * 24 * 3600;
+/// Longest slow-mode interval, seconds.
+pub const SLOW_MODE_SECS_MAX: u64 = 3600;
+/// Last-chat times a room keeps for slow mode; entries older than the interval are evicted
+/// first, and only beyond that is the table cleared (~100 B each: 10 MiB at most per room).
+pub const SLOW_MODE_TRACKED_MAX: usize = 100_000;
+/// Words in a room's blocked-words list. Matching is a hash lookup per word of the chat.
+pub const BLOCKED_WORDS_MAX: usize = 200;
+/// Characters of one blocked word.
+pub const BLOCKED_WORD_CHARS_MAX: usize = 32;
+/// Deleted chat seqs a room remembers (to refuse a second delete): the history's span is enough,
+/// because only events still in history can be deleted.
+pub const ROOM_DELETED_TRACKED_MAX: usize = ROOM_HISTORY_EVENTS_MAX;
+/// A UTC day, the period of `--daily-cap`.
+pub const DAY_MS: u64 = 24 * 3600 * 1000;

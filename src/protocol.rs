@@ -45,6 +45,118 @@ pub enum ClientFrame {
     Grab {
         packet_id: String,
     },
+    // ---- moderation: the stream's streamer, or a moderator it named ----
+    /// Delete a chat message (by its room seq).
+    Delete {
+        seq: u64,
+    },
+    /// `user_id` may not chat or gift in this room for `secs` seconds (0 lifts a timeout).
+    Timeout {
+        user_id: String,
+        secs: u64,
+    },
+    /// Close `user_id`'s connections to this room (4010) and refuse its joins.
+    Ban {
+        user_id: String,
+    },
+    Unban {
+        user_id: String,
+    },
+    /// One chat per user per `secs` seconds (0 = off); the streamer and moderators are exempt.
+    SlowMode {
+        secs: u64,
+    },
+    /// Replaces the room's blocked words (case-insensitive, whole words).
+    BlockedWords {
+        words: Vec<String>,
+    },
+    /// Name a moderator (the streamer only).
+    Mod {
+        user_id: String,
+    },
+    Unmod {
+        user_id: String,
+    },
+}
+
+/// Why a client frame could not be decoded.
+#[derive(Debug, PartialEq, Eq)]
+pub struct FrameError {
+    /// Always `bad_frame`: not JSON, too deep, not an object, unknown type, ill-typed field.
+    pub code: &'static str,
+    pub message: String,
+    /// The `gift_id` of a malformed gift frame, when it has a string one, so the client can
+    /// settle that gift (it gets `gift_rejected` with `invalid`).
+    pub gift_id: Option<String>,
+}
+
+/// Decodes one client text frame with every structural limit: nesting depth at most
+/// `JSON_DEPTH_MAX` (checked before the parser runs), then serde's typed decoding (numbers in
+/// range for their type, no lone surrogates, strings bounded by the frame size). Never panics.
+pub fn decode_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
+    if !json_depth_within(text.as_bytes(), crate::limits::JSON_DEPTH_MAX) {
+        return Err(FrameError {
+            code: "bad_frame",
+            message: format!(
+                "JSON nested deeper than {} levels",
+                crate::limits::JSON_DEPTH_MAX
+            ),
+            gift_id: None,
+        });
+    }
+    serde_json::from_str(text).map_err(|e| {
+        let gift_id = serde_json::from_str::<serde_json::Value>(text)
+            .ok()
+            .filter(|v| v["type"] == "gift")
+            .and_then(|v| v["gift_id"].as_str().map(str::to_string));
+        let mut message = e.to_string();
+        truncate_chars(&mut message, 200);
+        FrameError {
+            code: "bad_frame",
+            message,
+            gift_id,
+        }
+    })
+}
+
+/// Cuts `s` to at most `max` characters (never inside a character).
+fn truncate_chars(s: &mut String, max: usize) {
+    if let Some((i, _)) = s.char_indices().nth(max) {
+        s.truncate(i);
+    }
+}
+
+/// Whether the JSON text's `[`/`{` nesting stays within `max` (brackets inside strings do not
+/// count). A linear scan with no allocation, run before the parser so a deep document never
+/// reaches it. Text that is not JSON passes here and fails in the parser.
+pub fn json_depth_within(bytes: &[u8], max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in bytes {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return false;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    true
 }
 
 /// A user as shown to a room.
@@ -108,6 +220,49 @@ pub struct Joined<'a> {
     pub epoch: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resumed: Option<bool>,
+    /// `true` when the joiner is the stream's streamer or one of its moderators (absent
+    /// otherwise): the client may show moderation controls.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub moderator: bool,
+    /// The room's slow-mode interval in seconds, when slow mode is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slow_mode: Option<u64>,
+}
+
+/// A chat message was deleted by the streamer or a moderator: clients hide `target_seq`.
+#[derive(Serialize)]
+pub struct DeletedEvent {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub seq: u64,
+    pub target_seq: u64,
+    pub ts: u64,
+}
+
+/// A moderation action on a user: `timeout` (with `secs`; 0 lifts it), `ban`, `unban`, `mod`,
+/// `unmod`. Clients hide the chat of a user timed out or banned.
+#[derive(Serialize)]
+pub struct ModActionEvent<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub seq: u64,
+    pub action: &'static str,
+    pub user_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secs: Option<u64>,
+    pub ts: u64,
+}
+
+/// The room's chat settings changed: `slow_mode` seconds (0 = off) and how many blocked words
+/// are set (the words themselves are not shown to the room).
+#[derive(Serialize)]
+pub struct RoomSettingsEvent {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub seq: u64,
+    pub slow_mode: u64,
+    pub blocked_words: usize,
+    pub ts: u64,
 }
 
 pub fn error_frame(code: &str, message: &str) -> String {
@@ -217,6 +372,37 @@ mod tests {
         assert_eq!(clean_text("   ", 500), None);
         assert!(clean_text(&"é".repeat(500), 500).is_some());
         assert!(clean_text(&"é".repeat(501), 500).is_none());
+    }
+
+    #[test]
+    fn depth_is_counted_outside_strings_only() {
+        assert!(json_depth_within(b"{}", 1));
+        assert!(!json_depth_within(b"{[]}", 1));
+        assert!(json_depth_within(br#"{"a":"[[[[{{{{"}"#, 1));
+        assert!(
+            json_depth_within(br#"{"a":"\"[[["}"#, 1),
+            "escaped quote stays in the string"
+        );
+        assert!(
+            !json_depth_within(br#"{"a":"\\",[[]]}"#, 2),
+            "an escaped backslash ends"
+        );
+        assert!(
+            json_depth_within(b"]]]]", 0),
+            "unbalanced closers never underflow"
+        );
+    }
+
+    #[test]
+    fn decode_names_the_gift_of_a_malformed_gift() {
+        let e = decode_client_frame(r#"{"type":"gift","gift_id":"g9","count":"x"}"#).unwrap_err();
+        assert_eq!((e.code, e.gift_id.as_deref()), ("bad_frame", Some("g9")));
+        let e = decode_client_frame("nope").unwrap_err();
+        assert_eq!((e.code, e.gift_id), ("bad_frame", None));
+        let f = decode_client_frame(r#"{"type":"blocked_words","words":["a","b"]}"#).unwrap();
+        assert!(matches!(f, ClientFrame::BlockedWords { words } if words.len() == 2));
+        let f = decode_client_frame(r#"{"type":"slow_mode","secs":30}"#).unwrap();
+        assert!(matches!(f, ClientFrame::SlowMode { secs: 30 }));
     }
 
     #[test]

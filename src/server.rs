@@ -101,15 +101,16 @@ pub async fn serve(
     tracing::info!(%addr, data_dir = %app.config.data_dir.display(), guest_signup = app.config.guest_signup, "giftcast listening");
     let router = crate::http::router(app.clone());
     let app2 = app.clone();
-    axum::serve(
+    crate::http::serve(
         listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
+        router,
+        Duration::from_millis(app.config.http_header_read_timeout_ms),
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down: closing connections, settling money");
+            app2.begin_shutdown();
+        },
     )
-    .with_graceful_shutdown(async move {
-        shutdown.await;
-        tracing::info!("shutting down: closing connections, settling money");
-        app2.begin_shutdown();
-    })
     .await
     .context("serving")?;
     // Every gift that was debited gets settled (durable and announced, or undone).

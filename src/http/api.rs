@@ -75,10 +75,16 @@ fn require_owner(app: &App, headers: &HeaderMap, stream: &str) -> Result<(), Api
     }
 }
 
+/// A JSON body, or the refusal: 413 `too_large` over `HTTP_BODY_BYTES_MAX`, else 400 `invalid`
+/// (not JSON, nested deeper than serde_json's 128 levels, wrong types, numbers out of range).
 fn body<T>(payload: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    payload
-        .map(|Json(v)| v)
-        .map_err(|e| ApiError::bad_request(e.body_text()))
+    payload.map(|Json(v)| v).map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.body_text())
+        } else {
+            ApiError::bad_request(e.body_text())
+        }
+    })
 }
 
 fn random_id(prefix: &str) -> String {
@@ -216,6 +222,21 @@ pub async fn queue(
     }
     let gifts = app.hub.get(&id).map(|r| r.queued()).unwrap_or_default();
     Ok(Json(json!({"stream": id, "gifts": gifts})).into_response())
+}
+
+/// The room's moderation state: moderators, bans, live timeouts, slow mode, blocked words.
+pub async fn moderation(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    require_owner(&app, &headers, &id)?;
+    let mut out = match app.hub.get(&id) {
+        Some(r) => r.moderation().snapshot(crate::now_ms()),
+        None => crate::hub::Moderation::default().snapshot(0),
+    };
+    out["stream"] = id.into();
+    Ok(Json(out).into_response())
 }
 
 pub async fn admin_credit(

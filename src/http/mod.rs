@@ -2,7 +2,10 @@
 
 mod api;
 mod pages;
+mod serve;
 mod ws;
+
+pub use serve::serve;
 
 use crate::app::App;
 use crate::limits::{HTTP_BODY_BYTES_MAX, HTTP_TIMEOUT_MS};
@@ -22,12 +25,14 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/streams/{id}", get(api::stream_info))
         .route("/api/streams/{id}/revenue", get(api::revenue))
         .route("/api/streams/{id}/queue", get(api::queue))
+        .route("/api/streams/{id}/moderation", get(api::moderation))
         .route("/api/admin/credit", post(api::admin_credit))
         .route("/api/admin/audit", get(api::admin_audit))
         .route("/metrics", get(api::metrics))
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
         .fallback(api::not_found)
+        .layer(axum::middleware::from_fn(body_guard))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             Duration::from_millis(HTTP_TIMEOUT_MS),
@@ -41,6 +46,33 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(api)
         .layer(DefaultBodyLimit::max(HTTP_BODY_BYTES_MAX))
         .with_state(app)
+}
+
+/// Every API request body is read whole (at most `HTTP_BODY_BYTES_MAX`, else 413) and, before
+/// any handler parses it, checked to nest no deeper than `JSON_DEPTH_MAX` (else 400): serde
+/// skips unknown fields without serde_json's recursion limit, so depth is bounded here.
+async fn body_guard(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, HTTP_BODY_BYTES_MAX).await else {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("request bodies are at most {HTTP_BODY_BYTES_MAX} bytes"),
+        )
+        .into_response();
+    };
+    if !crate::protocol::json_depth_within(&bytes, crate::limits::JSON_DEPTH_MAX) {
+        return ApiError::bad_request(format!(
+            "JSON nested deeper than {} levels",
+            crate::limits::JSON_DEPTH_MAX
+        ))
+        .into_response();
+    }
+    next.run(axum::extract::Request::from_parts(
+        parts,
+        axum::body::Body::from(bytes),
+    ))
+    .await
 }
 
 /// `{"error":{"code","message"}}` with a fitting status.

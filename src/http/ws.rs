@@ -4,7 +4,7 @@
 //! one write. Every write has a deadline, so a stalled client costs a bounded time and memory
 //! and never slows anyone else (the room only ever `try_send`s to its outbox).
 
-use crate::app::{App, ConnRefusal, ConnSlot, GiftReply};
+use crate::app::{is_streamer, App, ConnRefusal, ConnSlot, GiftReply};
 use crate::auth::{Claims, Role};
 use crate::cluster::wire::RoomReq;
 use crate::hub::{ConnShared, MemberHandle, Out, Room};
@@ -186,6 +186,14 @@ impl Conn<'_> {
         let mut shutdown = self.app.shutdown.subscribe();
         let join_deadline = tokio::time::sleep(Duration::from_millis(JOIN_TIMEOUT_MS));
         tokio::pin!(join_deadline);
+        // Heartbeat: a Ping every interval; a peer silent for the timeout (no frame, no Pong)
+        // is half-open and is closed.
+        let ping_every = Duration::from_millis(self.app.config.heartbeat_interval_ms.max(1));
+        let silence_max = Duration::from_millis(self.app.config.heartbeat_timeout_ms);
+        let mut heartbeat =
+            tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_heard = tokio::time::Instant::now();
         // The flood guard is on while chat is rate limited; `--chat-rate 0` (benchmarks) turns
         // it off with the chat limit, so a load generator is never cut off.
         let flood = (self.app.config.chat_rate_per_min > 0).then(|| {
@@ -205,6 +213,16 @@ impl Conn<'_> {
                     return "shutdown";
                 }
                 _ = &mut *writer => return WRITER_ENDED,
+                _ = heartbeat.tick() => {
+                    if last_heard.elapsed() >= silence_max {
+                        self.close(4011, "heartbeat timeout");
+                        return "heartbeat timeout";
+                    }
+                    if self.tx.try_send(Out::Ping).is_err() {
+                        self.shared.mark_lagged();
+                    }
+                    continue;
+                }
                 msg = stream.next() => msg,
             };
             let msg = match msg {
@@ -218,10 +236,16 @@ impl Conn<'_> {
                         self.close(1009, "frame too big");
                         return "frame too big";
                     }
+                    if text.contains("UTF-8") {
+                        // RFC 6455: a text frame that is not UTF-8 fails the connection with 1007.
+                        self.close(1007, "invalid UTF-8");
+                        return "invalid UTF-8";
+                    }
                     return "read error";
                 }
                 Some(Ok(m)) => m,
             };
+            last_heard = tokio::time::Instant::now();
             if flood.as_ref().is_some_and(|f| f.check().is_err()) {
                 self.close(4008, "flooding");
                 return "flooding";
@@ -244,31 +268,28 @@ impl Conn<'_> {
 
     /// One client frame. `Err` carries the reason when the connection must close.
     async fn frame(&mut self, text: &str) -> Result<(), &'static str> {
-        let frame: ClientFrame = match serde_json::from_str(text) {
+        let frame = match protocol::decode_client_frame(text) {
             Ok(f) => f,
             Err(e) => {
                 // A gift we can name gets its own rejection, so the client can settle it.
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(text) {
-                    if v["type"] == "gift" {
-                        if let Some(id) = v["gift_id"].as_str() {
-                            self.send(protocol::gift_rejected_frame(id, "invalid", None));
-                            return Ok(());
-                        }
-                    }
-                    if let Some(id) = v["packet_id"].as_str() {
-                        if v["type"] == "red_packet" {
-                            self.send(protocol::packet_rejected_frame(id, "invalid", None));
-                            return Ok(());
-                        }
-                        if v["type"] == "grab" {
-                            self.send(protocol::grab_rejected_frame(id, "invalid"));
-                            return Ok(());
-                        }
-                    }
+                if let Some(id) = e.gift_id {
+                    self.send(protocol::gift_rejected_frame(&id, "invalid", None));
+                    return Ok(());
                 }
-                let mut message = e.to_string();
-                message.truncate(200);
-                self.error("bad_frame", &message);
+                // A red packet or grab we can name gets its own rejection too.
+                let named = protocol::json_depth_within(text.as_bytes(), JSON_DEPTH_MAX)
+                    .then(|| serde_json::from_str::<serde_json::Value>(text).ok())
+                    .flatten();
+                match named
+                    .as_ref()
+                    .and_then(|v| Some((v["type"].as_str()?, v["packet_id"].as_str()?)))
+                {
+                    Some(("red_packet", id)) => {
+                        self.send(protocol::packet_rejected_frame(id, "invalid", None))
+                    }
+                    Some(("grab", id)) => self.send(protocol::grab_rejected_frame(id, "invalid")),
+                    _ => self.error(e.code, &e.message),
+                }
                 return Ok(());
             }
         };
@@ -410,6 +431,29 @@ impl Conn<'_> {
                     drop(permit);
                 });
             }
+            ClientFrame::Delete { .. }
+            | ClientFrame::Timeout { .. }
+            | ClientFrame::Ban { .. }
+            | ClientFrame::Unban { .. }
+            | ClientFrame::SlowMode { .. }
+            | ClientFrame::BlockedWords { .. }
+            | ClientFrame::Mod { .. }
+            | ClientFrame::Unmod { .. } => {
+                let (room, _) = self.joined.as_ref().expect("joined");
+                match &self.user {
+                    None => self.error("read_only", "sign in to moderate"),
+                    // Cluster mode: moderation state lives on the room's own node only.
+                    Some(_) if room.is_mirror() => self.error(
+                        "unavailable",
+                        "moderate this stream from a connection to its own node",
+                    ),
+                    Some(user) => {
+                        if let Err((code, message)) = self.app.moderate(user, room, &frame) {
+                            self.error(code, &message);
+                        }
+                    }
+                }
+            }
             ClientFrame::Gift {
                 gift_id,
                 sticker,
@@ -523,9 +567,15 @@ impl Conn<'_> {
             None => None,
         };
         let user = self.user.as_ref();
+        let (moderator, slow_mode) = {
+            let m = room.moderation();
+            let moderator = user.is_some_and(|u| is_streamer(u, &room) || m.is_moderator(&u.sub));
+            (moderator, Some(m.slow_mode_secs()).filter(|s| *s > 0))
+        };
         let outcome = room.join(
             &self.tx,
             self.shared.clone(),
+            user.map(|u| u.sub.as_str()),
             since,
             |seq, viewers, resumed, epoch| {
                 serde_json::to_string(&protocol::Joined {
@@ -541,12 +591,23 @@ impl Conn<'_> {
                     catalog: &app.config.catalog.stickers,
                     epoch,
                     resumed,
+                    moderator,
+                    slow_mode,
                 })
                 .expect("joined serialises")
             },
         );
-        self.joined = Some((room, outcome.member));
-        Ok(())
+        match outcome {
+            Ok(outcome) => {
+                self.joined = Some((room, outcome.member));
+                Ok(())
+            }
+            Err(gate) => {
+                self.error(gate.code(), crate::app::gate_message(gate));
+                self.close(4010, "banned");
+                Err("banned")
+            }
+        }
     }
 }
 
@@ -603,6 +664,7 @@ async fn writer(
                                 close = Some((code, reason));
                                 break;
                             }
+                            Out::Ping => sink.feed(Message::Ping(Default::default())).await?,
                         }
                     }
                     sink.flush().await

@@ -13,8 +13,10 @@
 //! Architecture invariants: no lock is held across an `.await` (the room lock is a
 //! `parking_lot::Mutex`, only taken in synchronous code); every queue is bounded.
 
+mod moderation;
 mod room;
 
+pub use moderation::{Gate, LimitReached, Moderation};
 pub use room::{Forward, Gap, JoinOutcome, MemberHandle, QueuedGift, QueuedUser, Room};
 
 use crate::limits::{ROOMS_MAX, VIEWERS_INTERVAL_MS};
@@ -31,6 +33,8 @@ pub enum Out {
     Frame { seq: u64, text: Utf8Bytes },
     /// Close the connection with this WebSocket close code and reason.
     Close { code: u16, reason: &'static str },
+    /// A WebSocket Ping (heartbeat): the peer answers with a Pong.
+    Ping,
 }
 
 /// State a connection's reader, writer and its room share.

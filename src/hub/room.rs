@@ -1,5 +1,6 @@
 //! One room: seq, history, members, fan-out task, combos and the streamer's thanks queue.
 
+use super::moderation::{Gate, Moderation};
 use super::{ConnShared, Out};
 use crate::limits::{
     BATCH_EVENTS_MAX, COMBO_TRACKED_MAX, COMBO_WINDOW_MS, REPLAY_BATCH_EVENTS_MAX,
@@ -16,6 +17,8 @@ use tokio::sync::{mpsc, Notify};
 struct Member {
     tx: mpsc::Sender<Out>,
     shared: Arc<ConnShared>,
+    /// The signed-in user, so a ban can close its connections.
+    user: Option<String>,
 }
 
 /// An un-thanked gift waiting in the streamer's queue.
@@ -79,6 +82,9 @@ pub struct Room {
     viewers: AtomicUsize,
     always_live: AtomicBool,
     streamer_seen: AtomicBool,
+    /// Moderators, bans, timeouts, slow mode, blocked words. Its own lock, never held while the
+    /// room lock is taken except in `join` (room lock, then this one: one order only).
+    moderation: Mutex<Moderation>,
     /// Cluster mode, rooms this node owns: every fan-out round also goes here, in seq order.
     forward: std::sync::OnceLock<mpsc::Sender<Forward>>,
     /// Cluster mode: this room is a mirror of a room another node owns.
@@ -126,6 +132,7 @@ impl Room {
             viewers: AtomicUsize::new(0),
             always_live: AtomicBool::new(false),
             streamer_seen: AtomicBool::new(false),
+            moderation: Mutex::new(Moderation::default()),
             forward: std::sync::OnceLock::new(),
             mirror: AtomicBool::new(false),
         });
@@ -263,17 +270,27 @@ impl Room {
         self.inner.lock().fanned_seq
     }
 
+    /// The room's moderation state (see `moderation.rs`). Do not hold it across other locks.
+    pub fn moderation(&self) -> parking_lot::MutexGuard<'_, Moderation> {
+        self.moderation.lock()
+    }
+
     /// Adds a member. `joined` builds the `joined` frame from (seq, viewers, resumed); it is
     /// queued first, then the replay of history after `since`, then live events: no gap, no
-    /// duplicate, because all three happen under the room lock.
+    /// duplicate, because all three happen under the room lock. A banned `user` is refused
+    /// (checked under the room lock, so a ban racing this join either refuses it or closes it).
     pub fn join(
         self: &Arc<Self>,
         tx: &mpsc::Sender<Out>,
         shared: Arc<ConnShared>,
+        user: Option<&str>,
         since: Option<u64>,
         joined: impl FnOnce(u64, usize, Option<bool>, &str) -> String,
-    ) -> JoinOutcome {
+    ) -> Result<JoinOutcome, Gate> {
         let mut inner = self.inner.lock();
+        if user.is_some_and(|u| self.moderation.lock().is_banned(u)) {
+            return Err(Gate::Banned);
+        }
         let visible = inner.fanned_seq;
         let oldest = inner
             .history
@@ -312,16 +329,57 @@ impl Room {
             Member {
                 tx: tx.clone(),
                 shared,
+                user: user.map(str::to_string),
             },
         );
         self.viewers.store(inner.members.len(), Ordering::Relaxed);
-        JoinOutcome {
+        Ok(JoinOutcome {
             member: MemberHandle {
                 room: self.clone(),
                 id,
             },
             resumed,
+        })
+    }
+
+    /// Removes every connection of `user_id` from the room: each gets `frame` (an error) and
+    /// then a close with `code`. Returns how many were closed.
+    pub fn kick_user(&self, user_id: &str, frame: &str, code: u16, reason: &'static str) -> usize {
+        let frame: Utf8Bytes = frame.to_string().into();
+        let mut inner = self.inner.lock();
+        let mut kicked = 0;
+        inner.members.retain(|_, m| {
+            if m.user.as_deref() != Some(user_id) {
+                return true;
+            }
+            kicked += 1;
+            let sent = m.tx.try_send(Out::Frame {
+                seq: 0,
+                text: frame.clone(),
+            });
+            if sent.is_err() || m.tx.try_send(Out::Close { code, reason }).is_err() {
+                // A full outbox: the writer cuts it off as lagging instead.
+                m.shared.mark_lagged();
+            }
+            false
+        });
+        self.viewers.store(inner.members.len(), Ordering::Relaxed);
+        kicked
+    }
+
+    /// The author's user id of chat event `seq`, while it is in history; `None` when the seq is
+    /// not in history or is not a chat.
+    pub fn chat_author(&self, seq: u64) -> Option<String> {
+        let text = {
+            let inner = self.inner.lock();
+            let (_, text) = inner.history.iter().find(|(s, _)| *s == seq)?;
+            text.clone()
+        };
+        let v: serde_json::Value = serde_json::from_str(text.as_str()).ok()?;
+        if v["type"] != "chat" {
+            return None;
         }
+        v["from"]["id"].as_str().map(str::to_string)
     }
 
     /// Stamps the next seq, builds the event with it, keeps it in history and queues it for

@@ -10,6 +10,8 @@ mod recover;
 mod writer;
 
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 mod tests;
 
 pub use frame::{FRAME_BODY_BYTES_MAX, FRAME_HEADER_BYTES};

@@ -204,6 +204,14 @@ impl Ledger {
         self.wallets.get(user_id).map(|w| w.balance).unwrap_or(0)
     }
 
+    /// Whether `gift_id` is an accepted (or in-flight) gift of this user: a retry, which the
+    /// app lets through its own checks so that it gets its original answer.
+    pub fn has_gift(&self, user_id: &str, gift_id: &str) -> bool {
+        self.wallets
+            .get(user_id)
+            .is_some_and(|w| w.gifts.contains_key(gift_id))
+    }
+
     /// Check, debit, journal, remember: one critical section.
     pub fn begin_gift(&self, req: &GiftRequest<'_>) -> GiftStart {
         let fingerprint = req.fingerprint();

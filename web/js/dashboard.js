@@ -309,6 +309,22 @@ function feed(node) {
   while (list.childElementCount > 100) list.lastElementChild.remove();
 }
 
+// Moderation (docs/protocol.md, "Moderation"): the streamer deletes a chat line or bans its author.
+function modButton(label, frame) {
+  const b = el('button', { type: 'button', class: 'mod-btn small', title: `${label} (moderation)` }, label);
+  b.addEventListener('click', () => {
+    if (!socket || !socket.send(frame)) toast('Not connected: try again in a moment.', 'warn');
+  });
+  return b;
+}
+
+function hideChat(li) {
+  li.classList.add('deleted');
+  const t = li.querySelector('.text');
+  if (t) t.textContent = '(deleted)';
+  for (const b of li.querySelectorAll('.mod-btn')) b.remove();
+}
+
 function who(from) {
   return el('span', { class: 'name', style: `color:${userColor(from && from.id)}` }, (from && from.name) || 'someone');
 }
@@ -358,7 +374,20 @@ function onFrame(f) {
       return;
     }
     case 'chat':
-      feed(el('li', { class: 'chat', dataset: { seq: f.seq, type: 'chat' } }, who(f.from), el('span', { class: 'text' }, f.text ?? '')));
+      feed(el('li', { class: 'chat', dataset: { seq: f.seq, type: 'chat', user: f.from?.id ?? '' } }, who(f.from), el('span', { class: 'text' }, f.text ?? ''),
+        modButton('Delete', { type: 'delete', seq: f.seq }), modButton('Ban', { type: 'ban', user_id: f.from?.id })));
+      return;
+    case 'deleted':
+      for (const n of document.querySelectorAll(`#feed li.chat[data-seq="${Number(f.target_seq)}"]`)) hideChat(n);
+      return;
+    case 'mod_action':
+      if (f.action === 'ban' || (f.action === 'timeout' && Number(f.secs) > 0)) {
+        for (const n of document.querySelectorAll('#feed li.chat')) if (n.dataset.user === f.user_id) hideChat(n);
+      }
+      feed(el('li', { class: 'muted', dataset: { seq: f.seq, type: 'mod_action' } }, `🛡 ${f.action} ${f.user_id}${f.action === 'timeout' ? ` (${f.secs}s)` : ''}`));
+      return;
+    case 'room_settings':
+      feed(el('li', { class: 'muted', dataset: { seq: f.seq, type: 'room_settings' } }, `🛡 slow mode ${Number(f.slow_mode) ? `${f.slow_mode}s` : 'off'} · ${f.blocked_words} blocked words`));
       return;
     case 'viewers':
       $('#viewers').textContent = formatCoins(f.count);

@@ -120,6 +120,9 @@ function onFrame(f) {
     case 'gift_ok': return onGiftOk(f);
     case 'gift_rejected': return onGiftRejected(f);
     case 'error': return onError(f);
+    case 'deleted': // a moderator deleted a chat message
+      for (const n of document.querySelectorAll(`li[data-type="chat"][data-seq="${Number(f.target_seq)}"]`)) n.remove();
+      return undefined;
     default: return undefined;
   }
 }
