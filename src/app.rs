@@ -647,6 +647,26 @@ impl App {
             }
         }
         let now = crate::now_ms();
+        // A red packet is spending too: it counts against `--daily-cap` like a gift.
+        let retry = self.ledger.has_packet(&room.id, packet_id);
+        let reservation = if retry {
+            None
+        } else {
+            match self.daily_spend.reserve(&user.sub, coins, now) {
+                Ok(r) => Some(r),
+                Err(_) => {
+                    return PacketReply::Rejected {
+                        code: "daily_cap",
+                        balance: Some(self.ledger.balance(&user.sub)),
+                    }
+                }
+            }
+        };
+        let release = |r: Option<crate::daily_cap::Reservation>| {
+            if let Some(r) = r {
+                self.daily_spend.release(&user.sub, r);
+            }
+        };
         let req = PacketRequest {
             user_id: &user.sub,
             user_name: &user.name,
@@ -662,15 +682,20 @@ impl App {
         };
         let slot = match self.ledger.begin_packet(&req) {
             PacketStart::Rejected { code, balance } => {
-                return PacketReply::Rejected { code, balance }
+                release(reservation);
+                return PacketReply::Rejected { code, balance };
             }
-            PacketStart::Retry(slot) => slot,
+            PacketStart::Retry(slot) => {
+                release(reservation);
+                slot
+            }
             PacketStart::New {
                 slot,
                 ticket,
                 record,
             } => {
                 self.gifts_in_flight.fetch_add(1, Ordering::SeqCst);
+                let reservation = reservation;
                 let app = self.clone();
                 let room = room.clone();
                 let slot2 = slot.clone();
@@ -702,6 +727,9 @@ impl App {
                         Err(e) => {
                             tracing::error!(error = %e, "journal refused a red packet; it is undone");
                             app.ledger.packet_failed(&record, &slot2);
+                            if let Some(r) = reservation {
+                                app.daily_spend.release(&record.user_id, r);
+                            }
                         }
                     }
                     app.gifts_in_flight.fetch_sub(1, Ordering::SeqCst);

@@ -166,8 +166,21 @@ impl Durable {
                 Record::Gift(g) => Some(g),
                 _ => None,
             }))
-            .filter(|g| g.ts_ms >= today_ms)
+            // A red packet's host cut is counted with its packet below.
+            .filter(|g| g.ts_ms >= today_ms && !g.gift_id.starts_with("rp:"))
             .map(|g| (g.user_id.clone(), g.amount, g.ts_ms))
+            .chain(
+                snapshot
+                    .packets
+                    .iter()
+                    .chain(recovered.records.iter().map(|(_, r)| r))
+                    .filter_map(|r| match r {
+                        Record::PacketCreate(p) if p.ts_ms >= today_ms => {
+                            Some((p.user_id.clone(), p.coins, p.ts_ms))
+                        }
+                        _ => None,
+                    }),
+            )
             .collect();
         let flusher = flusher::spawn(store.clone(), journal.clone(), rx, FlushConfig::default());
         Ok((

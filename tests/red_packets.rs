@@ -266,3 +266,31 @@ async fn packets_in_flight_survive_a_restart() {
     assert_eq!(server.audit().await["held"], 0);
     assert_eq!(server.audit().await["ok"], true);
 }
+
+#[tokio::test]
+async fn red_packets_count_against_the_daily_cap() {
+    let server = TestServer::start_with(|c| c.daily_cap = 100).await;
+    server.credit("hal", 1000, "fund").await;
+    let (mut hal, _) = server.joined("demo", Some(("hal", Role::Viewer))).await;
+    assert_eq!(
+        send_packet(&mut hal, "a", 80, 2, "equal").await["type"],
+        "red_packet_ok"
+    );
+    // A retry is not spending again.
+    assert_eq!(
+        send_packet(&mut hal, "a", 80, 2, "equal").await["type"],
+        "red_packet_ok"
+    );
+    assert_eq!(
+        send_packet(&mut hal, "b", 21, 1, "equal").await["code"],
+        "daily_cap"
+    );
+    hal.gift("g", "crown", 1, None).await;
+    assert_eq!(hal.gift_answer("g").await["code"], "daily_cap");
+    assert_eq!(
+        send_packet(&mut hal, "c", 20, 1, "equal").await["type"],
+        "red_packet_ok",
+        "exactly the cap passes"
+    );
+    assert_eq!(server.audit().await["ok"], true);
+}

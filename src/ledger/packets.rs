@@ -403,6 +403,11 @@ impl Ledger {
         }
     }
 
+    /// Whether a packet with this id exists in this room (a retry, for the daily cap).
+    pub fn has_packet(&self, stream: &str, packet_id: &str) -> bool {
+        self.packets.contains_key(&key(stream, packet_id))
+    }
+
     /// Coins held in packets in flight.
     pub fn held(&self) -> u64 {
         self.held.load(Ordering::SeqCst)
