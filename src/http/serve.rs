@@ -44,6 +44,11 @@ pub async fn serve(
             },
             _ = &mut shutdown => break,
         };
+        // TCP_NODELAY: a gift_ok is a small frame written right after its shout-out; under
+        // Nagle it waited for the client's delayed ACK (~40 ms per acknowledgement).
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
+        }
         let router = router.clone();
         let mut stop_rx = stop_rx.clone();
         let done_rx = done_rx.clone();
