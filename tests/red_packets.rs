@@ -294,3 +294,137 @@ async fn red_packets_count_against_the_daily_cap() {
     );
     assert_eq!(server.audit().await["ok"], true);
 }
+
+/// kill -9 between the packet's debit and its last grab: after the restart every acknowledged
+/// create and grab is there once, the coins still held come back with the packet, the rest of
+/// the shares can still be grabbed, and nothing is doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_between_the_debit_and_the_last_grab_loses_and_doubles_nothing() {
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let secret = "packet-kill-secret";
+    let spawn = || {
+        Command::new(env!("CARGO_BIN_EXE_giftcast"))
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--token-secret",
+                secret,
+                "--admin-token",
+                ADMIN,
+            ])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let base = format!("http://127.0.0.1:{port}");
+    let ready = || async {
+        for _ in 0..400 {
+            if reqwest::get(format!("{base}/readyz"))
+                .await
+                .map(|r| r.status() == 200)
+                .unwrap_or(false)
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        panic!("server did not come up");
+    };
+    let keys = giftcast::auth::TokenKeys::new(secret.as_bytes());
+    let client = |user: &str| {
+        let token = keys.mint(user, user, Role::Viewer, 3600);
+        let url = format!("ws://127.0.0.1:{port}/ws");
+        async move {
+            let mut c = Client::connect(&url).await;
+            c.join("demo", Some(&token), None).await;
+            c
+        }
+    };
+    let audit = || async {
+        reqwest::Client::new()
+            .get(format!("{base}/api/admin/audit"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    };
+    let mut child = spawn();
+    ready().await;
+    let r = reqwest::Client::new()
+        .post(format!("{base}/api/admin/credit"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"user_id": "ivy", "coins": 1000, "reference": "fund"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut ivy = client("ivy").await;
+    assert_eq!(
+        send_packet(&mut ivy, "k", 600, 6, "random").await["balance"],
+        400
+    );
+    // Three grabs acknowledged, then grabs in flight at the kill.
+    let mut acked = Vec::new();
+    for u in 0..3 {
+        let mut c = client(&format!("k{u}")).await;
+        let g = grab(&mut c, "k").await;
+        assert_eq!(g["type"], "grab_ok");
+        acked.push((format!("k{u}"), g["coins"].as_u64().unwrap()));
+    }
+    let mut in_flight = Vec::new();
+    for u in 3..5 {
+        let mut c = client(&format!("k{u}")).await;
+        c.send(json!({"type": "grab", "packet_id": "k"})).await;
+        in_flight.push(c);
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    drop(in_flight);
+
+    let mut child = spawn();
+    ready().await;
+    let a = audit().await;
+    assert_eq!(a["ok"], true, "{a}");
+    assert_eq!(a["credited"], 1000);
+    // Acknowledged grabs answer the same; everyone else gets what is left, exactly.
+    for (user, coins) in &acked {
+        let mut c = client(user).await;
+        assert_eq!(grab(&mut c, "k").await["coins"].as_u64(), Some(*coins));
+    }
+    let mut total: u64 = acked.iter().map(|(_, c)| c).sum();
+    let mut winners = acked.len();
+    for u in 3..9 {
+        let mut c = client(&format!("k{u}")).await;
+        let g = grab(&mut c, "k").await;
+        if g["type"] == "grab_ok" {
+            total += g["coins"].as_u64().unwrap();
+            winners += 1;
+        } else {
+            assert_eq!(g["code"], "gone", "{g}");
+        }
+    }
+    assert_eq!(
+        winners, 6,
+        "exactly six shares, whatever the kill interrupted"
+    );
+    assert_eq!(total, 600, "the shares sum exactly to the packet");
+    let a = audit().await;
+    assert_eq!(
+        a,
+        json!({"credited": 1000, "balances": 1000, "gifted": 0, "held": 0, "ok": true})
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
