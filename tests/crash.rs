@@ -1002,6 +1002,16 @@ async fn crash_round(
     let new_credits = model.credits[credits_before..].to_vec();
     let users: Vec<(String, usize)> = wallets().into_iter().map(|w| (w.0, w.1)).collect();
     let l = load(&server, &users, &format!("r{round}"), window).await;
+    // The kill lands 100-600 ms into the load, counted from the first acknowledgement, so that
+    // a slow CI machine still kills under load with gifts in flight.
+    let deadline = Instant::now() + WAIT;
+    while l.acks.load(Ordering::Relaxed) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "round {round}: no gift acknowledged"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     let kill_after = rand::rng().random_range(100..=600u64);
     tokio::time::sleep(Duration::from_millis(kill_after)).await;
     server.kill9().await;
