@@ -39,6 +39,8 @@ pub struct App {
     chat_limiter: Option<DefaultKeyedRateLimiter<String>>,
     gift_limiter: Option<DefaultKeyedRateLimiter<String>>,
     conns_per_ip: DashMap<IpAddr, u32>,
+    /// New WebSocket connections per address per second (on while `--max-conns-per-ip` is).
+    conn_attempts: Option<governor::DefaultKeyedRateLimiter<IpAddr>>,
     conns_total: AtomicUsize,
     pub shutting_down: AtomicBool,
     /// `true` once shutdown began: connections close with 1001.
@@ -75,6 +77,8 @@ fn per_minute(n: u32) -> Option<DefaultKeyedRateLimiter<String>> {
 #[derive(Debug, PartialEq, Eq)]
 pub enum ConnRefusal {
     PerIp,
+    /// Too many new connections from one address per second.
+    Rate,
     Total,
 }
 
@@ -120,6 +124,16 @@ impl App {
         durability: Option<Arc<crate::durable::Durable>>,
     ) -> App {
         let catalog_json = serde_json::to_string(&config.catalog).expect("catalog serialises");
+        let conn_attempts = (config.max_conns_per_ip > 0).then(|| {
+            RateLimiter::keyed(
+                Quota::per_second(
+                    NonZeroU32::new(crate::limits::CONN_ATTEMPTS_PER_IP_PER_SEC).expect("nonzero"),
+                )
+                .allow_burst(
+                    NonZeroU32::new(crate::limits::CONN_ATTEMPTS_PER_IP_BURST).expect("nonzero"),
+                ),
+            )
+        });
         let daily_spend = DailySpend::new(config.daily_cap);
         if let Some(d) = &durability {
             let now = crate::now_ms();
@@ -139,6 +153,7 @@ impl App {
             catalog_json,
             durability,
             conns_per_ip: DashMap::new(),
+            conn_attempts,
             conns_total: AtomicUsize::new(0),
             shutting_down: AtomicBool::new(false),
             shutdown: tokio::sync::watch::Sender::new(false),
@@ -154,6 +169,11 @@ impl App {
     }
 
     pub fn open_conn(self: &Arc<Self>, ip: IpAddr) -> Result<ConnSlot, ConnRefusal> {
+        if let Some(l) = &self.conn_attempts {
+            if l.check_key(&ip).is_err() {
+                return Err(ConnRefusal::Rate);
+            }
+        }
         let total = self.conns_total.fetch_add(1, Ordering::SeqCst) + 1;
         if self.config.max_conns > 0 && total > self.config.max_conns as usize {
             self.conns_total.fetch_sub(1, Ordering::SeqCst);

@@ -115,3 +115,11 @@ pub const BLOCKED_WORD_CHARS_MAX: usize = 32;
 pub const ROOM_DELETED_TRACKED_MAX: usize = ROOM_HISTORY_EVENTS_MAX;
 /// A UTC day, the period of `--daily-cap`.
 pub const DAY_MS: u64 = 24 * 3600 * 1000;
+
+/// New WebSocket connections one address may open per second, sustained (while
+/// `--max-conns-per-ip` is on; `--max-conns-per-ip 0`, for load tests, turns this off too):
+/// connection storms from one address cost TLS/JWT/upgrade work for nothing.
+pub const CONN_ATTEMPTS_PER_IP_PER_SEC: u32 = 50;
+/// Burst of new connections one address may open at once (a page load, a reconnect wave of
+/// one household's devices).
+pub const CONN_ATTEMPTS_PER_IP_BURST: u32 = 200;

@@ -717,7 +717,8 @@ async fn slowloris_is_closed_within_the_header_timeout() {
     let bound = Duration::from_millis(1500);
     let server = TestServer::start_with(|c| c.http_header_read_timeout_ms = 1500).await;
     assert_eq!(
-        giftcast::config::Config::for_tests(server.dir.as_ref().unwrap().path().into()).http_header_read_timeout_ms,
+        giftcast::config::Config::for_tests(server.dir.as_ref().unwrap().path().into())
+            .http_header_read_timeout_ms,
         HTTP_HEADER_READ_TIMEOUT_MS
     );
     let started = Instant::now();
@@ -921,4 +922,47 @@ fn fuzz_client_frames_through_a_server() {
         .unwrap();
     drop(client);
     rt.block_on(server.stop()).unwrap();
+}
+
+/// New connections per address are rate limited (while the per-address cap is on): the burst
+/// passes, a storm beyond it is refused with 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_storms_from_one_address_are_refused() {
+    let server = TestServer::start().await;
+    let burst = giftcast::limits::CONN_ATTEMPTS_PER_IP_BURST as usize;
+    let mut refused_at = None;
+    for i in 0..burst + 100 {
+        match tokio_tungstenite::connect_async(server.ws_url()).await {
+            Ok((ws, _)) => drop(ws),
+            Err(e) => {
+                assert!(e.to_string().contains("429"), "{e}");
+                refused_at = Some(i);
+                break;
+            }
+        }
+    }
+    let at = refused_at.expect("a storm beyond the burst is refused");
+    assert!(at >= burst, "refused at {at}, inside the burst of {burst}");
+    // Off with the per-address cap (load tests).
+    let open = TestServer::start_with(|c| c.max_conns_per_ip = 0).await;
+    for _ in 0..burst + 50 {
+        let (ws, _) = tokio_tungstenite::connect_async(open.ws_url())
+            .await
+            .unwrap();
+        drop(ws);
+    }
+}
+
+/// A connection does not outlive its token.
+#[tokio::test]
+async fn a_connection_closes_when_its_token_expires() {
+    let server = TestServer::start().await;
+    let token = server
+        .app
+        .keys
+        .mint("shorty", "Shorty", giftcast::auth::Role::Viewer, 2);
+    let mut c = server.client().await;
+    let joined = c.join("demo", Some(&token), None).await;
+    assert_eq!(joined["user"]["id"], "shorty");
+    assert_eq!(c.closed().await, 4003);
 }

@@ -24,6 +24,18 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, Semaphore};
 
+/// Resolves when a signed-in connection's token expires (never for read-only ones): a
+/// connection does not outlive its token.
+async fn token_expiry(exp_secs: Option<u64>) {
+    match exp_secs {
+        None => std::future::pending().await,
+        Some(exp) => {
+            let left_ms = (exp.saturating_mul(1000)).saturating_sub(crate::now_ms());
+            tokio::time::sleep(Duration::from_millis(left_ms)).await
+        }
+    }
+}
+
 /// The close reason when the writer stopped first (lagged, write timeout, close sent).
 const WRITER_ENDED: &str = "writer ended";
 
@@ -84,6 +96,13 @@ pub async fn upgrade(
     }
     let slot = match app.open_conn(peer.ip()) {
         Ok(s) => s,
+        Err(ConnRefusal::Rate) => {
+            return refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many new connections from this address; slow down",
+            )
+        }
         Err(ConnRefusal::PerIp) => {
             return refuse(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -213,6 +232,11 @@ impl Conn<'_> {
                     return "shutdown";
                 }
                 _ = &mut *writer => return WRITER_ENDED,
+                _ = token_expiry(self.user.as_ref().map(|u| u.exp)) => {
+                    self.error("unauthorized", "token expired");
+                    self.close(4003, "token expired");
+                    return "token expired";
+                }
                 _ = heartbeat.tick() => {
                     if last_heard.elapsed() >= silence_max {
                         self.close(4011, "heartbeat timeout");
