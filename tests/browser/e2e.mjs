@@ -466,6 +466,118 @@ async function main() {
     await shot(viewer, 'viewer-insufficient');
   });
 
+  // ---------- red packets ----------
+  const PACKET_COINS = 30n;
+  const packetMsg = `Happy stream! <i>grab</i> 🧧 ${Date.now() % 1000}`;
+  let packetId = null;
+  let aliceBeforePacket = null;
+  const card = (page, id) => page.locator(`#packets .packet-card[data-packet-id="${id}"]`);
+  const bal = async (page) => BigInt(await page.getAttribute('#balance', 'data-value'));
+  await check('viewer: drops a 30-coin red packet with 3 random shares from the form', async () => {
+    aliceBeforePacket = await bal(viewer);
+    assert(aliceBeforePacket >= PACKET_COINS, `balance ${aliceBeforePacket} < ${PACKET_COINS}`);
+    await viewer.click('#packet-btn');
+    await viewer.waitForSelector('#packet-sheet:not([hidden])');
+    await viewer.fill('#packet-coins', String(PACKET_COINS));
+    await viewer.fill('#packet-shares', '3');
+    await viewer.click('#split-row [data-split="random"]');
+    await viewer.fill('#packet-message', packetMsg);
+    assert(/drop/i.test(await viewer.textContent('#packet-send')), `button says ${await viewer.textContent('#packet-send')}`);
+    await shot(viewer, 'viewer-packet-form');
+    await viewer.click('#packet-send');
+    await viewer.waitForSelector('#packet-sheet', { state: 'hidden' });
+    await viewer.waitForFunction((w) => document.querySelector('#balance').dataset.value === w, String(aliceBeforePacket - PACKET_COINS));
+    const c = viewer.locator('#packets .packet-card').filter({ has: viewer.locator('.pmsg', { hasText: packetMsg }) });
+    await c.first().waitFor();
+    packetId = await c.first().getAttribute('data-packet-id');
+    assert(/^[A-Za-z0-9_-]{1,64}$/.test(packetId || ''), `bad packet id ${packetId}`);
+    assert((await c.first().locator('.pmsg').textContent()) === packetMsg, 'message not shown literally');
+    const text = await c.first().textContent();
+    assert(text.includes('Alice') && text.includes('3/3 left') && /⏱ [0-9]+:[0-5][0-9]/.test(text), `card says ${text}`);
+    const pend = await viewer.evaluate(() => window.__giftcast.state().pendingPackets);
+    assert(pend.length === 0, `still pending: ${pend}`);
+  });
+
+  let grabbed = null;
+  await check('second viewer grabs the packet in the browser and sees its coins', async () => {
+    const before = await bal(bob);
+    const c = card(bob, packetId);
+    await c.locator('button.grab').click();
+    await c.and(bob.locator('[data-mine]')).waitFor();
+    grabbed = BigInt(await c.getAttribute('data-mine'));
+    assert(grabbed >= 1n && grabbed <= PACKET_COINS - 2n, `got ${grabbed} of ${PACKET_COINS} in 3 shares`);
+    const status = await c.locator('.pstatus').textContent();
+    assert(status === `You got ${grabbed} ${grabbed === 1n ? 'coin' : 'coins'}!`, `card says "${status}"`);
+    await bob.waitForFunction((w) => document.querySelector('#balance').dataset.value === w, String(before + grabbed));
+    await bob.locator('.toast', { hasText: `You got ${grabbed}` }).first().waitFor();
+    assert(await c.locator('button.grab').count() === 0, 'grab button still offered');
+    await shot(bob, 'viewer-packet-grabbed');
+  });
+  await check('viewer: the card follows the grab (2/3 left), the balance went down by exactly 30', async () => {
+    const c = card(viewer, packetId);
+    await c.and(viewer.locator('[data-left="2"]')).waitFor();
+    assert((await c.textContent()).includes('2/3 left'), `card: ${await c.textContent()}`);
+    await viewer.locator(`#chat li[data-type="grabbed"][data-packet-id="${packetId}"]`, { hasText: 'Bob' }).waitFor();
+    assert(await bal(viewer) === aliceBeforePacket - PACKET_COINS, `balance ${await bal(viewer)}, want ${aliceBeforePacket - PACKET_COINS}`);
+    await sleep(300);
+    await shot(viewer, 'viewer-packet');
+  });
+  await check('dashboard: the live feed shows the red packet and the grab', async () => {
+    const li = dash.locator(`#feed li.packet[data-packet-id="${packetId}"]`);
+    await li.waitFor();
+    const t = await li.textContent();
+    assert(t.includes('Alice') && t.includes(`🪙 ${PACKET_COINS}`) && t.includes('3 shares') && t.includes(packetMsg), `feed: ${t}`);
+    const g = dash.locator(`#feed li.packet-grab[data-packet-id="${packetId}"]`);
+    await g.waitFor();
+    assert((await g.textContent()).includes('Bob') && (await g.textContent()).includes(`🪙 ${grabbed}`), `feed grab: ${await g.textContent()}`);
+    assert(await dash.locator('#feed i, #feed b').count() === 0, 'feed rendered markup');
+    await shot(dash, 'dashboard-packet');
+  });
+  await check('overlay: shows the red packet alert once, also across a reconnect', async () => {
+    const a = overlay.locator(`.alert.packet[data-packet-id="${packetId}"]`);
+    await a.waitFor({ timeout: 2 * T });
+    const t = await a.textContent();
+    assert(t.includes('Alice') && t.includes(`🪙 ${PACKET_COINS}`) && t.includes(packetMsg), `alert: ${t}`);
+    await sleep(700);
+    await shot(overlay, 'overlay-packet', { omitBackground: true });
+    await overlay.evaluate(() => window.__giftcast.dropSocket({ rewindTo: 0 }));
+    await overlay.waitForSelector('body[data-conn="live"]');
+    await sleep(1000);
+    const st = await overlay.evaluate(() => window.__giftcast.state());
+    const n = st.shownPackets.filter((id) => id === packetId).length;
+    assert(n === 1 && !st.queuedPackets.includes(packetId), `shown ${n} times, queued again: ${st.queuedPackets.includes(packetId)}`);
+  });
+  await check('viewer: a red packet interrupted by a drop is retried with the same id and debited once', async () => {
+    const before = await bal(viewer);
+    const id = await viewer.evaluate(() => {
+      const pid = window.__giftcast.sendRedPacket(2, 1, 'equal', 'one share only');
+      window.__giftcast.dropSocket({ hold: true });
+      return pid;
+    });
+    await viewer.waitForSelector('body[data-conn="reconnecting"]');
+    await viewer.evaluate(() => window.__giftcast.reconnect());
+    await viewer.waitForSelector('body[data-conn="live"]');
+    await viewer.waitForFunction((w) => document.querySelector('#balance').dataset.value === w, String(before - 2n));
+    await card(viewer, id).waitFor();
+    await viewer.waitForFunction((p) => !window.__giftcast.state().pendingPackets.includes(p), id);
+    await sleep(500);
+    assert(await bal(viewer) === before - 2n, 'balance moved again');
+    assert(await viewer.locator(`#chat li[data-type="red_packet"][data-packet-id="${id}"]`).count() === 1, 'announced twice');
+    // Its only share: Bob takes it, the card closes for everyone, a late grab is told "gone".
+    await card(bob, id).locator('button.grab').click();
+    await card(bob, id).and(bob.locator('[data-mine="2"]')).waitFor();
+    const c = card(viewer, id);
+    await c.and(viewer.locator('[data-state="gone"]')).waitFor();
+    assert(await c.locator('button.grab').count() === 0, 'grab still offered on an empty packet');
+    assert(/all shares are gone/i.test(await c.locator('.pstatus').textContent()), `card says ${await c.textContent()}`);
+    await viewer.evaluate((p) => window.__giftcast.grab(p), id);
+    await viewer.waitForFunction((p) => !window.__giftcast.state().grabbing.includes(p), id);
+    assert(await c.getAttribute('data-state') === 'gone' && await c.getAttribute('data-mine') === null, 'late grab changed the card');
+    await c.scrollIntoViewIfNeeded();
+    await sleep(400);
+    await shot(viewer, 'viewer-packet-gone');
+  });
+
   // A fresh gift so the viewer screenshot shows a pinned paid message and an animation.
   await check('viewer: a paid message is pinned', async () => {
     const id = await viewer.evaluate((k) => window.__giftcast.sendGift(k, 1, 'Pinned question: how long is the stream?'), giftSticker.id);

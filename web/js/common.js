@@ -245,7 +245,10 @@ export function formatUnits(units, unit = 10000) {
 
 // ---------- WebSocket room client ----------
 
-const NON_ROOM = new Set(['joined', 'gift_ok', 'gift_rejected', 'error', 'pong', 'viewers', 'batch']);
+// Answers to one connection (some carry the room seq of their event, e.g. red_packet_ok):
+// never deduplicated by seq nor counted as room events.
+const NON_ROOM = new Set(['joined', 'gift_ok', 'gift_rejected', 'red_packet_ok', 'red_packet_rejected',
+  'grab_ok', 'grab_rejected', 'error', 'pong', 'viewers', 'batch']);
 
 /**
  * One room connection that never gives up: reconnects with backoff and rejoins
@@ -494,6 +497,35 @@ export function rejectionText(code, balance) {
     case 'not_found': return 'This stream is not live, so it cannot take gifts right now.';
     case 'unavailable': return 'Gifts are briefly unavailable; retrying…';
     default: return `Gift rejected (${code}).`;
+  }
+}
+
+/** Human text for a red packet rejection code (red_packet_rejected). */
+export function packetRejectionText(code, balance) {
+  const bal = balance != null ? ` You have 🪙 ${formatCoins(balance)}.` : '';
+  switch (code) {
+    case 'insufficient_funds': return `Not enough coins for that red packet.${bal}`;
+    case 'rate_limited': return 'Slow down: too many gifts, try again in a moment.';
+    case 'invalid': return 'That red packet was not valid: every share needs at least one coin.';
+    case 'conflict': return 'That red packet id was already used for another packet.';
+    case 'unauthorized': return 'Your session expired. Please sign in again.';
+    case 'not_found': return 'This stream is not live, so it cannot take red packets right now.';
+    case 'unavailable': return 'Red packets are unavailable right now.';
+    default: return `Red packet rejected (${code}).`;
+  }
+}
+
+/** Human text for a grab rejection code (grab_rejected). */
+export function grabRejectionText(code) {
+  switch (code) {
+    case 'gone': return 'Too late: all shares are gone.';
+    case 'expired': return 'This red packet has expired.';
+    case 'not_found': return 'This red packet is no longer available.';
+    case 'unauthorized': return 'Sign in to grab red packets.';
+    case 'rate_limited': return 'Slow down: try again in a moment.';
+    case 'unavailable': return 'Red packets are unavailable right now.';
+    case 'invalid': return 'That red packet is not valid.';
+    default: return `Could not grab it (${code}).`;
   }
 }
 

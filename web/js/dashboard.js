@@ -373,6 +373,36 @@ function onFrame(f) {
         '🙏 You thanked ', who(f.to), f.text ? el('span', { class: 'muted' }, `: “${f.text}”`) : null));
       return;
     }
+    case 'red_packet': {
+      const shares = Number(f.shares) || 1;
+      const cut = toBig(f.host_cut);
+      feed(el('li', { class: 'packet', dataset: { seq: f.seq, type: 'red_packet', packetId: f.packet_id } },
+        el('span', { class: 'emoji' }, '🧧'), who(f.from),
+        'dropped a red packet',
+        el('span', { class: 'amt' }, `🪙 ${formatCoins(f.coins)}`),
+        el('span', { class: 'muted' }, ` · ${shares} ${shares === 1 ? 'share' : 'shares'}, ${f.split === 'equal' ? 'equal' : 'random'}`),
+        cut > 0n ? el('span', { class: 'cut' }, ` · your cut 🪙 ${formatCoins(cut)}`) : null,
+        f.message ? el('div', { class: 'muted' }, `❝ ${f.message}`) : null));
+      // The host cut is revenue (sticker "red_packet" in the report): chart it, refetch the totals.
+      if (cut > 0n) {
+        giftsLog.push({ t: tsMs(f.ts), amount: Number(cut) });
+        if (giftsLog.length > 5000) giftsLog.shift();
+        if (f._replay) later(renderChart);
+        else scheduleRefetch();
+      }
+      return;
+    }
+    case 'grabbed': {
+      const left = Number(f.left);
+      feed(el('li', { class: 'packet-grab', dataset: { seq: f.seq, type: 'grabbed', packetId: f.packet_id } },
+        '🧧 ', who(f.to), 'grabbed', el('span', { class: 'amt' }, `🪙 ${formatCoins(f.coins)}`),
+        el('span', { class: 'muted' }, left > 0 ? ` · ${left} left` : ' · all grabbed')));
+      return;
+    }
+    case 'red_packet_closed':
+      feed(el('li', { class: 'packet-closed muted', dataset: { seq: f.seq, type: 'red_packet_closed', packetId: f.packet_id } },
+        `🧧 A red packet expired${toBig(f.refunded) > 0n ? `: 🪙 ${formatCoins(f.refunded)} went back to its sender` : ''}`));
+      return;
     case 'chat':
       feed(el('li', { class: 'chat', dataset: { seq: f.seq, type: 'chat', user: f.from?.id ?? '' } }, who(f.from), el('span', { class: 'text' }, f.text ?? ''),
         modButton('Delete', { type: 'delete', seq: f.seq }), modButton('Ban', { type: 'ban', user_id: f.from?.id })));

@@ -1,7 +1,8 @@
 // OBS overlay: read-only join, one gift alert at a time for the sticker's alert_secs,
 // each gift shown exactly once (dedupe by gift_id; reconnects resume with `since`).
+// Red packets get their own alert, once each (dedupe by packet_id).
 // Options: ?debug=1 shows the connection state, ?test=1 plays a sample alert.
-import { $, el, fetchCatalog, indexCatalog, sticker, RoomSocket, describeStatus, exposeHooks } from './common.js';
+import { $, el, fetchCatalog, indexCatalog, sticker, RoomSocket, describeStatus, formatCoins, exposeHooks } from './common.js';
 
 const params = new URLSearchParams(location.search);
 let fromPath = '';
@@ -12,8 +13,11 @@ const stream = (location.pathname.startsWith('/overlay/') && fromPath) || params
 const debug = params.has('debug');
 
 let catalog = new Map();
+const PACKET_ALERT_SECS = 6;
 const seen = new Set(); // gift ids queued or shown
 const shown = []; // gift ids in the order they were shown
+const seenPackets = new Set(); // red packet ids queued or shown
+const shownPackets = []; // red packet ids in the order they were shown
 const queue = [];
 let busy = false;
 
@@ -35,6 +39,38 @@ function enqueue(f) {
   if (!busy) next();
 }
 
+function enqueuePacket(f) {
+  if (!f.packet_id || seenPackets.has(f.packet_id)) return;
+  seenPackets.add(f.packet_id);
+  if (seenPackets.size > 5000) seenPackets.delete(seenPackets.values().next().value);
+  queue.push({ ...f, kind: 'packet' });
+  if (queue.length > 200) queue.shift();
+  if (!busy) next();
+}
+
+function packetAlert(f) {
+  const shares = Number(f.shares) || 1;
+  return el('div', { class: 'alert packet', dataset: { packetId: f.packet_id } },
+    el('div', { class: 'emoji' }, '🧧'),
+    el('div', { class: 'who' }, (f.from && f.from.name) || 'Someone'),
+    el('div', { class: 'what' }, 'dropped a red packet: ',
+      el('span', { class: 'coins' }, `🪙 ${formatCoins(f.coins)}`),
+      ` for ${shares} ${shares === 1 ? 'viewer' : 'viewers'}`),
+    el('div', { class: 'cta' }, 'Grab it in the chat!'),
+    f.message ? el('div', { class: 'msg' }, f.message) : null);
+}
+
+function show(alert, ms) {
+  $('#stage').replaceChildren(alert);
+  setTimeout(() => {
+    alert.classList.add('leaving');
+    setTimeout(() => {
+      alert.remove();
+      next();
+    }, 450);
+  }, ms);
+}
+
 function next() {
   const f = queue.shift();
   if (!f) {
@@ -43,6 +79,12 @@ function next() {
     return;
   }
   busy = true;
+  if (f.kind === 'packet') {
+    shownPackets.push(f.packet_id);
+    document.body.dataset.alert = `packet:${f.packet_id}`;
+    show(packetAlert(f), PACKET_ALERT_SECS * 1000);
+    return;
+  }
   const s = sticker(catalog, f.sticker);
   const cnt = Number(f.count) || 1;
   const alert = el('div', { class: `alert t${s.tier}`, style: `--tier:${s.tier}`, dataset: { giftId: f.gift_id } },
@@ -53,14 +95,7 @@ function next() {
     f.message ? el('div', { class: 'msg' }, f.message) : null);
   if (!f._sample) shown.push(...f.ids);
   document.body.dataset.alert = f.gift_id;
-  $('#stage').replaceChildren(alert);
-  setTimeout(() => {
-    alert.classList.add('leaving');
-    setTimeout(() => {
-      alert.remove();
-      next();
-    }, 450);
-  }, s.alert_secs * 1000);
+  show(alert, s.alert_secs * 1000);
 }
 
 const socket = new RoomSocket({
@@ -68,6 +103,7 @@ const socket = new RoomSocket({
   onFrame(f) {
     if (f.type === 'joined' && f.catalog) catalog = indexCatalog(f.catalog);
     else if (f.type === 'shoutout') enqueue(f);
+    else if (f.type === 'red_packet') enqueuePacket(f);
   },
   onStatus(s) {
     document.body.dataset.conn = s.state;
@@ -80,9 +116,10 @@ const socket = new RoomSocket({
 exposeHooks({
   socket,
   shown,
+  shownPackets,
   dropSocket: (o) => socket.drop(o),
   reconnect: () => socket.reconnectNow(),
-  state: () => ({ shown: [...shown], queued: queue.length, lastSeq: socket.lastSeq, conn: socket.state }),
+  state: () => ({ shown: [...shown], shownPackets: [...shownPackets], queuedPackets: queue.filter((q) => q.kind === 'packet').map((q) => q.packet_id), queued: queue.length, lastSeq: socket.lastSeq, conn: socket.state }),
 });
 
 fetchCatalog().then((c) => {

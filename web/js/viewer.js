@@ -1,13 +1,19 @@
 // Viewer page: chat, balance, sticker gifts with an optional public question,
-// shout-out animations by tier, pinned paid messages, combos, the streamer's thanks.
+// shout-out animations by tier, pinned paid messages, combos, the streamer's thanks,
+// red packets (drop one, grab a share).
 import {
   $, el, fill, api, ApiError, fetchCatalog, indexCatalog, sticker, newGiftId, RoomSocket,
-  describeStatus, rejectionText, formatCoins, userColor, timeOf, tsMs,
-  loadSession, store, exposeHooks,
+  describeStatus, rejectionText, packetRejectionText, grabRejectionText, formatCoins, userColor,
+  timeOf, tsMs, loadSession, store, exposeHooks,
 } from './common.js';
 
 const SESSION_KEY = 'giftcast.viewer';
 const PENDING_KEY = 'giftcast.pending';
+const PENDING_PACKETS_KEY = 'giftcast.pending_packets';
+const PACKET_COINS_MAX = 10_000_000;
+const PACKET_SHARES_MAX = 100;
+const PACKET_CARDS_MAX = 4; // red packet cards shown at once
+const PACKET_LINGER_MS = 8000; // a closed card stays this long with its final state
 const HISTORY_ON_LOAD = 50; // room events shown on arrival
 const CHAT_MAX = 200; // chat lines kept on the page
 const params = new URLSearchParams(location.search);
@@ -23,6 +29,14 @@ let currentGift = null; // gift_id being sent from the sheet
 let lastChat = '';
 const pending = new Map(Object.entries(store.get(PENDING_KEY) || {})); // gift_id → {frame, stream}
 let noticeTimer = null;
+// Red packets: packet_id → {frame, stream, tries}, retried with the same id after a reconnect.
+const pendingPackets = new Map(Object.entries(store.get(PENDING_PACKETS_KEY) || {}));
+let currentPacket = null; // packet_id being dropped from the sheet
+let packetSplit = 'random';
+const packets = new Map(); // packet_id → card state (see onRedPacket)
+const grabbing = new Map(); // packet_id → grab frame waiting for its answer
+let clockSkew = 0; // server clock − ours, from live events' ts (for the countdowns)
+let packetTicker = null;
 
 // ---------- small UI helpers ----------
 
@@ -55,16 +69,22 @@ function savePending() {
   store.set(PENDING_KEY, Object.fromEntries(pending));
 }
 
+function savePendingPackets() {
+  store.set(PENDING_PACKETS_KEY, Object.fromEntries(pendingPackets));
+}
+
 function setBalance(b) {
   if (b == null) return;
   balance = Number(b);
   $('#balance-value').textContent = formatCoins(balance);
   $('#sheet-balance').textContent = formatCoins(balance);
   $('#account-balance').textContent = formatCoins(balance);
+  $('#packet-balance').textContent = formatCoins(balance);
   $('#balance').dataset.value = String(balance);
   $('#balance').hidden = !session;
   renderStickers();
   updateGiftSummary();
+  updatePacketSummary();
 }
 
 function setViewers(n) {
@@ -119,6 +139,13 @@ function onFrame(f) {
     case 'viewers': return setViewers(f.count);
     case 'gift_ok': return onGiftOk(f);
     case 'gift_rejected': return onGiftRejected(f);
+    case 'red_packet': return onRedPacket(f);
+    case 'grabbed': return onGrabbed(f);
+    case 'red_packet_closed': return onPacketClosed(f);
+    case 'red_packet_ok': return onPacketOk(f);
+    case 'red_packet_rejected': return onPacketRejected(f);
+    case 'grab_ok': return onGrabOk(f);
+    case 'grab_rejected': return onGrabRejected(f);
     case 'error': return onError(f);
     case 'deleted': // a moderator deleted a chat message
       for (const n of document.querySelectorAll(`li[data-type="chat"][data-seq="${Number(f.target_seq)}"]`)) n.remove();
@@ -149,6 +176,13 @@ function onJoined(f) {
   // Retry gifts the socket dropped before their gift_ok, with the same ids.
   for (const [, p] of pending) {
     if (p.stream === stream && session) socket.send(p.frame);
+  }
+  // Same for red packets and grabs (a retry answers the same red_packet_ok / grab_ok).
+  for (const [, p] of pendingPackets) {
+    if (p.stream === stream && session) socket.send(p.frame);
+  }
+  for (const [, frame] of grabbing) {
+    if (session) socket.send(frame);
   }
 }
 
@@ -425,6 +459,356 @@ function onError(f) {
   }
 }
 
+// ---------- red packets ----------
+
+function me() {
+  return session ? session.user_id : null;
+}
+
+function serverNow() {
+  return Date.now() + clockSkew;
+}
+
+function noteClock(f) {
+  // Live events only: a replayed event's ts is old. Includes network latency (small).
+  if (!f._replay && f.ts != null) clockSkew = tsMs(f.ts) - Date.now();
+}
+
+function countdownText(ms) {
+  const s = Math.max(0, Math.ceil(ms / 1000));
+  return `${Math.floor(s / 60)}:${String(s % 60).padStart(2, '0')}`;
+}
+
+function packetChatLine(f, cls, ...children) {
+  const li = el('li', { class: `packet-line ${cls}`, dataset: { seq: f.seq, type: f.type, packetId: f.packet_id } },
+    el('span', { class: 'emoji' }, '🧧'), ...children);
+  chatAppend(li);
+  return li;
+}
+
+function onRedPacket(f) {
+  noteClock(f);
+  const shares = Number(f.shares) || 1;
+  const li = packetChatLine(f, 'dropped', nameEl(f.from), 'dropped a red packet',
+    el('span', { class: 'amt' }, `🪙 ${formatCoins(f.coins)}`),
+    el('span', { class: 'small muted' }, ` · ${shares} ${shares === 1 ? 'share' : 'shares'}, ${f.split === 'equal' ? 'equal' : 'random'}`),
+    f.message ? el('span', { class: 'question' }, f.message) : null);
+  if (f.from && f.from.id === me()) li.classList.add('me');
+  if (packets.has(f.packet_id)) return;
+  const expiresAt = Number(f.expires_at) || 0;
+  const p = {
+    id: f.packet_id, from: f.from || {}, coins: f.coins, shares, split: f.split, message: f.message || '',
+    expiresAt, left: shares, mine: null, state: 'open', note: '', card: null, closeTimer: null,
+  };
+  packets.set(p.id, p);
+  if (expiresAt && expiresAt <= serverNow()) p.state = 'expired'; // replayed, already over
+  if (p.state !== 'open' && f._replay) {
+    packets.delete(p.id);
+    return;
+  }
+  renderPacket(p);
+  if (p.state !== 'open') lingerThenRemove(p);
+  tickPackets();
+}
+
+function onGrabbed(f) {
+  noteClock(f);
+  const p = packets.get(f.packet_id);
+  const mine = f.to && f.to.id === me();
+  const li = packetChatLine(f, 'grab', nameEl(f.to), 'grabbed',
+    el('span', { class: 'amt' }, `🪙 ${formatCoins(f.coins)}`),
+    p ? el('span', { class: 'small muted' }, ` from ${p.from.name || 'someone'}'s red packet`) : ' from a red packet');
+  if (mine) li.classList.add('me');
+  if (!p) return;
+  const left = Number(f.left);
+  if (Number.isInteger(left)) p.left = Math.min(p.left, left);
+  if (mine) p.mine = Number(f.coins); // also when our grab_ok was lost with a socket
+  if (p.left <= 0 && p.state === 'open') {
+    p.state = 'gone';
+    lingerThenRemove(p, f._replay && p.mine == null ? 0 : PACKET_LINGER_MS); // history: over already
+  }
+  renderPacket(p);
+}
+
+function onPacketClosed(f) {
+  const p = packets.get(f.packet_id);
+  const refunded = Number(f.refunded) || 0;
+  const owner = p ? p.from : null;
+  packetChatLine(f, 'closed', owner ? nameEl(owner) : null,
+    `${owner ? '’s red packet' : 'A red packet'} expired`,
+    refunded > 0 ? el('span', { class: 'small muted' }, ` · 🪙 ${formatCoins(refunded)} went back to the sender`) : null);
+  if (!p) return;
+  if (p.state === 'open') p.state = 'expired';
+  p.refunded = refunded;
+  renderPacket(p);
+  lingerThenRemove(p, f._replay ? 0 : PACKET_LINGER_MS);
+  if (owner && owner.id === me() && !f._replay) refreshMe(); // our refund
+}
+
+function lingerThenRemove(p, ms = PACKET_LINGER_MS) {
+  clearTimeout(p.closeTimer);
+  p.closeTimer = setTimeout(() => {
+    if (p.card) p.card.remove();
+    p.card = null;
+    if (packets.get(p.id) === p) packets.delete(p.id);
+    grabbing.delete(p.id);
+  }, ms);
+}
+
+/** (Re)build one packet's card in place: text only, never markup. */
+function renderPacket(p) {
+  const box = $('#packets');
+  const now = serverNow();
+  if (p.state === 'open' && p.expiresAt && p.expiresAt <= now) p.state = 'expired';
+  const waiting = grabbing.has(p.id);
+  let status = '';
+  let statusKind = '';
+  if (p.mine != null) {
+    status = `You got ${formatCoins(p.mine)} ${p.mine === 1 ? 'coin' : 'coins'}!`;
+    statusKind = 'ok';
+  } else if (p.state === 'gone') {
+    status = 'All shares are gone.';
+    statusKind = 'bad';
+  } else if (p.state === 'expired') {
+    status = p.refunded ? `Expired: 🪙 ${formatCoins(p.refunded)} went back to ${p.from.name || 'the sender'}.` : 'Expired.';
+    statusKind = 'bad';
+  } else if (p.state === 'closed') {
+    status = 'No longer available.';
+    statusKind = 'bad';
+  } else if (p.note) {
+    status = p.note;
+    statusKind = 'warn';
+  }
+  const canGrab = p.state === 'open' && p.mine == null;
+  const button = canGrab
+    ? el('button', {
+      type: 'button', class: 'grab primary', disabled: waiting, 'aria-label': `grab ${p.from.name || 'someone'}'s red packet`,
+      onclick: () => grab(p.id),
+    }, waiting ? 'Grabbing…' : 'Grab')
+    : null;
+  const card = el('div', {
+    class: `packet-card ${p.state}${p.mine != null ? ' won' : ''}`,
+    dataset: { packetId: p.id, state: p.state, left: String(p.left), ...(p.mine != null ? { mine: String(p.mine) } : {}) },
+  },
+  el('span', { class: 'emoji env' }, '🧧'),
+  el('div', { class: 'info' },
+    el('div', { class: 'head' },
+      el('span', { class: 'who', style: `color:${userColor(p.from.id)}` }, p.from.name || 'someone'),
+      el('span', { class: 'muted' }, '’s red packet')),
+    p.message ? el('div', { class: 'pmsg' }, p.message) : null,
+    el('div', { class: 'meta' },
+      el('span', { class: 'coins' }, `🪙 ${formatCoins(p.coins)}`),
+      el('span', { class: 'left' }, `${p.left}/${p.shares} left`),
+      p.state === 'open' && p.expiresAt ? el('span', { class: 'countdown', title: 'time left' }, `⏱ ${countdownText(p.expiresAt - now)}`) : null)),
+  // Right column: the Grab button while it can be grabbed, else the outcome.
+  button || el('div', { class: `pstatus ${statusKind}`, role: 'status' }, status),
+  button && status ? el('div', { class: `pnote ${statusKind}`, role: 'status' }, status) : null);
+  if (p.card && p.card.isConnected) {
+    // A packet that is over (and not won by us) makes way for the ones still open.
+    const over = p.state !== 'open' && p.mine == null && p.card.dataset.state === 'open';
+    p.card.replaceWith(card);
+    if (over) box.append(card);
+  } else {
+    box.prepend(card);
+    // Too many: drop the oldest closed cards first, then the oldest.
+    while (box.childElementCount > PACKET_CARDS_MAX) {
+      const cards = [...box.children];
+      const victim = cards.reverse().find((c) => c.dataset.state !== 'open') || box.lastElementChild;
+      const old = packets.get(victim.dataset.packetId);
+      if (old) old.card = null;
+      victim.remove();
+    }
+    box.scrollLeft = 0;
+  }
+  p.card = card;
+}
+
+/** One timer for every countdown; it stops when no card is open. */
+function tickPackets() {
+  if (packetTicker) return;
+  packetTicker = setInterval(() => {
+    let open = 0;
+    const now = serverNow();
+    for (const p of packets.values()) {
+      if (p.state !== 'open' || !p.card) continue;
+      if (p.expiresAt && p.expiresAt <= now) {
+        p.state = 'expired'; // the server's red_packet_closed follows with the refund
+        renderPacket(p);
+        lingerThenRemove(p);
+        continue;
+      }
+      open += 1;
+      const c = p.card.querySelector('.countdown');
+      if (c) c.textContent = `⏱ ${countdownText(p.expiresAt - now)}`;
+    }
+    if (!open) {
+      clearInterval(packetTicker);
+      packetTicker = null;
+    }
+  }, 1000);
+}
+
+function grab(packetId) {
+  if (!session) {
+    notice('read_only', 'warn', 'Sign in to grab red packets.', 4000);
+    $('#name-input').focus();
+    return;
+  }
+  const p = packets.get(packetId);
+  const frame = { type: 'grab', packet_id: packetId };
+  grabbing.set(packetId, frame);
+  if (p) {
+    p.note = '';
+    renderPacket(p);
+  }
+  if (!socket.send(frame)) toast('Not connected: we will grab it when we reconnect.', 'warn');
+}
+
+function onGrabOk(f) {
+  grabbing.delete(f.packet_id);
+  setBalance(f.balance);
+  const p = packets.get(f.packet_id);
+  const coins = Number(f.coins) || 0;
+  if (p) {
+    p.mine = coins;
+    renderPacket(p);
+  }
+  toast(`🧧 You got ${formatCoins(coins)} ${coins === 1 ? 'coin' : 'coins'}!`, 'ok', 4000);
+}
+
+function onGrabRejected(f) {
+  grabbing.delete(f.packet_id);
+  const text = grabRejectionText(f.code);
+  if (f.code === 'unauthorized') {
+    if (session) signOut('Your session expired. Pick a name to sign in again.');
+    return;
+  }
+  const p = packets.get(f.packet_id);
+  if (p) {
+    if (f.code === 'gone') p.state = 'gone';
+    else if (f.code === 'expired') p.state = 'expired';
+    else if (f.code === 'not_found' || f.code === 'invalid') p.state = 'closed';
+    else p.note = text; // rate_limited, unavailable: may try again
+    if (p.state !== 'open') lingerThenRemove(p);
+    renderPacket(p);
+  } else {
+    toast(text, 'bad');
+  }
+}
+
+function readInt(sel, min, max) {
+  const raw = $(sel).value.trim();
+  if (!/^\d+$/.test(raw)) return null;
+  const n = Number(raw);
+  return Number.isSafeInteger(n) && n >= min && n <= max ? n : null;
+}
+
+function showPacketError(code, text, source = 'local') {
+  const err = $('#packet-error');
+  err.dataset.code = code;
+  err.dataset.source = source;
+  err.textContent = text;
+  err.hidden = false;
+}
+
+function updatePacketSummary() {
+  const coins = readInt('#packet-coins', 1, PACKET_COINS_MAX);
+  const shares = readInt('#packet-shares', 1, PACKET_SHARES_MAX);
+  const msg = $('#packet-message').value;
+  $('#packet-counter').textContent = `${[...msg].length}/200`;
+  for (const c of document.querySelectorAll('#split-row .chip')) {
+    const on = String(c.dataset.split === packetSplit);
+    c.setAttribute('aria-pressed', on);
+    c.setAttribute('aria-checked', on);
+  }
+  $('#packet-total').textContent = coins == null ? '–' : formatCoins(coins);
+  const btn = $('#packet-send');
+  const err = $('#packet-error');
+  const hint = $('#packet-hint');
+  hint.textContent = '';
+  let why = null;
+  if (currentPacket && pendingPackets.has(currentPacket)) why = 'Dropping…';
+  else if (coins == null) why = `Coins must be 1–${formatCoins(PACKET_COINS_MAX)}`;
+  else if (shares == null) why = `Shares must be 1–${PACKET_SHARES_MAX}`;
+  else if (shares > coins) why = 'Each share needs a coin';
+  else if (balance != null && coins > balance) {
+    why = 'Not enough coins';
+    showPacketError('insufficient_funds', `Not enough coins: this packet holds 🪙 ${formatCoins(coins)}, you have 🪙 ${formatCoins(balance)}.`);
+  }
+  if (coins != null && shares != null && shares <= coins) {
+    const each = Math.floor(coins / shares);
+    // Shares split what is left after the stream's cut (if the server takes one): "about".
+    hint.textContent = packetSplit === 'equal'
+      ? `about 🪙 ${formatCoins(each)} each`
+      : `by luck, about 🪙 ${formatCoins(each)} on average`;
+  }
+  btn.disabled = why != null;
+  btn.textContent = why ?? `Drop 🧧 ${formatCoins(coins)}`;
+  if (why !== 'Not enough coins' && err.dataset.code === 'insufficient_funds' && err.dataset.source === 'local') err.hidden = true;
+}
+
+/** Queue and send a red packet; retried with the same id until red_packet_ok or a rejection. */
+function sendRedPacket(coins, shares, split = 'random', message = '') {
+  if (!session) {
+    notice('read_only', 'warn', 'Sign in to drop red packets.', 4000);
+    return null;
+  }
+  const frame = { type: 'red_packet', packet_id: newGiftId(), coins, shares, split: split === 'equal' ? 'equal' : 'random' };
+  const m = (message || '').trim();
+  if (m) frame.message = m;
+  pendingPackets.set(frame.packet_id, { frame, stream, tries: 0 });
+  savePendingPackets();
+  if (!socket.send(frame)) toast('Not connected: the red packet will be sent when we reconnect.', 'warn');
+  return frame.packet_id;
+}
+
+function onPacketSubmit(e) {
+  e.preventDefault();
+  updatePacketSummary();
+  if ($('#packet-send').disabled) return;
+  const msg = $('#packet-message').value;
+  if ([...msg.trim()].length > 200) {
+    showPacketError('invalid', 'Your message is over 200 characters.');
+    return;
+  }
+  $('#packet-error').hidden = true;
+  currentPacket = sendRedPacket(readInt('#packet-coins', 1, PACKET_COINS_MAX), readInt('#packet-shares', 1, PACKET_SHARES_MAX), packetSplit, msg);
+  updatePacketSummary();
+}
+
+function onPacketOk(f) {
+  pendingPackets.delete(f.packet_id);
+  savePendingPackets();
+  setBalance(f.balance);
+  if (f.packet_id === currentPacket) {
+    currentPacket = null;
+    $('#packet-message').value = '';
+    closeSheet('#packet-sheet');
+    toast('🧧 Red packet dropped!', 'ok', 2500);
+  }
+  updatePacketSummary();
+}
+
+function onPacketRejected(f) {
+  const p = pendingPackets.get(f.packet_id);
+  if (f.code === 'unavailable' && p && p.tries < 3) {
+    // Nothing was debited; retry the same id shortly (a few times: in cluster mode it stays off).
+    p.tries += 1;
+    savePendingPackets();
+    setTimeout(() => { if (pendingPackets.has(f.packet_id)) socket.send(p.frame); }, 2000 + Math.random() * 2000);
+    return;
+  }
+  pendingPackets.delete(f.packet_id);
+  savePendingPackets();
+  if (f.balance != null) setBalance(f.balance);
+  const text = packetRejectionText(f.code, f.balance);
+  if (f.packet_id === currentPacket) currentPacket = null;
+  showPacketError(f.code, text, 'server');
+  notice(`packet_${f.code}`, f.code === 'rate_limited' || f.code === 'insufficient_funds' ? 'warn' : 'bad', text, 8000);
+  if (f.code === 'unauthorized') signOut(text);
+  updatePacketSummary();
+}
+
 // ---------- sheets ----------
 
 function openSheet(id) {
@@ -472,11 +856,17 @@ function signOut(reason) {
   session = null;
   balance = null;
   currentGift = null;
+  currentPacket = null;
   store.del(SESSION_KEY);
   pending.clear();
   savePending();
+  pendingPackets.clear();
+  savePendingPackets();
+  grabbing.clear();
+  for (const p of packets.values()) if (p.card) renderPacket(p);
   setAuth();
   closeSheet('#gift-sheet');
+  closeSheet('#packet-sheet');
   closeSheet('#account-sheet');
   if (socket.token) socket.setToken(null);
   if (reason) notice('signed_out', 'warn', reason, 8000);
@@ -549,12 +939,25 @@ function wire() {
     openSheet('#gift-sheet');
   });
   $('#gift-close').addEventListener('click', () => closeSheet('#gift-sheet'));
-  for (const id of ['#gift-sheet', '#account-sheet']) {
+  for (const id of ['#gift-sheet', '#account-sheet', '#packet-sheet']) {
     $(id).addEventListener('click', (e) => { if (e.target === $(id)) closeSheet(id); });
   }
   addEventListener('keydown', (e) => {
-    if (e.key === 'Escape') { closeSheet('#gift-sheet'); closeSheet('#account-sheet'); }
+    if (e.key === 'Escape') { closeSheet('#gift-sheet'); closeSheet('#account-sheet'); closeSheet('#packet-sheet'); }
   });
+
+  $('#packet-btn').addEventListener('click', () => {
+    if (!session) return;
+    $('#packet-error').hidden = true;
+    updatePacketSummary();
+    openSheet('#packet-sheet');
+  });
+  $('#packet-close').addEventListener('click', () => closeSheet('#packet-sheet'));
+  for (const c of document.querySelectorAll('#split-row .chip')) {
+    c.addEventListener('click', () => { packetSplit = c.dataset.split; updatePacketSummary(); });
+  }
+  for (const id of ['#packet-coins', '#packet-shares', '#packet-message']) $(id).addEventListener('input', updatePacketSummary);
+  $('#packet-form').addEventListener('submit', onPacketSubmit);
   for (const c of document.querySelectorAll('#count-row .chip')) {
     c.addEventListener('click', () => { $('#count-input').value = c.dataset.count; updateGiftSummary(); });
   }
@@ -568,7 +971,13 @@ exposeHooks({
   dropSocket: (opts) => socket.drop(opts),
   reconnect: () => socket.reconnectNow(),
   sendGift: (stickerId, cnt = 1, message) => sendGift(stickerId, cnt, message),
-  state: () => ({ balance, viewers, lastSeq: socket.lastSeq, pending: [...pending.keys()], conn: socket.state }),
+  sendRedPacket: (coins, shares, split, message) => sendRedPacket(coins, shares, split, message),
+  grab: (packetId) => grab(packetId),
+  state: () => ({
+    balance, viewers, lastSeq: socket.lastSeq, pending: [...pending.keys()], conn: socket.state,
+    pendingPackets: [...pendingPackets.keys()], grabbing: [...grabbing.keys()],
+    packets: [...packets.values()].map((p) => ({ id: p.id, left: p.left, state: p.state, mine: p.mine })),
+  }),
 });
 
 wire();
