@@ -667,8 +667,20 @@ impl App {
             }
         }
         let now = crate::now_ms();
-        // A red packet is spending too: it counts against `--daily-cap` like a gift.
         let retry = self.ledger.has_packet(&room.id, packet_id);
+        // Moderation, as for gifts: a banned or timed-out sender, or a blocked word in the
+        // message, is refused (a retry of an accepted packet gets its original answer).
+        if !retry {
+            let m = room.moderation();
+            let staff = is_streamer(user, room) || m.is_moderator(&user.sub);
+            if let Err(gate) = m.gate(&user.sub, message, staff, now) {
+                return PacketReply::Rejected {
+                    code: gate.code(),
+                    balance: Some(self.ledger.balance(&user.sub)),
+                };
+            }
+        }
+        // A red packet is spending too: it counts against `--daily-cap` like a gift.
         let reservation = if retry {
             None
         } else {
@@ -787,6 +799,14 @@ impl App {
             || self.durability.as_ref().is_some_and(|d| !d.taking_money())
         {
             return GrabReply::Rejected("unavailable");
+        }
+        // A banned or timed-out member cannot grab.
+        {
+            let m = room.moderation();
+            let staff = is_streamer(user, room) || m.is_moderator(&user.sub);
+            if let Err(gate) = m.gate(&user.sub, None, staff, crate::now_ms()) {
+                return GrabReply::Rejected(gate.code());
+            }
         }
         let grab = match self.ledger.begin_grab(
             &room.id,

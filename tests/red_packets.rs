@@ -428,3 +428,30 @@ async fn kill_9_between_the_debit_and_the_last_grab_loses_and_doubles_nothing() 
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[tokio::test]
+async fn a_timed_out_member_can_neither_drop_nor_grab() {
+    let server = TestServer::start().await;
+    server.credit("rich", 100, "f1").await;
+    server.credit("bad", 100, "f2").await;
+    let (mut host, _) = server.joined("demo", Some(("demo", Role::Streamer))).await;
+    let (mut rich, _) = server.joined("demo", Some(("rich", Role::Viewer))).await;
+    let (mut bad, _) = server.joined("demo", Some(("bad", Role::Viewer))).await;
+    assert_eq!(
+        send_packet(&mut rich, "t", 10, 2, "equal").await["type"],
+        "red_packet_ok"
+    );
+    host.send(json!({"type": "timeout", "user_id": "bad", "secs": 60}))
+        .await;
+    host.recv_type_skipping("mod_action").await;
+    assert_eq!(grab(&mut bad, "t").await["code"], "timed_out");
+    assert_eq!(
+        send_packet(&mut bad, "u", 10, 2, "equal").await["code"],
+        "timed_out"
+    );
+    let (_, me) = server
+        .get_json("/api/me", Some(&server.token("bad", Role::Viewer)))
+        .await;
+    assert_eq!(me["balance"], 100);
+    assert_eq!(server.audit().await["ok"], true);
+}
