@@ -5,8 +5,10 @@
 /// one small JSON object; anything bigger is abuse and closes the socket with 1009.
 pub const FRAME_BYTES_MAX: usize = 16 * 1024;
 /// WebSocket read buffer per connection: small, because 19,000 idle sockets each holding the
-/// library default of 128 KiB would cost 2.4 GiB.
-pub const WS_READ_BUFFER_BYTES: usize = 4 * 1024;
+/// library default of 128 KiB would cost 2.4 GiB. It is allocated for every connection, idle or
+/// not, and a client frame is one small JSON object (a chat of 500 characters fits), so 1 KiB;
+/// a bigger frame (up to `FRAME_BYTES_MAX`) grows it for that frame.
+pub const WS_READ_BUFFER_BYTES: usize = 1024;
 /// Bytes the writer accumulates before it must write to the socket.
 pub const WS_WRITE_BUFFER_BYTES: usize = 8 * 1024;
 /// Bytes a connection may hold unsent in its WebSocket writer before a write fails; must exceed
@@ -26,6 +28,10 @@ pub const OUTBOX_FRAMES_MAX: usize = 1024;
 pub const ROOM_HISTORY_EVENTS_MAX: usize = 1024;
 /// Events a room coalesces into one batch frame at most.
 pub const BATCH_EVENTS_MAX: usize = 256;
+/// A room fans out at most one round per tick: an event after a quiet spell goes out at once,
+/// a busy room's events gather into one batch frame per tick. Frames (and so writes and
+/// wake-ups) per member are then bounded by the tick, not by the event rate.
+pub const FANOUT_TICK_US: u64 = 2_000;
 /// Replay of history is sent in batch frames of at most this many events.
 pub const REPLAY_BATCH_EVENTS_MAX: usize = 128;
 /// Rooms one node keeps; a join that would create one more is refused.

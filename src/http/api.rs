@@ -289,11 +289,49 @@ pub async fn admin_audit(State(app): State<Arc<App>>, headers: HeaderMap) -> Api
 pub async fn metrics(State(app): State<Arc<App>>) -> Response {
     metrics::gauge!("giftcast_gifts_in_flight")
         .set(app.gifts_in_flight.load(Ordering::Relaxed) as f64);
+    // The process's own memory and CPU, the Prometheus process-collector names, so the load
+    // harness (and any scraper) reads them without access to the host's /proc.
+    if let Some(rss) = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| resident_bytes(&s))
+    {
+        metrics::gauge!("process_resident_memory_bytes").set(rss as f64);
+    }
+    if let Some(cpu) = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| cpu_seconds(&s))
+    {
+        metrics::gauge!("process_cpu_seconds_total").set(cpu);
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         app.metrics.render(),
     )
         .into_response()
+}
+
+/// Resident set size in bytes from `/proc/self/status` (`VmRSS: N kB`, the same number as
+/// `/proc/self/statm`'s resident pages × page size, without needing the page size).
+fn resident_bytes(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line["VmRSS:".len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// User + system CPU time of the whole process (all threads) from `/proc/self/stat`: fields 14
+/// and 15, in clock ticks of `USER_HZ`, which the Linux ABI fixes at 100.
+fn cpu_seconds(stat: &str) -> Option<f64> {
+    // The command name (field 2) is in parentheses and may hold spaces: count after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11); // field 3 is the first after ')'
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
 }
 
 pub async fn healthz() -> Response {
@@ -320,4 +358,22 @@ pub async fn readyz(State(app): State<Arc<App>>) -> Response {
 
 pub async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_gauges_parse_proc() {
+        let status = "Name:\tgiftcast\nVmPeak:\t  100 kB\nVmRSS:\t   27904 kB\nThreads:\t3\n";
+        assert_eq!(resident_bytes(status), Some(27904 * 1024));
+        let stat = "4242 (gift cast) S 1 4242 4242 0 -1 4194560 1234 0 0 0 250 37 0 0 20 0 3 0";
+        assert_eq!(cpu_seconds(stat), Some(2.87));
+        // The real files of this process parse too.
+        let s = std::fs::read_to_string("/proc/self/status").unwrap();
+        assert!(resident_bytes(&s).unwrap() > 0);
+        let s = std::fs::read_to_string("/proc/self/stat").unwrap();
+        assert!(cpu_seconds(&s).is_some());
+    }
 }

@@ -7,7 +7,7 @@
 use crate::app::{is_streamer, App, ConnRefusal, ConnSlot, GiftReply};
 use crate::auth::{Claims, Role};
 use crate::cluster::wire::RoomReq;
-use crate::hub::{ConnShared, MemberHandle, Out, Room};
+use crate::hub::{outbox, ConnShared, MemberHandle, Out, OutboxReceiver, OutboxSender, Room};
 use crate::limits::*;
 use crate::protocol::{self, ClientFrame, UserRef};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
@@ -128,7 +128,7 @@ pub async fn upgrade(
 
 async fn connection(app: Arc<App>, socket: WebSocket, peer: SocketAddr, slot: ConnSlot) {
     let (sink, mut stream) = socket.split();
-    let (tx, rx) = mpsc::channel(OUTBOX_FRAMES_MAX);
+    let (tx, rx) = outbox(OUTBOX_FRAMES_MAX);
     let shared = Arc::new(ConnShared::default());
     let mut writer = tokio::spawn(writer(sink, rx, shared.clone()));
     tracing::debug!(%peer, "connection opened");
@@ -164,7 +164,7 @@ async fn connection(app: Arc<App>, socket: WebSocket, peer: SocketAddr, slot: Co
 
 struct Conn<'a> {
     app: &'a Arc<App>,
-    tx: mpsc::Sender<Out>,
+    tx: OutboxSender,
     shared: Arc<ConnShared>,
     user: Option<Claims>,
     joined: Option<(Arc<Room>, MemberHandle)>,
@@ -276,7 +276,9 @@ impl Conn<'_> {
             }
             match msg {
                 Message::Text(text) => {
-                    if let Err(reason) = self.frame(&text).await {
+                    // Boxed: the frame's future (join, cluster round trips) is far bigger than
+                    // the loop's own state, and every idle connection would carry its size.
+                    if let Err(reason) = Box::pin(self.frame(&text)).await {
                         return reason;
                     }
                 }
@@ -635,76 +637,95 @@ impl Conn<'_> {
     }
 }
 
+/// Runs `fut` to completion within `deadline`, arming the timer only when the first poll does
+/// not finish it: almost every write to a healthy client completes at once, and a timer per
+/// write (registered in and removed from the runtime's timer wheel) was a measurable share of
+/// the fan-out's CPU.
+async fn within<F: std::future::Future>(deadline: Duration, fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    if let std::task::Poll::Ready(out) = futures_util::poll!(fut.as_mut()) {
+        return Some(out);
+    }
+    tokio::time::timeout(deadline, fut).await.ok()
+}
+
 async fn writer(
     mut sink: SplitSink<WebSocket, Message>,
-    mut rx: mpsc::Receiver<Out>,
+    mut rx: OutboxReceiver,
     shared: Arc<ConnShared>,
 ) {
-    let mut buf: Vec<Out> = Vec::with_capacity(64);
+    let mut buf: Vec<Out> = Vec::new();
     let mut last_seq = 0u64;
     let deadline = Duration::from_millis(WRITE_TIMEOUT_MS);
     loop {
-        tokio::select! {
-            biased;
-            _ = shared.notify.notified() => {
-                if shared.lagged.load(Ordering::SeqCst) {
-                    // What was queued before the overflow is in order: deliver it, then say where
-                    // to resume from.
-                    while let Ok(out) = rx.try_recv() {
-                        buf.push(out);
-                    }
-                    let _ = tokio::time::timeout(deadline, async {
-                        for out in buf.drain(..) {
-                            if let Out::Frame { seq, text } = out {
-                                sink.feed(Message::Text(text)).await?;
-                                if seq > 0 {
-                                    last_seq = seq;
-                                }
-                            }
-                        }
-                        sink.feed(Message::Text(protocol::lagged_frame(last_seq).into())).await?;
-                        sink.send(Message::Close(Some(CloseFrame { code: 4009, reason: Utf8Bytes::from_static("lagged") }))).await
-                    })
-                    .await;
-                    return;
-                }
+        let n = rx.recv_many(&mut buf, 256).await;
+        if n == 0 {
+            let _ = within(deadline, sink.close()).await;
+            return;
+        }
+        if shared.lagged.load(Ordering::SeqCst) {
+            // What was queued before the overflow is in order: deliver it, then say where to
+            // resume from.
+            while let Ok(out) = rx.try_recv() {
+                buf.push(out);
             }
-            n = rx.recv_many(&mut buf, 256) => {
-                if n == 0 {
-                    let _ = tokio::time::timeout(deadline, sink.close()).await;
-                    return;
-                }
-                let mut close = None;
-                let result = tokio::time::timeout(deadline, async {
-                    for out in buf.drain(..) {
-                        match out {
-                            Out::Frame { seq, text } => {
-                                sink.feed(Message::Text(text)).await?;
-                                if seq > 0 {
-                                    last_seq = seq;
-                                }
-                            }
-                            Out::Close { code, reason } => {
-                                close = Some((code, reason));
-                                break;
-                            }
-                            Out::Ping => sink.feed(Message::Ping(Default::default())).await?,
+            let _ = within(deadline, async {
+                for out in buf.drain(..) {
+                    if let Out::Frame { seq, text } = out {
+                        sink.feed(Message::Text(text)).await?;
+                        if seq > 0 {
+                            last_seq = seq;
                         }
                     }
-                    sink.flush().await
-                })
-                .await;
-                buf.clear();
-                if !matches!(result, Ok(Ok(()))) {
-                    metrics::counter!("giftcast_write_failures_total").increment(1);
-                    return;
                 }
-                if let Some((code, reason)) = close {
-                    let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
-                    let _ = tokio::time::timeout(deadline, sink.send(Message::Close(Some(frame)))).await;
-                    return;
+                sink.feed(Message::Text(protocol::lagged_frame(last_seq).into()))
+                    .await?;
+                sink.send(Message::Close(Some(CloseFrame {
+                    code: 4009,
+                    reason: Utf8Bytes::from_static("lagged"),
+                })))
+                .await
+            })
+            .await;
+            return;
+        }
+        let mut close = None;
+        let result = within(deadline, async {
+            for out in buf.drain(..) {
+                match out {
+                    Out::Frame { seq, text } => {
+                        sink.feed(Message::Text(text)).await?;
+                        if seq > 0 {
+                            last_seq = seq;
+                        }
+                    }
+                    Out::Close { code, reason } => {
+                        close = Some((code, reason));
+                        break;
+                    }
+                    Out::Ping => sink.feed(Message::Ping(Default::default())).await?,
+                    Out::Wake => {}
                 }
             }
+            sink.flush().await
+        })
+        .await;
+        buf.clear();
+        // A burst grew the buffer; an idle connection should not keep that.
+        if buf.capacity() > 32 {
+            buf = Vec::new();
+        }
+        if !matches!(result, Some(Ok(()))) {
+            metrics::counter!("giftcast_write_failures_total").increment(1);
+            return;
+        }
+        if let Some((code, reason)) = close {
+            let frame = CloseFrame {
+                code,
+                reason: Utf8Bytes::from_static(reason),
+            };
+            let _ = within(deadline, sink.send(Message::Close(Some(frame)))).await;
+            return;
         }
     }
 }

@@ -14,9 +14,11 @@
 //! `parking_lot::Mutex`, only taken in synchronous code); every queue is bounded.
 
 mod moderation;
+mod outbox;
 mod room;
 
 pub use moderation::{Gate, LimitReached, Moderation};
+pub use outbox::{outbox, OutboxReceiver, OutboxSender};
 pub use room::{Forward, Gap, JoinOutcome, MemberHandle, QueuedGift, QueuedUser, Room};
 
 use crate::limits::{ROOMS_MAX, VIEWERS_INTERVAL_MS};
@@ -24,7 +26,6 @@ use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use tokio::sync::Notify;
 
 /// What a connection's writer task receives.
 #[derive(Debug)]
@@ -35,21 +36,26 @@ pub enum Out {
     Close { code: u16, reason: &'static str },
     /// A WebSocket Ping (heartbeat): the peer answers with a Pong.
     Ping,
+    /// Nothing to send: wakes the writer so it looks at `ConnShared::lagged`.
+    Wake,
 }
 
 /// State a connection's reader, writer and its room share.
 #[derive(Debug, Default)]
 pub struct ConnShared {
-    /// Set by the room when the outbox overflowed: the writer tells the client and closes.
+    /// Set when the outbox overflowed (or the room dropped the member): the writer delivers
+    /// what is queued, tells the client and closes.
+    ///
+    /// The writer looks at it after every receive, and needs no separate wake-up: a full outbox
+    /// holds frames, so the writer's receive returns at once; whoever sets it on a member whose
+    /// outbox may be empty also queues `Out::Wake`.
     pub lagged: AtomicBool,
-    pub notify: Notify,
 }
 
 impl ConnShared {
     pub fn mark_lagged(&self) {
         if !self.lagged.swap(true, Ordering::SeqCst) {
             metrics::counter!("giftcast_lagged_total").increment(1);
-            self.notify.notify_one();
         }
     }
 }

@@ -1,9 +1,9 @@
 //! One room: seq, history, members, fan-out task, combos and the streamer's thanks queue.
 
 use super::moderation::{Gate, Moderation};
-use super::{ConnShared, Out};
+use super::{ConnShared, Out, OutboxSender};
 use crate::limits::{
-    BATCH_EVENTS_MAX, COMBO_TRACKED_MAX, COMBO_WINDOW_MS, REPLAY_BATCH_EVENTS_MAX,
+    BATCH_EVENTS_MAX, COMBO_TRACKED_MAX, COMBO_WINDOW_MS, FANOUT_TICK_US, REPLAY_BATCH_EVENTS_MAX,
     ROOM_HISTORY_EVENTS_MAX, THANKS_QUEUE_MAX,
 };
 use axum::extract::ws::Utf8Bytes;
@@ -15,7 +15,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, Notify};
 
 struct Member {
-    tx: mpsc::Sender<Out>,
+    tx: OutboxSender,
     shared: Arc<ConnShared>,
     /// The signed-in user, so a ban can close its connections.
     user: Option<String>,
@@ -210,6 +210,8 @@ impl Room {
             inner.epoch = Arc::from(epoch);
             for m in inner.members.values() {
                 m.shared.mark_lagged();
+                // The outbox may be empty: wake the writer (if it is full, it wakes anyway).
+                let _ = m.tx.try_send(Out::Wake);
             }
             inner.members.clear();
             self.viewers.store(0, Ordering::Relaxed);
@@ -281,7 +283,7 @@ impl Room {
     /// (checked under the room lock, so a ban racing this join either refuses it or closes it).
     pub fn join(
         self: &Arc<Self>,
-        tx: &mpsc::Sender<Out>,
+        tx: &OutboxSender,
         shared: Arc<ConnShared>,
         user: Option<&str>,
         since: Option<u64>,
@@ -423,13 +425,23 @@ impl Room {
     /// The fan-out task: each round takes what was queued since the last one.
     async fn fan_out(self: Arc<Self>) {
         let mut taken: Vec<(u64, Utf8Bytes)> = Vec::with_capacity(BATCH_EVENTS_MAX);
+        let tick = std::time::Duration::from_micros(FANOUT_TICK_US);
+        let mut last_round: Option<tokio::time::Instant> = None;
         loop {
             self.wake.notified().await;
             loop {
+                // At most one round per tick: an event after a quiet spell goes out at once, a
+                // busy room's events gather into one batch frame per tick.
+                if let Some(next) = last_round.map(|t| t + tick) {
+                    if tokio::time::Instant::now() < next {
+                        tokio::time::sleep_until(next).await;
+                    }
+                }
                 let mut inner = self.inner.lock();
                 if inner.pending.is_empty() {
                     break;
                 }
+                last_round = Some(tokio::time::Instant::now());
                 let n = inner.pending.len().min(BATCH_EVENTS_MAX);
                 taken.extend(inner.pending.drain(..n));
                 let last_seq = taken.iter().map(|(s, _)| *s).max().unwrap_or(0);
