@@ -168,6 +168,9 @@ pub struct Config {
     pub red_packet_host_cut_bp: u64,
     /// Coins per viewer per UTC day (0 = off).
     pub daily_cap: u64,
+    /// A write to a client that takes longer than this closes it (`WRITE_TIMEOUT_MS`; tests
+    /// lengthen it).
+    pub write_timeout_ms: u64,
     /// WebSocket Ping interval (`HEARTBEAT_INTERVAL_MS`; tests shorten it).
     pub heartbeat_interval_ms: u64,
     /// Silence after which a WebSocket is closed as half-open (`HEARTBEAT_TIMEOUT_MS`).
@@ -292,6 +295,7 @@ impl ServeArgs {
             catalog,
             daily_cap: self.daily_cap,
             heartbeat_interval_ms: crate::limits::HEARTBEAT_INTERVAL_MS,
+            write_timeout_ms: crate::limits::WRITE_TIMEOUT_MS,
             heartbeat_timeout_ms: crate::limits::HEARTBEAT_TIMEOUT_MS,
             http_header_read_timeout_ms: crate::limits::HTTP_HEADER_READ_TIMEOUT_MS,
             unsafe_ack_before_durable: self.unsafe_ack_before_durable,

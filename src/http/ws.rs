@@ -24,18 +24,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, Semaphore};
 
-/// Resolves when a signed-in connection's token expires (never for read-only ones): a
-/// connection does not outlive its token.
-async fn token_expiry(exp_secs: Option<u64>) {
-    match exp_secs {
-        None => std::future::pending().await,
-        Some(exp) => {
-            let left_ms = (exp.saturating_mul(1000)).saturating_sub(crate::now_ms());
-            tokio::time::sleep(Duration::from_millis(left_ms)).await
-        }
-    }
-}
-
 /// The close reason when the writer stopped first (lagged, write timeout, close sent).
 const WRITER_ENDED: &str = "writer ended";
 
@@ -130,7 +118,8 @@ async fn connection(app: Arc<App>, socket: WebSocket, peer: SocketAddr, slot: Co
     let (sink, mut stream) = socket.split();
     let (tx, rx) = outbox(OUTBOX_FRAMES_MAX);
     let shared = Arc::new(ConnShared::default());
-    let mut writer = tokio::spawn(writer(sink, rx, shared.clone()));
+    let write_timeout = Duration::from_millis(app.config.write_timeout_ms);
+    let mut writer = tokio::spawn(writer(sink, rx, shared.clone(), write_timeout));
     tracing::debug!(%peer, "connection opened");
     let mut conn = Conn {
         app: &app,
@@ -221,7 +210,20 @@ impl Conn<'_> {
                     .allow_burst(NonZeroU32::new(FLOOD_BURST_FRAMES).expect("nonzero")),
             )
         });
+        // A signed-in connection closes when its token expires: one timer, armed at join.
+        let expiry = tokio::time::sleep(Duration::from_secs(0));
+        tokio::pin!(expiry);
+        let mut expiry_armed = false;
         loop {
+            if !expiry_armed {
+                if let Some(u) = &self.user {
+                    let left_ms = u.exp.saturating_mul(1000).saturating_sub(crate::now_ms());
+                    expiry
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + Duration::from_millis(left_ms));
+                    expiry_armed = true;
+                }
+            }
             let msg = tokio::select! {
                 _ = &mut join_deadline, if self.joined.is_none() => {
                     self.close(4001, "no join in time");
@@ -232,7 +234,7 @@ impl Conn<'_> {
                     return "shutdown";
                 }
                 _ = &mut *writer => return WRITER_ENDED,
-                _ = token_expiry(self.user.as_ref().map(|u| u.exp)) => {
+                _ = &mut expiry, if expiry_armed => {
                     self.error("unauthorized", "token expired");
                     self.close(4003, "token expired");
                     return "token expired";
@@ -653,10 +655,10 @@ async fn writer(
     mut sink: SplitSink<WebSocket, Message>,
     mut rx: OutboxReceiver,
     shared: Arc<ConnShared>,
+    deadline: Duration,
 ) {
     let mut buf: Vec<Out> = Vec::new();
     let mut last_seq = 0u64;
-    let deadline = Duration::from_millis(WRITE_TIMEOUT_MS);
     loop {
         let n = rx.recv_many(&mut buf, 256).await;
         if n == 0 {
