@@ -120,7 +120,7 @@ async fn connection(app: Arc<App>, socket: WebSocket, peer: SocketAddr, slot: Co
     let shared = Arc::new(ConnShared::default());
     let write_timeout = Duration::from_millis(app.config.write_timeout_ms);
     let mut writer = tokio::spawn(writer(sink, rx, shared.clone(), write_timeout));
-    tracing::debug!(%peer, "connection opened");
+    tracing::info!(%peer, "connection opened");
     let mut conn = Conn {
         app: &app,
         tx: tx.clone(),
