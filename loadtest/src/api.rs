@@ -177,10 +177,11 @@ pub fn parse_stat_cpu(stat: &str) -> Option<f64> {
     Some((ut + st) / 100.0)
 }
 
-/// Sample a server: /proc when the pid is known, else /metrics.
-pub async fn server_sample(api: &Api, pid: Option<u32>) -> ProcSample {
-    if let Some(pid) = pid {
-        return proc_sample(pid);
+/// Sample a server: /proc when the pid is known (several pids: the sum, e.g. the nodes of a
+/// local cluster), else /metrics of the first URL.
+pub async fn server_sample(api: &Api, pids: &[u32]) -> ProcSample {
+    if !pids.is_empty() {
+        return sum_samples(pids.iter().map(|p| proc_sample(*p)));
     }
     match api.metrics().await {
         Some(t) => {
@@ -194,9 +195,27 @@ pub async fn server_sample(api: &Api, pid: Option<u32>) -> ProcSample {
     }
 }
 
+/// Sum of several processes' samples; unknown when any part is unknown.
+pub fn sum_samples(parts: impl IntoIterator<Item = ProcSample>) -> ProcSample {
+    let mut out = ProcSample { rss_bytes: Some(0), cpu_secs: Some(0.0) };
+    for p in parts {
+        out.rss_bytes = out.rss_bytes.zip(p.rss_bytes).map(|(a, b)| a + b);
+        out.cpu_secs = out.cpu_secs.zip(p.cpu_secs).map(|(a, b)| a + b);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn samples_add_up() {
+        let a = ProcSample { rss_bytes: Some(10), cpu_secs: Some(1.5) };
+        let b = ProcSample { rss_bytes: Some(5), cpu_secs: Some(0.5) };
+        assert_eq!(sum_samples([a, b]), ProcSample { rss_bytes: Some(15), cpu_secs: Some(2.0) });
+        assert_eq!(sum_samples([a, ProcSample { rss_bytes: None, cpu_secs: Some(1.0) }]).rss_bytes, None);
+    }
 
     #[test]
     fn prometheus_parsing() {

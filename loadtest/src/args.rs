@@ -35,11 +35,15 @@ Examples (server started with --token-secret sekret --admin-token admintok --cha
 #[derive(Args, Debug, Clone, Serialize, Deserialize)]
 pub struct Common {
     /// Server base URL; the WebSocket URL is derived from it (http→ws, https→wss, path /ws).
-    #[arg(long, global = true, env = "LOADTEST_URL", default_value = "http://127.0.0.1:8080")]
-    pub url: String,
-    /// Override the WebSocket URL (default: derived from --url).
-    #[arg(long, global = true)]
-    pub ws_url: Option<String>,
+    /// Several nodes of a cluster: a comma-separated list or a repeated --url; connections
+    /// (viewers, senders, gifters alike) are assigned to them round-robin by client index, and
+    /// the HTTP calls (catalog, admin credit, revenue, audit, /metrics) go to the first.
+    #[arg(long, global = true, env = "LOADTEST_URL", value_delimiter = ',', default_value = "http://127.0.0.1:8080")]
+    pub url: Vec<String>,
+    /// Override the WebSocket URL(s) (default: derived from each --url); comma separated or
+    /// repeated, assigned round-robin like --url.
+    #[arg(long, global = true, value_delimiter = ',')]
+    pub ws_url: Vec<String>,
     /// HS256 key to mint user tokens locally (claims sub, name, role, exp). Without it, users
     /// sign up through POST /api/guest (guest sign-up must be on).
     #[arg(long, global = true, env = "LOADTEST_TOKEN_SECRET", hide_env_values = true)]
@@ -67,9 +71,10 @@ pub struct Common {
     #[arg(long, global = true, default_value_t = 1)]
     pub source_ips: u8,
     /// Server process id: read its RSS and CPU time from /proc (otherwise from /metrics
-    /// `process_resident_memory_bytes` / `process_cpu_seconds_total` when exposed).
-    #[arg(long, global = true)]
-    pub server_pid: Option<u32>,
+    /// `process_resident_memory_bytes` / `process_cpu_seconds_total` when exposed). Several
+    /// (comma separated or repeated, e.g. every node of a local cluster): their sum.
+    #[arg(long, global = true, value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
     /// At most this many connection handshakes in flight at once.
     #[arg(long, global = true, default_value_t = 200)]
     pub connect_concurrency: usize,
@@ -113,6 +118,23 @@ pub struct Common {
     /// Executable to re-exec for --procs (default: this executable).
     #[arg(long, global = true, hide = true)]
     pub exe: Option<PathBuf>,
+}
+
+impl Common {
+    /// The URL the HTTP calls go to (the first of --url).
+    pub fn primary_url(&self) -> &str {
+        self.url.first().map(|s| s.as_str()).unwrap_or("http://127.0.0.1:8080")
+    }
+
+    /// The WebSocket URLs connections are spread over (--ws-url, else derived from --url).
+    pub fn ws_urls(&self) -> Vec<String> {
+        let list: Vec<String> = if self.ws_url.is_empty() {
+            self.url.iter().map(|u| crate::client::derive_ws_url(u.trim())).collect()
+        } else {
+            self.ws_url.iter().map(|u| u.trim().to_string()).collect()
+        };
+        list.into_iter().filter(|u| !u.is_empty()).collect()
+    }
 }
 
 #[derive(Subcommand, Debug, Clone, Serialize, Deserialize)]

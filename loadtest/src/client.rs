@@ -15,11 +15,17 @@ use tokio_tungstenite::WebSocketStream;
 
 pub type Ws = WebSocketStream<TcpStream>;
 
-/// Where and how to connect.
+/// One server (node) to connect to.
 #[derive(Clone, Debug)]
-pub struct Target {
+pub struct Endpoint {
     pub ws_url: String,
     pub addr: SocketAddr,
+}
+
+/// Where and how to connect: connection `idx` goes to endpoint `idx % endpoints.len()`.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub endpoints: Vec<Endpoint>,
     pub source_ips: u8,
     pub read_buffer: usize,
     pub sock_rcvbuf: Option<usize>,
@@ -38,21 +44,34 @@ pub fn derive_ws_url(base: &str) -> String {
 }
 
 impl Target {
-    pub async fn resolve(ws_url: &str, source_ips: u8, read_buffer: usize, sock_rcvbuf: Option<usize>) -> Result<Self> {
-        let rest = ws_url.split_once("://").map(|x| x.1).unwrap_or(ws_url);
-        let hostport = rest.split('/').next().unwrap_or(rest);
-        let hostport = if hostport.contains(':') && !hostport.ends_with(']') { hostport.to_string() } else { format!("{hostport}:80") };
-        let addr = tokio::net::lookup_host(&hostport)
-            .await
-            .with_context(|| format!("resolving {hostport}"))?
-            .next()
-            .ok_or_else(|| anyhow!("no address for {hostport}"))?;
-        Ok(Target { ws_url: ws_url.to_string(), addr, source_ips, read_buffer, sock_rcvbuf })
+    pub async fn resolve(ws_urls: &[String], source_ips: u8, read_buffer: usize, sock_rcvbuf: Option<usize>) -> Result<Self> {
+        if ws_urls.is_empty() {
+            return Err(anyhow!("no server URL"));
+        }
+        let mut endpoints = Vec::with_capacity(ws_urls.len());
+        for ws_url in ws_urls {
+            let rest = ws_url.split_once("://").map(|x| x.1).unwrap_or(ws_url);
+            let hostport = rest.split('/').next().unwrap_or(rest);
+            let hostport = if hostport.contains(':') && !hostport.ends_with(']') { hostport.to_string() } else { format!("{hostport}:80") };
+            let addr = tokio::net::lookup_host(&hostport)
+                .await
+                .with_context(|| format!("resolving {hostport}"))?
+                .next()
+                .ok_or_else(|| anyhow!("no address for {hostport}"))?;
+            endpoints.push(Endpoint { ws_url: ws_url.clone(), addr });
+        }
+        Ok(Target { endpoints, source_ips, read_buffer, sock_rcvbuf })
+    }
+
+    /// The server (node) of the idx-th connection: round-robin over the endpoints.
+    pub fn endpoint_for(&self, idx: usize) -> &Endpoint {
+        &self.endpoints[idx % self.endpoints.len()]
     }
 
     /// Source address for the idx-th connection (round-robin over 127.0.0.1..N).
     pub fn source_for(&self, idx: usize) -> Option<SocketAddr> {
-        if self.source_ips <= 1 || !self.addr.ip().is_loopback() || !self.addr.is_ipv4() {
+        let addr = self.endpoint_for(idx).addr;
+        if self.source_ips <= 1 || !addr.ip().is_loopback() || !addr.is_ipv4() {
             return None;
         }
         let last = 1 + (idx % self.source_ips as usize) as u8;
@@ -71,7 +90,8 @@ impl Target {
     /// Open a TCP connection and do the WebSocket handshake. The error is an error code
     /// suitable for the report (`connect:<kind>`, `handshake:<status>` ...).
     pub async fn open(&self, idx: usize) -> std::result::Result<Ws, String> {
-        let sock = if self.addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }
+        let ep = self.endpoint_for(idx);
+        let sock = if ep.addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }
             .map_err(|e| format!("socket:{:?}", e.kind()))?;
         if let Some(src) = self.source_for(idx) {
             let _ = sock.set_reuseaddr(true);
@@ -80,13 +100,13 @@ impl Target {
         if let Some(n) = self.sock_rcvbuf {
             let _ = sock.set_recv_buffer_size(n as u32);
         }
-        let stream = match tokio::time::timeout(Duration::from_secs(10), sock.connect(self.addr)).await {
+        let stream = match tokio::time::timeout(Duration::from_secs(10), sock.connect(ep.addr)).await {
             Err(_) => return Err("connect:timeout".into()),
             Ok(Err(e)) => return Err(format!("connect:{:?}", e.kind())),
             Ok(Ok(s)) => s,
         };
         let _ = stream.set_nodelay(true);
-        let hs = tokio_tungstenite::client_async_with_config(self.ws_url.as_str(), stream, Some(self.ws_config()));
+        let hs = tokio_tungstenite::client_async_with_config(ep.ws_url.as_str(), stream, Some(self.ws_config()));
         match tokio::time::timeout(Duration::from_secs(15), hs).await {
             Err(_) => Err("handshake:timeout".into()),
             Ok(Err(tokio_tungstenite::tungstenite::Error::Http(r))) => Err(format!("handshake:{}", r.status().as_u16())),
@@ -240,10 +260,34 @@ mod tests {
     }
 
     #[test]
+    fn connections_round_robin_over_nodes() {
+        let ep = |port: u16| Endpoint { ws_url: format!("ws://127.0.0.1:{port}/ws"), addr: format!("127.0.0.1:{port}").parse().unwrap() };
+        let t = Target { endpoints: vec![ep(1), ep(2), ep(3)], source_ips: 4, read_buffer: 4096, sock_rcvbuf: None };
+        let ports: Vec<u16> = (0..7).map(|i| t.endpoint_for(i).addr.port()).collect();
+        assert_eq!(ports, vec![1, 2, 3, 1, 2, 3, 1]);
+        // Every node gets its share of any contiguous block of clients (viewers, then senders).
+        let mut per = [0usize; 3];
+        for g in 1..1051 {
+            per[t.endpoint_for(g).addr.port() as usize - 1] += 1;
+        }
+        assert_eq!(per, [350, 350, 350]);
+        let mut senders = [0usize; 3];
+        for g in 1001..1051 {
+            senders[t.endpoint_for(g).addr.port() as usize - 1] += 1;
+        }
+        assert!(senders.iter().all(|n| (16..=17).contains(n)), "{senders:?}");
+        // Source addresses still rotate independently of the node.
+        assert_eq!(t.source_for(0).unwrap().ip().to_string(), "127.0.0.1");
+        assert_eq!(t.source_for(5).unwrap().ip().to_string(), "127.0.0.2");
+        // A single URL keeps the old behaviour.
+        let one = Target { endpoints: vec![ep(9)], ..t };
+        assert!((0..5).all(|i| one.endpoint_for(i).addr.port() == 9));
+    }
+
+    #[test]
     fn source_addresses_round_robin() {
         let t = Target {
-            ws_url: "ws://127.0.0.1:1/ws".into(),
-            addr: "127.0.0.1:1".parse().unwrap(),
+            endpoints: vec![Endpoint { ws_url: "ws://127.0.0.1:1/ws".into(), addr: "127.0.0.1:1".parse().unwrap() }],
             source_ips: 3,
             read_buffer: 4096,
             sock_rcvbuf: None,

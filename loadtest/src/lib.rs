@@ -75,7 +75,7 @@ pub async fn run(cli: Cli) -> Result<Report> {
     let shape = Shape::of(&cli);
     let started_unix_ms = stats::now_us() / 1000;
     let run_id = c.run_id.clone().unwrap_or_else(|| format!("{:06x}", rand::random::<u32>() & 0xff_ffff));
-    let api = Api::new(&c.url, c.admin_token.clone())?;
+    let api = Api::new(c.primary_url(), c.admin_token.clone())?;
     let mut notes: Vec<String> = vec![];
     if shape.total_clients() / c.procs > 19_000 {
         notes.push(format!(
@@ -142,7 +142,7 @@ pub async fn run(cli: Cli) -> Result<Report> {
         }
     }
 
-    let before_connect = server_sample(&api, c.server_pid).await;
+    let before_connect = server_sample(&api, &c.server_pid).await;
 
     // Workers.
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<(usize, Ev)>();
@@ -247,7 +247,7 @@ pub async fn run(cli: Cli) -> Result<Report> {
                     Ev::Ready => {
                         ready += 1;
                         if ready == c.procs {
-                            connected = server_sample(&api, c.server_pid).await;
+                            connected = server_sample(&api, &c.server_pid).await;
                             for g in gos.iter_mut() {
                                 match g.take() {
                                     Some(Go::Local(tx)) => { let _ = tx.send(()); }
@@ -273,7 +273,7 @@ pub async fn run(cli: Cli) -> Result<Report> {
             }
             _ = tick.tick() => {
                 if let Some(t0) = run_started {
-                    if let Some(rss) = server_sample(&api, c.server_pid).await.rss_bytes {
+                    if let Some(rss) = server_sample(&api, &c.server_pid).await.rss_bytes {
                         rss_timeline.push((t0.elapsed().as_secs_f64(), rss));
                     }
                 }
@@ -293,11 +293,11 @@ pub async fn run(cli: Cli) -> Result<Report> {
         return Err(e);
     }
     let parts: Vec<Report> = reports.into_iter().flatten().collect();
-    let end = server_sample(&api, c.server_pid).await;
+    let end = server_sample(&api, &c.server_pid).await;
 
     let mut report = Report::merge(&parts);
     report.run_id = run_id.clone();
-    report.url = c.url.clone();
+    report.url = c.url.join(",");
     report.procs = c.procs;
     report.started_unix_ms = started_unix_ms;
     report.params = serde_json::to_value(&cli.scenario).unwrap_or_default();
@@ -309,7 +309,7 @@ pub async fn run(cli: Cli) -> Result<Report> {
     report.notes.splice(0..0, notes);
 
     // Server memory and CPU.
-    let source = if c.server_pid.is_some() {
+    let source = if !c.server_pid.is_empty() {
         "proc"
     } else if before_connect.rss_bytes.is_some() {
         "metrics"

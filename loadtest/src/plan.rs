@@ -185,6 +185,22 @@ mod tests {
     }
 
     #[test]
+    fn url_lists() {
+        let cli = Cli::parse_from(["loadtest", "fanout", "--url", "http://127.0.0.1:1,http://127.0.0.1:2", "--url", "http://127.0.0.1:3", "--server-pid", "10,11"]);
+        assert_eq!(cli.common.url.len(), 3);
+        assert_eq!(cli.common.primary_url(), "http://127.0.0.1:1");
+        assert_eq!(cli.common.ws_urls(), vec!["ws://127.0.0.1:1/ws", "ws://127.0.0.1:2/ws", "ws://127.0.0.1:3/ws"]);
+        assert_eq!(cli.common.server_pid, vec![10, 11]);
+        // Children of --procs get the same list (the plan travels as JSON).
+        let back: Cli = serde_json::from_str(&serde_json::to_string(&cli).unwrap()).unwrap();
+        assert_eq!(back.common.ws_urls(), cli.common.ws_urls());
+        let one = Cli::parse_from(["loadtest", "fanout"]);
+        assert_eq!(one.common.ws_urls(), vec!["ws://127.0.0.1:8080/ws"]);
+        let ws = Cli::parse_from(["loadtest", "fanout", "--ws-url", "ws://a:1/ws,ws://b:2/ws"]);
+        assert_eq!(ws.common.ws_urls(), vec!["ws://a:1/ws", "ws://b:2/ws"]);
+    }
+
+    #[test]
     fn ownership_partitions() {
         let n = 17;
         for count in 1..4 {

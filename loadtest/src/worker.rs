@@ -15,7 +15,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::api::{proc_sample, Api};
 use crate::fast::{self, FastEv, Kind as FastKind};
-use crate::client::{self, derive_ws_url, for_each_event, parse_stamp, short_err, Target, Ws};
+use crate::client::{self, for_each_event, parse_stamp, short_err, Target, Ws};
 use crate::pacing::Pacer;
 use crate::plan::{owns, Shape, WorkerPlan};
 use crate::report::{MoneyTally, Report, Sample};
@@ -823,9 +823,8 @@ pub async fn run_worker(
     let cli = &plan.cli;
     let c = &cli.common;
     let shape = Shape::of(cli);
-    let api = Api::new(&c.url, c.admin_token.clone())?;
-    let ws_url = c.ws_url.clone().unwrap_or_else(|| derive_ws_url(&c.url));
-    let target = Target::resolve(&ws_url, c.source_ips, c.read_buffer, c.sock_rcvbuf).await?;
+    let api = Api::new(c.primary_url(), c.admin_token.clone())?;
+    let target = Target::resolve(&c.ws_urls(), c.source_ips, c.read_buffer, c.sock_rcvbuf).await?;
     let (phase_tx, phase_rx) = watch::channel(Phase::Connect);
     let ctx = Arc::new(Ctx {
         target,
@@ -1197,7 +1196,7 @@ pub async fn run_worker(
     Ok(Report {
         scenario: cli.scenario.name().to_string(),
         run_id: plan.run_id.clone(),
-        url: c.url.clone(),
+        url: c.url.join(","),
         procs: 1,
         connections: crate::report::Connections {
             target: target_clients,
