@@ -36,7 +36,11 @@ impl Api {
             .timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(16)
             .build()?;
-        Ok(Api { base: base.trim_end_matches('/').to_string(), http, admin })
+        Ok(Api {
+            base: base.trim_end_matches('/').to_string(),
+            http,
+            admin,
+        })
     }
 
     pub fn has_admin(&self) -> bool {
@@ -47,25 +51,42 @@ impl Api {
         let status = resp.status();
         let body = resp.text().await.unwrap_or_default();
         if !status.is_success() {
-            bail!("{what}: HTTP {status}: {}", body.chars().take(300).collect::<String>());
+            bail!(
+                "{what}: HTTP {status}: {}",
+                body.chars().take(300).collect::<String>()
+            );
         }
         serde_json::from_str(&body).with_context(|| format!("{what}: bad JSON"))
     }
 
     fn admin_token(&self) -> Result<&str> {
-        self.admin.as_deref().ok_or_else(|| anyhow!("--admin-token is required for this"))
+        self.admin
+            .as_deref()
+            .ok_or_else(|| anyhow!("--admin-token is required for this"))
     }
 
     pub async fn catalog(&self) -> Result<Vec<Sticker>> {
-        let v = Self::check(self.http.get(format!("{}/api/catalog", self.base)).send().await?, "GET /api/catalog").await?;
-        let s: Vec<Sticker> = serde_json::from_value(v.get("stickers").cloned().unwrap_or(Value::Null))
-            .context("catalog: no stickers")?;
+        let v = Self::check(
+            self.http
+                .get(format!("{}/api/catalog", self.base))
+                .send()
+                .await?,
+            "GET /api/catalog",
+        )
+        .await?;
+        let s: Vec<Sticker> =
+            serde_json::from_value(v.get("stickers").cloned().unwrap_or(Value::Null))
+                .context("catalog: no stickers")?;
         Ok(s)
     }
 
     pub async fn guest(&self, name: &str, role: &str) -> Result<Guest> {
         let v = Self::check(
-            self.http.post(format!("{}/api/guest", self.base)).json(&json!({"name": name, "role": role})).send().await?,
+            self.http
+                .post(format!("{}/api/guest", self.base))
+                .json(&json!({"name": name, "role": role}))
+                .send()
+                .await?,
             "POST /api/guest",
         )
         .await?;
@@ -84,12 +105,18 @@ impl Api {
             "POST /api/admin/credit",
         )
         .await?;
-        v.get("balance").and_then(Value::as_i64).ok_or_else(|| anyhow!("credit: no balance in {v}"))
+        v.get("balance")
+            .and_then(Value::as_i64)
+            .ok_or_else(|| anyhow!("credit: no balance in {v}"))
     }
 
     pub async fn audit(&self) -> Result<Value> {
         Self::check(
-            self.http.get(format!("{}/api/admin/audit", self.base)).bearer_auth(self.admin_token()?).send().await?,
+            self.http
+                .get(format!("{}/api/admin/audit", self.base))
+                .bearer_auth(self.admin_token()?)
+                .send()
+                .await?,
             "GET /api/admin/audit",
         )
         .await
@@ -106,21 +133,35 @@ impl Api {
         if resp.status() == reqwest::StatusCode::NOT_FOUND {
             return Ok(None);
         }
-        Ok(Some(Self::check(resp, "GET /api/streams/{id}/revenue").await?))
+        Ok(Some(
+            Self::check(resp, "GET /api/streams/{id}/revenue").await?,
+        ))
     }
 
     pub async fn me_balance(&self, token: &str) -> Result<i64> {
         let v = Self::check(
-            self.http.get(format!("{}/api/me", self.base)).bearer_auth(token).send().await?,
+            self.http
+                .get(format!("{}/api/me", self.base))
+                .bearer_auth(token)
+                .send()
+                .await?,
             "GET /api/me",
         )
         .await?;
-        v.get("balance").and_then(Value::as_i64).ok_or_else(|| anyhow!("/api/me: no balance in {v}"))
+        v.get("balance")
+            .and_then(Value::as_i64)
+            .ok_or_else(|| anyhow!("/api/me: no balance in {v}"))
     }
 
     /// Prometheus text from /metrics, if the server exposes it.
     pub async fn metrics(&self) -> Option<String> {
-        let r = self.http.get(format!("{}/metrics", self.base)).timeout(Duration::from_secs(5)).send().await.ok()?;
+        let r = self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .ok()?;
         if !r.status().is_success() {
             return None;
         }
@@ -137,7 +178,9 @@ pub fn parse_prometheus(text: &str) -> HashMap<String, f64> {
             continue;
         }
         let mut it = line.split_whitespace();
-        let (Some(name), Some(val)) = (it.next(), it.next()) else { continue };
+        let (Some(name), Some(val)) = (it.next(), it.next()) else {
+            continue;
+        };
         if name.contains('{') {
             continue;
         }
@@ -156,9 +199,16 @@ pub struct ProcSample {
 }
 
 pub fn proc_sample(pid: u32) -> ProcSample {
-    let rss_bytes = std::fs::read_to_string(format!("/proc/{pid}/status")).ok().and_then(|s| parse_vmrss(&s));
-    let cpu_secs = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| parse_stat_cpu(&s));
-    ProcSample { rss_bytes, cpu_secs }
+    let rss_bytes = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| parse_vmrss(&s));
+    let cpu_secs = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| parse_stat_cpu(&s));
+    ProcSample {
+        rss_bytes,
+        cpu_secs,
+    }
 }
 
 pub fn parse_vmrss(status: &str) -> Option<u64> {
@@ -197,7 +247,10 @@ pub async fn server_sample(api: &Api, pids: &[u32]) -> ProcSample {
 
 /// Sum of several processes' samples; unknown when any part is unknown.
 pub fn sum_samples(parts: impl IntoIterator<Item = ProcSample>) -> ProcSample {
-    let mut out = ProcSample { rss_bytes: Some(0), cpu_secs: Some(0.0) };
+    let mut out = ProcSample {
+        rss_bytes: Some(0),
+        cpu_secs: Some(0.0),
+    };
     for p in parts {
         out.rss_bytes = out.rss_bytes.zip(p.rss_bytes).map(|(a, b)| a + b);
         out.cpu_secs = out.cpu_secs.zip(p.cpu_secs).map(|(a, b)| a + b);
@@ -211,10 +264,32 @@ mod tests {
 
     #[test]
     fn samples_add_up() {
-        let a = ProcSample { rss_bytes: Some(10), cpu_secs: Some(1.5) };
-        let b = ProcSample { rss_bytes: Some(5), cpu_secs: Some(0.5) };
-        assert_eq!(sum_samples([a, b]), ProcSample { rss_bytes: Some(15), cpu_secs: Some(2.0) });
-        assert_eq!(sum_samples([a, ProcSample { rss_bytes: None, cpu_secs: Some(1.0) }]).rss_bytes, None);
+        let a = ProcSample {
+            rss_bytes: Some(10),
+            cpu_secs: Some(1.5),
+        };
+        let b = ProcSample {
+            rss_bytes: Some(5),
+            cpu_secs: Some(0.5),
+        };
+        assert_eq!(
+            sum_samples([a, b]),
+            ProcSample {
+                rss_bytes: Some(15),
+                cpu_secs: Some(2.0)
+            }
+        );
+        assert_eq!(
+            sum_samples([
+                a,
+                ProcSample {
+                    rss_bytes: None,
+                    cpu_secs: Some(1.0)
+                }
+            ])
+            .rss_bytes,
+            None
+        );
     }
 
     #[test]
@@ -228,7 +303,10 @@ mod tests {
 
     #[test]
     fn proc_parsing() {
-        assert_eq!(parse_vmrss("Name:\tx\nVmRSS:\t  2048 kB\n"), Some(2048 * 1024));
+        assert_eq!(
+            parse_vmrss("Name:\tx\nVmRSS:\t  2048 kB\n"),
+            Some(2048 * 1024)
+        );
         let stat = "123 (my prog) S 1 2 3 4 5 6 7 8 9 10 250 150 0 0 20 0";
         assert_eq!(parse_stat_cpu(stat), Some(4.0));
         let me = proc_sample(std::process::id());

@@ -38,7 +38,13 @@ pub struct Common {
     /// Several nodes of a cluster: a comma-separated list or a repeated --url; connections
     /// (viewers, senders, gifters alike) are assigned to them round-robin by client index, and
     /// the HTTP calls (catalog, admin credit, revenue, audit, /metrics) go to the first.
-    #[arg(long, global = true, env = "LOADTEST_URL", value_delimiter = ',', default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "LOADTEST_URL",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub url: Vec<String>,
     /// Override the WebSocket URL(s) (default: derived from each --url); comma separated or
     /// repeated, assigned round-robin like --url.
@@ -46,12 +52,22 @@ pub struct Common {
     pub ws_url: Vec<String>,
     /// HS256 key to mint user tokens locally (claims sub, name, role, exp). Without it, users
     /// sign up through POST /api/guest (guest sign-up must be on).
-    #[arg(long, global = true, env = "LOADTEST_TOKEN_SECRET", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "LOADTEST_TOKEN_SECRET",
+        hide_env_values = true
+    )]
     pub token_secret: Option<String>,
     /// Admin bearer token: funds wallets (POST /api/admin/credit) and reads the audit and
     /// revenue for the money check. Without it wallets use what they already hold and the
     /// revenue/audit part of the check is skipped.
-    #[arg(long, global = true, env = "LOADTEST_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "LOADTEST_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
     pub admin_token: Option<String>,
     /// Length of the measured phase in seconds (per load step when --rate lists several).
     #[arg(long, global = true, default_value_t = 10.0)]
@@ -123,13 +139,19 @@ pub struct Common {
 impl Common {
     /// The URL the HTTP calls go to (the first of --url).
     pub fn primary_url(&self) -> &str {
-        self.url.first().map(|s| s.as_str()).unwrap_or("http://127.0.0.1:8080")
+        self.url
+            .first()
+            .map(|s| s.as_str())
+            .unwrap_or("http://127.0.0.1:8080")
     }
 
     /// The WebSocket URLs connections are spread over (--ws-url, else derived from --url).
     pub fn ws_urls(&self) -> Vec<String> {
         let list: Vec<String> = if self.ws_url.is_empty() {
-            self.url.iter().map(|u| crate::client::derive_ws_url(u.trim())).collect()
+            self.url
+                .iter()
+                .map(|u| crate::client::derive_ws_url(u.trim()))
+                .collect()
         } else {
             self.ws_url.iter().map(|u| u.trim().to_string()).collect()
         };

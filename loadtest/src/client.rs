@@ -44,7 +44,12 @@ pub fn derive_ws_url(base: &str) -> String {
 }
 
 impl Target {
-    pub async fn resolve(ws_urls: &[String], source_ips: u8, read_buffer: usize, sock_rcvbuf: Option<usize>) -> Result<Self> {
+    pub async fn resolve(
+        ws_urls: &[String],
+        source_ips: u8,
+        read_buffer: usize,
+        sock_rcvbuf: Option<usize>,
+    ) -> Result<Self> {
         if ws_urls.is_empty() {
             return Err(anyhow!("no server URL"));
         }
@@ -52,15 +57,27 @@ impl Target {
         for ws_url in ws_urls {
             let rest = ws_url.split_once("://").map(|x| x.1).unwrap_or(ws_url);
             let hostport = rest.split('/').next().unwrap_or(rest);
-            let hostport = if hostport.contains(':') && !hostport.ends_with(']') { hostport.to_string() } else { format!("{hostport}:80") };
+            let hostport = if hostport.contains(':') && !hostport.ends_with(']') {
+                hostport.to_string()
+            } else {
+                format!("{hostport}:80")
+            };
             let addr = tokio::net::lookup_host(&hostport)
                 .await
                 .with_context(|| format!("resolving {hostport}"))?
                 .next()
                 .ok_or_else(|| anyhow!("no address for {hostport}"))?;
-            endpoints.push(Endpoint { ws_url: ws_url.clone(), addr });
+            endpoints.push(Endpoint {
+                ws_url: ws_url.clone(),
+                addr,
+            });
         }
-        Ok(Target { endpoints, source_ips, read_buffer, sock_rcvbuf })
+        Ok(Target {
+            endpoints,
+            source_ips,
+            read_buffer,
+            sock_rcvbuf,
+        })
     }
 
     /// The server (node) of the idx-th connection: round-robin over the endpoints.
@@ -75,7 +92,10 @@ impl Target {
             return None;
         }
         let last = 1 + (idx % self.source_ips as usize) as u8;
-        Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)), 0))
+        Some(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)),
+            0,
+        ))
     }
 
     pub fn ws_config(&self) -> WebSocketConfig {
@@ -91,8 +111,12 @@ impl Target {
     /// suitable for the report (`connect:<kind>`, `handshake:<status>` ...).
     pub async fn open(&self, idx: usize) -> std::result::Result<Ws, String> {
         let ep = self.endpoint_for(idx);
-        let sock = if ep.addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }
-            .map_err(|e| format!("socket:{:?}", e.kind()))?;
+        let sock = if ep.addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(|e| format!("socket:{:?}", e.kind()))?;
         if let Some(src) = self.source_for(idx) {
             let _ = sock.set_reuseaddr(true);
             sock.bind(src).map_err(|e| format!("bind:{:?}", e.kind()))?;
@@ -100,16 +124,23 @@ impl Target {
         if let Some(n) = self.sock_rcvbuf {
             let _ = sock.set_recv_buffer_size(n as u32);
         }
-        let stream = match tokio::time::timeout(Duration::from_secs(10), sock.connect(ep.addr)).await {
-            Err(_) => return Err("connect:timeout".into()),
-            Ok(Err(e)) => return Err(format!("connect:{:?}", e.kind())),
-            Ok(Ok(s)) => s,
-        };
+        let stream =
+            match tokio::time::timeout(Duration::from_secs(10), sock.connect(ep.addr)).await {
+                Err(_) => return Err("connect:timeout".into()),
+                Ok(Err(e)) => return Err(format!("connect:{:?}", e.kind())),
+                Ok(Ok(s)) => s,
+            };
         let _ = stream.set_nodelay(true);
-        let hs = tokio_tungstenite::client_async_with_config(ep.ws_url.as_str(), stream, Some(self.ws_config()));
+        let hs = tokio_tungstenite::client_async_with_config(
+            ep.ws_url.as_str(),
+            stream,
+            Some(self.ws_config()),
+        );
         match tokio::time::timeout(Duration::from_secs(15), hs).await {
             Err(_) => Err("handshake:timeout".into()),
-            Ok(Err(tokio_tungstenite::tungstenite::Error::Http(r))) => Err(format!("handshake:{}", r.status().as_u16())),
+            Ok(Err(tokio_tungstenite::tungstenite::Error::Http(r))) => {
+                Err(format!("handshake:{}", r.status().as_u16()))
+            }
             Ok(Err(e)) => Err(format!("handshake:{}", short_err(&e))),
             Ok(Ok((ws, _))) => Ok(ws),
         }
@@ -123,7 +154,13 @@ pub fn short_err(e: &tokio_tungstenite::tungstenite::Error) -> String {
         E::ConnectionClosed => "closed".into(),
         E::AlreadyClosed => "already_closed".into(),
         E::Io(io) => format!("io_{:?}", io.kind()),
-        E::Protocol(p) => format!("protocol_{}", format!("{p:?}").split(['(', ' ', '{']).next().unwrap_or("?")),
+        E::Protocol(p) => format!(
+            "protocol_{}",
+            format!("{p:?}")
+                .split(['(', ' ', '{'])
+                .next()
+                .unwrap_or("?")
+        ),
         E::Capacity(_) => "capacity".into(),
         E::WriteBufferFull(_) => "write_buffer_full".into(),
         E::Utf8(_) => "utf8".into(),
@@ -150,7 +187,10 @@ impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a string")
             }
-            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> std::result::Result<Self::Value, E> {
+            fn visit_borrowed_str<E: de::Error>(
+                self,
+                v: &'de str,
+            ) -> std::result::Result<Self::Value, E> {
                 Ok(Str(Cow::Borrowed(v)))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Self::Value, E> {
@@ -226,9 +266,18 @@ mod tests {
 
     #[test]
     fn ws_url_derivation() {
-        assert_eq!(derive_ws_url("http://127.0.0.1:8080"), "ws://127.0.0.1:8080/ws");
-        assert_eq!(derive_ws_url("http://127.0.0.1:8080/"), "ws://127.0.0.1:8080/ws");
-        assert_eq!(derive_ws_url("https://example.test/x"), "wss://example.test/ws");
+        assert_eq!(
+            derive_ws_url("http://127.0.0.1:8080"),
+            "ws://127.0.0.1:8080/ws"
+        );
+        assert_eq!(
+            derive_ws_url("http://127.0.0.1:8080/"),
+            "ws://127.0.0.1:8080/ws"
+        );
+        assert_eq!(
+            derive_ws_url("https://example.test/x"),
+            "wss://example.test/ws"
+        );
         assert_eq!(derive_ws_url("127.0.0.1:9"), "ws://127.0.0.1:9/ws");
     }
 
@@ -239,10 +288,22 @@ mod tests {
         let mut seen = vec![];
         let n = for_each_event(&ev, &mut |e| seen.push((e.ty().to_string(), e.seq)));
         assert_eq!(n, 2);
-        assert_eq!(seen, vec![("chat".to_string(), Some(7)), ("shoutout".to_string(), Some(8))]);
+        assert_eq!(
+            seen,
+            vec![
+                ("chat".to_string(), Some(7)),
+                ("shoutout".to_string(), Some(8))
+            ]
+        );
         let evs = ev.events.as_ref().unwrap();
-        assert_eq!(parse_stamp(evs[0].text.as_ref().unwrap().as_str()), Some(123));
-        assert_eq!(parse_stamp(evs[1].message.as_ref().unwrap().as_str()), Some(456));
+        assert_eq!(
+            parse_stamp(evs[0].text.as_ref().unwrap().as_str()),
+            Some(123)
+        );
+        assert_eq!(
+            parse_stamp(evs[1].message.as_ref().unwrap().as_str()),
+            Some(456)
+        );
         let ok = parse(r#"{"type":"gift_ok","gift_id":"x-1","balance":99,"seq":3}"#).unwrap();
         assert_eq!(ok.balance, Some(99));
         assert_eq!(ok.gift_id.as_ref().unwrap().as_str(), "x-1");
@@ -254,15 +315,26 @@ mod tests {
 
     #[test]
     fn stamps() {
-        assert_eq!(parse_stamp("lt 1700000000000000 pad"), Some(1_700_000_000_000_000));
+        assert_eq!(
+            parse_stamp("lt 1700000000000000 pad"),
+            Some(1_700_000_000_000_000)
+        );
         assert_eq!(parse_stamp("lt 42"), Some(42));
         assert_eq!(parse_stamp("hello"), None);
     }
 
     #[test]
     fn connections_round_robin_over_nodes() {
-        let ep = |port: u16| Endpoint { ws_url: format!("ws://127.0.0.1:{port}/ws"), addr: format!("127.0.0.1:{port}").parse().unwrap() };
-        let t = Target { endpoints: vec![ep(1), ep(2), ep(3)], source_ips: 4, read_buffer: 4096, sock_rcvbuf: None };
+        let ep = |port: u16| Endpoint {
+            ws_url: format!("ws://127.0.0.1:{port}/ws"),
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+        };
+        let t = Target {
+            endpoints: vec![ep(1), ep(2), ep(3)],
+            source_ips: 4,
+            read_buffer: 4096,
+            sock_rcvbuf: None,
+        };
         let ports: Vec<u16> = (0..7).map(|i| t.endpoint_for(i).addr.port()).collect();
         assert_eq!(ports, vec![1, 2, 3, 1, 2, 3, 1]);
         // Every node gets its share of any contiguous block of clients (viewers, then senders).
@@ -280,20 +352,31 @@ mod tests {
         assert_eq!(t.source_for(0).unwrap().ip().to_string(), "127.0.0.1");
         assert_eq!(t.source_for(5).unwrap().ip().to_string(), "127.0.0.2");
         // A single URL keeps the old behaviour.
-        let one = Target { endpoints: vec![ep(9)], ..t };
+        let one = Target {
+            endpoints: vec![ep(9)],
+            ..t
+        };
         assert!((0..5).all(|i| one.endpoint_for(i).addr.port() == 9));
     }
 
     #[test]
     fn source_addresses_round_robin() {
         let t = Target {
-            endpoints: vec![Endpoint { ws_url: "ws://127.0.0.1:1/ws".into(), addr: "127.0.0.1:1".parse().unwrap() }],
+            endpoints: vec![Endpoint {
+                ws_url: "ws://127.0.0.1:1/ws".into(),
+                addr: "127.0.0.1:1".parse().unwrap(),
+            }],
             source_ips: 3,
             read_buffer: 4096,
             sock_rcvbuf: None,
         };
-        let ips: Vec<String> = (0..4).map(|i| t.source_for(i).unwrap().ip().to_string()).collect();
-        assert_eq!(ips, vec!["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.1"]);
+        let ips: Vec<String> = (0..4)
+            .map(|i| t.source_for(i).unwrap().ip().to_string())
+            .collect();
+        assert_eq!(
+            ips,
+            vec!["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.1"]
+        );
         let one = Target { source_ips: 1, ..t };
         assert!(one.source_for(5).is_none());
     }

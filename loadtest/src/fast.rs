@@ -74,7 +74,9 @@ pub fn scan(frame: &str, out: &mut Vec<FastEv>) -> bool {
             // Another object starts here without a leading "type": not our layout.
             return false;
         }
-        let Some(q) = memchr::memchr(b'"', body) else { return false };
+        let Some(q) = memchr::memchr(b'"', body) else {
+            return false;
+        };
         let kind = match &body[..q] {
             b"chat" => Kind::Chat,
             b"shoutout" => Kind::Shoutout,
@@ -105,8 +107,16 @@ mod tests {
                 "shoutout" => Kind::Shoutout,
                 _ => Kind::Thanks,
             };
-            let s = if kind == Kind::Shoutout { &e.message } else { &e.text };
-            v.push(FastEv { kind, seq: e.seq, stamp: s.as_ref().and_then(|s| parse_stamp(s.as_str())) });
+            let s = if kind == Kind::Shoutout {
+                &e.message
+            } else {
+                &e.text
+            };
+            v.push(FastEv {
+                kind,
+                seq: e.seq,
+                stamp: s.as_ref().and_then(|s| parse_stamp(s.as_str())),
+            });
         });
         v
     }
@@ -129,19 +139,43 @@ mod tests {
     #[test]
     fn falls_back_on_other_types() {
         let mut out = vec![];
-        assert!(!scan(r#"{"type":"gift_ok","gift_id":"a","balance":1,"seq":2}"#, &mut out));
-        assert!(!scan(r#"{"type":"batch","events":[{"type":"chat","seq":1,"text":"lt 1"},{"type":"gift_ok","gift_id":"a","balance":1,"seq":2}]}"#, &mut out));
-        assert!(!scan(r#"{"type":"joined","stream":"s","seq":0,"viewers":1,"catalog":[]}"#, &mut out));
+        assert!(!scan(
+            r#"{"type":"gift_ok","gift_id":"a","balance":1,"seq":2}"#,
+            &mut out
+        ));
+        assert!(!scan(
+            r#"{"type":"batch","events":[{"type":"chat","seq":1,"text":"lt 1"},{"type":"gift_ok","gift_id":"a","balance":1,"seq":2}]}"#,
+            &mut out
+        ));
+        assert!(!scan(
+            r#"{"type":"joined","stream":"s","seq":0,"viewers":1,"catalog":[]}"#,
+            &mut out
+        ));
         assert!(!scan("not json", &mut out));
         assert!(!scan(r#"{ "type": "chat", "seq": 1 }"#, &mut out));
         // Keys in another order (e.g. sorted): "type" is not first, so the scan must refuse.
         assert!(!scan(r#"{"seq":1,"text":"lt 1","type":"chat"}"#, &mut out));
-        assert!(!scan(r#"{"type":"batch","events":[{"seq":1,"text":"lt 1","type":"chat"},{"seq":2,"text":"lt 1","type":"chat"}]}"#, &mut out));
-        assert!(!scan(r#"{"type":"batch","events":[{"type":"chat","seq":1,"text":"lt 1"},{"seq":2,"text":"lt 1","type":"chat"},{"type":"chat","seq":3}]}"#, &mut out));
-        assert!(!scan(r#"{"type":"batch","events":[{"type":"chat","seq":1,"text":"lt 1"},{"gift_id":"g","type":"gift_ok"}]}"#, &mut out));
-        assert!(!scan(r#"{"events":[{"type":"chat","seq":1,"text":"lt 1"}],"type":"batch"}"#, &mut out));
+        assert!(!scan(
+            r#"{"type":"batch","events":[{"seq":1,"text":"lt 1","type":"chat"},{"seq":2,"text":"lt 1","type":"chat"}]}"#,
+            &mut out
+        ));
+        assert!(!scan(
+            r#"{"type":"batch","events":[{"type":"chat","seq":1,"text":"lt 1"},{"seq":2,"text":"lt 1","type":"chat"},{"type":"chat","seq":3}]}"#,
+            &mut out
+        ));
+        assert!(!scan(
+            r#"{"type":"batch","events":[{"type":"chat","seq":1,"text":"lt 1"},{"gift_id":"g","type":"gift_ok"}]}"#,
+            &mut out
+        ));
+        assert!(!scan(
+            r#"{"events":[{"type":"chat","seq":1,"text":"lt 1"}],"type":"batch"}"#,
+            &mut out
+        ));
         // A text holding "},{" is fine: no unescaped quote follows.
-        assert!(scan(r#"{"type":"chat","seq":1,"text":"lt 1 },{ "x""}"#, &mut out));
+        assert!(scan(
+            r#"{"type":"chat","seq":1,"text":"lt 1 },{ "x""}"#,
+            &mut out
+        ));
         assert_eq!(out.len(), 1);
     }
 }

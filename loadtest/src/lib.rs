@@ -74,7 +74,10 @@ pub async fn run(cli: Cli) -> Result<Report> {
     }
     let shape = Shape::of(&cli);
     let started_unix_ms = stats::now_us() / 1000;
-    let run_id = c.run_id.clone().unwrap_or_else(|| format!("{:06x}", rand::random::<u32>() & 0xff_ffff));
+    let run_id = c
+        .run_id
+        .clone()
+        .unwrap_or_else(|| format!("{:06x}", rand::random::<u32>() & 0xff_ffff));
     let api = Api::new(c.primary_url(), c.admin_token.clone())?;
     let mut notes: Vec<String> = vec![];
     if shape.total_clients() / c.procs > 19_000 {
@@ -84,7 +87,13 @@ pub async fn run(cli: Cli) -> Result<Report> {
             c.procs
         ));
     }
-    let per_sender = |rates: &[f64], n: usize| if n == 0 { 0.0 } else { rates.iter().cloned().fold(0.0, f64::max) / n as f64 };
+    let per_sender = |rates: &[f64], n: usize| {
+        if n == 0 {
+            0.0
+        } else {
+            rates.iter().cloned().fold(0.0, f64::max) / n as f64
+        }
+    };
     let chat_each = per_sender(&shape.chat_rates, shape.chatters);
     let gift_each = per_sender(&shape.gift_rates, shape.wallets * shape.conns_per_wallet);
     if chat_each > 90.0 || gift_each > 90.0 || shape.gifts_as_fast() {
@@ -100,7 +109,12 @@ pub async fn run(cli: Cli) -> Result<Report> {
 
     // Catalog (prices are read, never assumed).
     let catalog: Vec<(String, u64)> = if shape.has_gifts() {
-        api.catalog().await.context("reading the catalog")?.into_iter().map(|s| (s.id, s.price)).collect()
+        api.catalog()
+            .await
+            .context("reading the catalog")?
+            .into_iter()
+            .map(|s| (s.id, s.price))
+            .collect()
     } else {
         vec![]
     };
@@ -110,18 +124,41 @@ pub async fn run(cli: Cli) -> Result<Report> {
     for r in 0..shape.rooms {
         let name = format!("streamer {r}");
         let room = match (c.streams.get(r), &c.token_secret) {
-            (Some(id), Some(secret)) => Room { id: id.clone(), streamer_user: id.clone(), streamer_token: Some(token::mint(secret, id, &name, "streamer", 24 * 3600)?) },
-            (Some(id), None) => Room { id: id.clone(), streamer_user: id.clone(), streamer_token: None },
+            (Some(id), Some(secret)) => Room {
+                id: id.clone(),
+                streamer_user: id.clone(),
+                streamer_token: Some(token::mint(secret, id, &name, "streamer", 24 * 3600)?),
+            },
+            (Some(id), None) => Room {
+                id: id.clone(),
+                streamer_user: id.clone(),
+                streamer_token: None,
+            },
             (None, Some(secret)) => {
                 let id = format!("lt{run_id}-r{r}");
-                Room { streamer_user: id.clone(), streamer_token: Some(token::mint(secret, &id, &name, "streamer", 24 * 3600)?), id }
+                Room {
+                    streamer_user: id.clone(),
+                    streamer_token: Some(token::mint(secret, &id, &name, "streamer", 24 * 3600)?),
+                    id,
+                }
             }
             (None, None) if shape.streamers || shape.has_gifts() => {
-                let g = api.guest(&name, "streamer").await.context("guest sign-up of a streamer (or give --token-secret)")?;
+                let g = api
+                    .guest(&name, "streamer")
+                    .await
+                    .context("guest sign-up of a streamer (or give --token-secret)")?;
                 let id = g.stream.clone().unwrap_or_else(|| g.user_id.clone());
-                Room { id, streamer_user: g.user_id, streamer_token: Some(g.token) }
+                Room {
+                    id,
+                    streamer_user: g.user_id,
+                    streamer_token: Some(g.token),
+                }
             }
-            (None, None) => Room { id: format!("lt{run_id}-r{r}"), streamer_user: String::new(), streamer_token: None },
+            (None, None) => Room {
+                id: format!("lt{run_id}-r{r}"),
+                streamer_user: String::new(),
+                streamer_token: None,
+            },
         };
         rooms.push(room);
     }
@@ -149,7 +186,14 @@ pub async fn run(cli: Cli) -> Result<Report> {
     let mut gos: Vec<Option<Go>> = vec![];
     let mut children = vec![];
     for i in 0..c.procs {
-        let plan = WorkerPlan { cli: cli.clone(), index: i, count: c.procs, run_id: run_id.clone(), rooms: rooms.clone(), catalog: catalog.clone() };
+        let plan = WorkerPlan {
+            cli: cli.clone(),
+            index: i,
+            count: c.procs,
+            run_id: run_id.clone(),
+            rooms: rooms.clone(),
+            catalog: catalog.clone(),
+        };
         if c.procs == 1 {
             let (msg_tx, mut msg_rx) = mpsc::unbounded_channel();
             let (go_tx, go_rx) = oneshot::channel();
@@ -184,7 +228,9 @@ pub async fn run(cli: Cli) -> Result<Report> {
                 .kill_on_drop(true)
                 .spawn()
                 .context("starting a worker process")?;
-            gos.push(Some(Go::Child(child.stdin.take().ok_or_else(|| anyhow!("no stdin"))?)));
+            gos.push(Some(Go::Child(
+                child.stdin.take().ok_or_else(|| anyhow!("no stdin"))?,
+            )));
             let out = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
             let tx = ev_tx.clone();
             tokio::spawn(async move {
@@ -210,7 +256,10 @@ pub async fn run(cli: Cli) -> Result<Report> {
                     let _ = tx.send((i, e));
                 }
                 if !done {
-                    let _ = tx.send((i, Ev::Done(Box::new(Err(anyhow!("worker {i} exited without a report"))))));
+                    let _ = tx.send((
+                        i,
+                        Ev::Done(Box::new(Err(anyhow!("worker {i} exited without a report")))),
+                    ));
                 }
             });
             children.push(child);
@@ -223,7 +272,10 @@ pub async fn run(cli: Cli) -> Result<Report> {
         ProgressBar::hidden()
     } else {
         let pb = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-        pb.set_style(ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+        pb.set_style(
+            ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
         pb.enable_steady_tick(Duration::from_millis(250));
         pb
     };
@@ -235,7 +287,8 @@ pub async fn run(cli: Cli) -> Result<Report> {
     let mut connected = ProcSample::default();
     let mut run_started: Option<Instant> = None;
     let mut rss_timeline: Vec<(f64, u64)> = vec![];
-    let total_secs = c.connect_timeout_secs + shape.steps as f64 * c.duration_secs + c.drain_secs + 60.0;
+    let total_secs =
+        c.connect_timeout_secs + shape.steps as f64 * c.duration_secs + c.drain_secs + 60.0;
     let hard_deadline = tokio::time::Instant::now() + Duration::from_secs_f64(total_secs);
     let mut tick = tokio::time::interval(Duration::from_millis(c.sample_ms.max(200)));
     let mut failure: Option<anyhow::Error> = None;
@@ -322,7 +375,12 @@ pub async fn run(cli: Cli) -> Result<Report> {
         .timeline
         .iter()
         .filter(|s| s.phase != "connect")
-        .map(|s| ["deliveries", "shoutouts", "thanks_recv"].iter().map(|k| *s.counters.get(*k).unwrap_or(&0)).sum::<u64>())
+        .map(|s| {
+            ["deliveries", "shoutouts", "thanks_recv"]
+                .iter()
+                .map(|k| *s.counters.get(*k).unwrap_or(&0))
+                .sum::<u64>()
+        })
         .sum();
     let cpu_run = match (connected.cpu_secs, end.cpu_secs) {
         (Some(a), Some(b)) => Some(b - a),
@@ -330,7 +388,10 @@ pub async fn run(cli: Cli) -> Result<Report> {
     };
     for s in &mut report.timeline {
         if s.t_secs >= 0.0 {
-            s.server_rss_bytes = rss_timeline.iter().min_by(|a, b| (a.0 - s.t_secs).abs().total_cmp(&(b.0 - s.t_secs).abs())).map(|x| x.1);
+            s.server_rss_bytes = rss_timeline
+                .iter()
+                .min_by(|a, b| (a.0 - s.t_secs).abs().total_cmp(&(b.0 - s.t_secs).abs()))
+                .map(|x| x.1);
         }
     }
     report.server = Some(ServerStats {
@@ -343,7 +404,9 @@ pub async fn run(cli: Cli) -> Result<Report> {
             _ => None,
         },
         cpu_secs_run: cpu_run,
-        cpu_us_per_delivery: cpu_run.filter(|_| deliveries > 0).map(|c| c * 1e6 / deliveries as f64),
+        cpu_us_per_delivery: cpu_run
+            .filter(|_| deliveries > 0)
+            .map(|c| c * 1e6 / deliveries as f64),
         rss_timeline: rss_timeline.clone(),
     });
 
@@ -351,7 +414,9 @@ pub async fn run(cli: Cli) -> Result<Report> {
     if let (Some(&sent), true) = (report.counters.get("chats_sent"), shape.churners == 0) {
         let members = shape.total_clients() as f64 / shape.rooms as f64;
         if sent > 0 && members > 0.0 {
-            report.delivery_ratio = Some(*report.counters.get("deliveries").unwrap_or(&0) as f64 / (sent as f64 * members));
+            report.delivery_ratio = Some(
+                *report.counters.get("deliveries").unwrap_or(&0) as f64 / (sent as f64 * members),
+            );
         }
     }
 
@@ -367,11 +432,20 @@ pub async fn run(cli: Cli) -> Result<Report> {
 
     // Money.
     if shape.has_gifts() {
-        report.money = Some(money_check(&api, &rooms, &gross_before, report.money_tally.clone().unwrap_or_default()).await);
+        report.money = Some(
+            money_check(
+                &api,
+                &rooms,
+                &gross_before,
+                report.money_tally.clone().unwrap_or_default(),
+            )
+            .await,
+        );
     }
 
     if let Some(p) = &c.json {
-        std::fs::write(p, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", p.display()))?;
+        std::fs::write(p, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", p.display()))?;
     }
     if let Some(p) = &c.svg {
         chart::write_svg(&report, p).with_context(|| format!("writing {}", p.display()))?;
@@ -395,10 +469,18 @@ fn progress_line(latest: &[Option<Sample>], target: usize, ready: usize, procs: 
         acks += s.rate("gifts_ok");
         joins += s.rate("joins");
         errs += s.errors;
-        if let Some(l) = s.latency_ms.get("chat").or_else(|| s.latency_ms.get("gift_ack")) {
+        if let Some(l) = s
+            .latency_ms
+            .get("chat")
+            .or_else(|| s.latency_ms.get("gift_ack"))
+        {
             p99 = p99.max(l.p99_ms);
         }
-        phase = if s.phase == "connect" && ready == procs { "run" } else { &s.phase };
+        phase = if s.phase == "connect" && ready == procs {
+            "run"
+        } else {
+            &s.phase
+        };
     }
     format!(
         "[{phase}] conns {open}/{target} | deliveries/s {} | chats/s {} | gift acks/s {} | joins/s {} | p99 {:.1} ms | errors {errs}",
@@ -418,9 +500,15 @@ fn drift_windows(timeline: &[Sample], window: f64, rss: &[(f64, u64)]) -> Vec<Dr
     let end = run.last().map(|s| s.t_secs).unwrap_or(0.0);
     while end - from > 0.25 * window && out.len() < 10_000 {
         let to = from + window;
-        let ss: Vec<&&Sample> = run.iter().filter(|s| s.t_secs > from && s.t_secs <= to + 1e-9).collect();
+        let ss: Vec<&&Sample> = run
+            .iter()
+            .filter(|s| s.t_secs > from && s.t_secs <= to + 1e-9)
+            .collect();
         let secs: f64 = ss.iter().map(|s| s.secs).sum();
-        let deliveries: u64 = ss.iter().map(|s| *s.counters.get("deliveries").unwrap_or(&0)).sum();
+        let deliveries: u64 = ss
+            .iter()
+            .map(|s| *s.counters.get("deliveries").unwrap_or(&0))
+            .sum();
         let p99 = |k: &str| {
             let h = HistData::merge(ss.iter().filter_map(|s| s.raw.get(k)));
             summarize(&h.to_hist()).p99_ms
@@ -428,7 +516,11 @@ fn drift_windows(timeline: &[Sample], window: f64, rss: &[(f64, u64)]) -> Vec<Dr
         out.push(DriftWindow {
             from_secs: from,
             to_secs: to.min(end),
-            deliveries_per_sec: if secs > 0.0 { deliveries as f64 / secs } else { 0.0 },
+            deliveries_per_sec: if secs > 0.0 {
+                deliveries as f64 / secs
+            } else {
+                0.0
+            },
             chat_p99_ms: p99("chat"),
             gift_ack_p99_ms: p99("gift_ack"),
             server_rss_bytes: rss.iter().rfind(|x| x.0 <= to).map(|x| x.1),
@@ -438,16 +530,33 @@ fn drift_windows(timeline: &[Sample], window: f64, rss: &[(f64, u64)]) -> Vec<Dr
     out
 }
 
-async fn money_check(api: &Api, rooms: &[Room], before: &BTreeMap<String, i64>, tally: report::MoneyTally) -> MoneyReport {
-    let mut m = MoneyReport { acked_coins: tally.acked_total(), ..Default::default() };
+async fn money_check(
+    api: &Api,
+    rooms: &[Room],
+    before: &BTreeMap<String, i64>,
+    tally: report::MoneyTally,
+) -> MoneyReport {
+    let mut m = MoneyReport {
+        acked_coins: tally.acked_total(),
+        ..Default::default()
+    };
     if tally.retry_mismatches > 0 {
-        m.failures.push(format!("{} retries of acknowledged gift_ids were answered differently", tally.retry_mismatches));
+        m.failures.push(format!(
+            "{} retries of acknowledged gift_ids were answered differently",
+            tally.retry_mismatches
+        ));
     }
     if tally.wallet_mismatches > 0 {
-        m.failures.push(format!("{} wallets' final balance differs from start − acknowledged spend", tally.wallet_mismatches));
+        m.failures.push(format!(
+            "{} wallets' final balance differs from start − acknowledged spend",
+            tally.wallet_mismatches
+        ));
     }
     if tally.negative_balances > 0 {
-        m.failures.push(format!("{} negative balances seen", tally.negative_balances));
+        m.failures.push(format!(
+            "{} negative balances seen",
+            tally.negative_balances
+        ));
     }
     for d in &tally.details {
         m.failures.push(d.clone());
@@ -467,7 +576,10 @@ async fn money_check(api: &Api, rooms: &[Room], before: &BTreeMap<String, i64>, 
                         let v = v.unwrap_or_default();
                         let gross = v.get("gross").and_then(|x| x.as_i64()).unwrap_or(0);
                         let unit = v.get("unit").and_then(|x| x.as_i64()).unwrap_or(10_000);
-                        let parts: i64 = ["store", "streamer", "platform"].iter().map(|k| v.get(*k).and_then(|x| x.as_i64()).unwrap_or(0)).sum();
+                        let parts: i64 = ["store", "streamer", "platform"]
+                            .iter()
+                            .map(|k| v.get(*k).and_then(|x| x.as_i64()).unwrap_or(0))
+                            .sum();
                         let split_exact = v.is_null() || parts == gross * unit;
                         let delta = gross - gb;
                         if delta < acked as i64 || delta > (acked + unknown) as i64 {
@@ -478,9 +590,20 @@ async fn money_check(api: &Api, rooms: &[Room], before: &BTreeMap<String, i64>, 
                             ));
                         }
                         if !split_exact {
-                            problems.push(format!("stream {}: store+streamer+platform = {parts} ≠ gross×unit = {}", r.id, gross * unit));
+                            problems.push(format!(
+                                "stream {}: store+streamer+platform = {parts} ≠ gross×unit = {}",
+                                r.id,
+                                gross * unit
+                            ));
                         }
-                        streams.push(StreamMoney { stream: r.id.clone(), acked_coins: acked, unknown_coins: unknown, gross_before: gb, gross_after: gross, split_exact });
+                        streams.push(StreamMoney {
+                            stream: r.id.clone(),
+                            acked_coins: acked,
+                            unknown_coins: unknown,
+                            gross_before: gb,
+                            gross_after: gross,
+                            split_exact,
+                        });
                     }
                     Err(e) => problems.push(format!("revenue of {}: {e:#}", r.id)),
                 }
@@ -495,14 +618,16 @@ async fn money_check(api: &Api, rooms: &[Room], before: &BTreeMap<String, i64>, 
         match api.audit().await {
             Ok(a) => {
                 if a.get("ok").and_then(|x| x.as_bool()) != Some(true) {
-                    m.failures.push(format!("GET /api/admin/audit is not ok: {a}"));
+                    m.failures
+                        .push(format!("GET /api/admin/audit is not ok: {a}"));
                 }
                 m.audit = Some(a);
             }
             Err(e) => m.failures.push(format!("audit: {e:#}")),
         }
     } else {
-        m.skipped.push("revenue and audit comparison (no --admin-token)".into());
+        m.skipped
+            .push("revenue and audit comparison (no --admin-token)".into());
     }
     m.ok = m.failures.is_empty();
     m.tally = tally;
@@ -526,7 +651,10 @@ pub async fn run_child(plan_json: &str) -> Result<()> {
         while let Some(m) = msg_rx.recv().await {
             let line = match m {
                 WorkerMsg::Ready => "LT-READY\n".to_string(),
-                WorkerMsg::Progress(s) => format!("LT-SAMPLE {}\n", serde_json::to_string(&s).unwrap_or_default()),
+                WorkerMsg::Progress(s) => format!(
+                    "LT-SAMPLE {}\n",
+                    serde_json::to_string(&s).unwrap_or_default()
+                ),
             };
             let _ = out.write_all(line.as_bytes()).await;
             let _ = out.flush().await;

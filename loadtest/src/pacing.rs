@@ -15,7 +15,12 @@ pub struct Pacer {
 
 impl Pacer {
     pub fn new(rate: f64, start: Instant, max_burst: u64) -> Self {
-        Pacer { rate: rate.max(0.0), start, issued: 0, max_burst: max_burst.max(1) }
+        Pacer {
+            rate: rate.max(0.0),
+            start,
+            issued: 0,
+            max_burst: max_burst.max(1),
+        }
     }
     pub fn rate(&self) -> f64 {
         self.rate
@@ -71,7 +76,10 @@ mod tests {
         assert_eq!(p.due(t0 + Duration::from_millis(10)), 0);
         assert_eq!(p.due(t0 + Duration::from_millis(1000)), 990);
         let next = p.next_due().unwrap();
-        assert!(next > t0 + Duration::from_millis(1000) && next <= t0 + Duration::from_micros(1_001_001));
+        assert!(
+            next > t0 + Duration::from_millis(1000)
+                && next <= t0 + Duration::from_micros(1_001_001)
+        );
     }
 
     #[test]

@@ -53,7 +53,14 @@ pub struct Shape {
 
 impl Shape {
     pub fn of(cli: &Cli) -> Shape {
-        let mut s = Shape { streamers: !cli.common.no_streamer, conns_per_wallet: 1, inflight: 1, count: 1, text_bytes: 24, ..Default::default() };
+        let mut s = Shape {
+            streamers: !cli.common.no_streamer,
+            conns_per_wallet: 1,
+            inflight: 1,
+            count: 1,
+            text_bytes: 24,
+            ..Default::default()
+        };
         match &cli.scenario {
             Scenario::Fanout(a) => {
                 s.rooms = a.rooms;
@@ -116,24 +123,39 @@ impl Shape {
     }
 
     pub fn chat_rate(&self, step: usize) -> f64 {
-        *self.chat_rates.get(step).or(self.chat_rates.last()).unwrap_or(&0.0)
+        *self
+            .chat_rates
+            .get(step)
+            .or(self.chat_rates.last())
+            .unwrap_or(&0.0)
     }
     pub fn gift_rate(&self, step: usize) -> f64 {
-        *self.gift_rates.get(step).or(self.gift_rates.last()).unwrap_or(&0.0)
+        *self
+            .gift_rates
+            .get(step)
+            .or(self.gift_rates.last())
+            .unwrap_or(&0.0)
     }
     /// Gifts as fast as acknowledged (every step's gift rate is 0).
     pub fn gifts_as_fast(&self) -> bool {
         self.wallets > 0 && self.gift_rates.iter().all(|r| *r <= 0.0)
     }
     pub fn needs_tokens(&self) -> bool {
-        self.chatters > 0 || self.wallets > 0 || self.viewer_tokens || (self.churners > 0 && self.token_ratio > 0.0) || self.streamers
+        self.chatters > 0
+            || self.wallets > 0
+            || self.viewer_tokens
+            || (self.churners > 0 && self.token_ratio > 0.0)
+            || self.streamers
     }
     pub fn has_gifts(&self) -> bool {
         self.wallets > 0
     }
     /// Long-lived clients in total.
     pub fn total_clients(&self) -> usize {
-        (if self.streamers { self.rooms } else { 0 }) + self.viewers + self.chatters + self.wallets * self.conns_per_wallet
+        (if self.streamers { self.rooms } else { 0 })
+            + self.viewers
+            + self.chatters
+            + self.wallets * self.conns_per_wallet
     }
     pub fn step_target(&self, step: usize) -> String {
         let mut parts = vec![];
@@ -142,7 +164,10 @@ impl Shape {
         }
         if self.wallets > 0 {
             if self.gifts_as_fast() {
-                parts.push(format!("gifts as fast as acked ×{} in flight", self.inflight));
+                parts.push(format!(
+                    "gifts as fast as acked ×{} in flight",
+                    self.inflight
+                ));
             } else {
                 parts.push(format!("gifts {}/s", self.gift_rate(step)));
             }
@@ -166,14 +191,31 @@ mod tests {
 
     #[test]
     fn shapes_from_cli() {
-        let cli = Cli::parse_from(["loadtest", "fanout", "--viewers", "10", "--rate", "100,200", "--url", "http://x:1"]);
+        let cli = Cli::parse_from([
+            "loadtest",
+            "fanout",
+            "--viewers",
+            "10",
+            "--rate",
+            "100,200",
+            "--url",
+            "http://x:1",
+        ]);
         let s = Shape::of(&cli);
         assert_eq!(s.viewers, 10);
         assert_eq!(s.steps, 2);
         assert_eq!(s.chat_rate(1), 200.0);
         assert_eq!(s.chat_rate(5), 200.0);
         assert_eq!(s.total_clients(), 1 + 10 + 50);
-        let cli = Cli::parse_from(["loadtest", "--no-streamer", "gifts", "--wallets", "3", "--conns-per-wallet", "2"]);
+        let cli = Cli::parse_from([
+            "loadtest",
+            "--no-streamer",
+            "gifts",
+            "--wallets",
+            "3",
+            "--conns-per-wallet",
+            "2",
+        ]);
         let s = Shape::of(&cli);
         assert!(s.gifts_as_fast());
         assert_eq!(s.total_clients(), 6);
@@ -186,10 +228,26 @@ mod tests {
 
     #[test]
     fn url_lists() {
-        let cli = Cli::parse_from(["loadtest", "fanout", "--url", "http://127.0.0.1:1,http://127.0.0.1:2", "--url", "http://127.0.0.1:3", "--server-pid", "10,11"]);
+        let cli = Cli::parse_from([
+            "loadtest",
+            "fanout",
+            "--url",
+            "http://127.0.0.1:1,http://127.0.0.1:2",
+            "--url",
+            "http://127.0.0.1:3",
+            "--server-pid",
+            "10,11",
+        ]);
         assert_eq!(cli.common.url.len(), 3);
         assert_eq!(cli.common.primary_url(), "http://127.0.0.1:1");
-        assert_eq!(cli.common.ws_urls(), vec!["ws://127.0.0.1:1/ws", "ws://127.0.0.1:2/ws", "ws://127.0.0.1:3/ws"]);
+        assert_eq!(
+            cli.common.ws_urls(),
+            vec![
+                "ws://127.0.0.1:1/ws",
+                "ws://127.0.0.1:2/ws",
+                "ws://127.0.0.1:3/ws"
+            ]
+        );
         assert_eq!(cli.common.server_pid, vec![10, 11]);
         // Children of --procs get the same list (the plan travels as JSON).
         let back: Cli = serde_json::from_str(&serde_json::to_string(&cli).unwrap()).unwrap();
@@ -204,7 +262,9 @@ mod tests {
     fn ownership_partitions() {
         let n = 17;
         for count in 1..4 {
-            let total: usize = (0..count).map(|w| (0..n).filter(|i| owns(*i, w, count)).count()).sum();
+            let total: usize = (0..count)
+                .map(|w| (0..n).filter(|i| owns(*i, w, count)).count())
+                .sum();
             assert_eq!(total, n);
         }
     }

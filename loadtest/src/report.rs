@@ -247,7 +247,10 @@ impl Report {
                     raws.entry(k.clone()).or_default().push(h);
                 }
             }
-            m.raw = raws.into_iter().map(|(k, v)| (k, HistData::merge(v))).collect();
+            m.raw = raws
+                .into_iter()
+                .map(|(k, v)| (k, HistData::merge(v)))
+                .collect();
             out.timeline.push(m);
         }
         for p in parts {
@@ -262,7 +265,9 @@ impl Report {
             out.connections.failed += p.connections.failed;
             out.connections.peak_open += p.connections.peak_open;
             if let Some(t) = &p.money_tally {
-                out.money_tally.get_or_insert_with(MoneyTally::default).merge(t);
+                out.money_tally
+                    .get_or_insert_with(MoneyTally::default)
+                    .merge(t);
             }
             out.client_cpu_secs += p.client_cpu_secs;
             out.client_rss_bytes += p.client_rss_bytes;
@@ -284,8 +289,11 @@ impl Report {
                 totals.entry(k.clone()).or_default().push(h);
             }
         }
-        self.latency_ms =
-            totals.into_iter().map(|(k, v)| (k, summarize(&HistData::merge(v).to_hist()))).filter(|(_, s)| s.count > 0).collect();
+        self.latency_ms = totals
+            .into_iter()
+            .map(|(k, v)| (k, summarize(&HistData::merge(v).to_hist())))
+            .filter(|(_, s)| s.count > 0)
+            .collect();
         let run: Vec<&Sample> = self.timeline.iter().filter(|s| s.phase == "run").collect();
         self.duration_secs = run.iter().map(|s| s.secs).sum();
         self.rates = rates_of(&run);
@@ -312,28 +320,50 @@ impl Report {
             });
         }
         for s in &mut self.timeline {
-            s.latency_ms = s.raw.iter().map(|(k, h)| (k.clone(), summarize(&h.to_hist()))).collect();
+            s.latency_ms = s
+                .raw
+                .iter()
+                .map(|(k, h)| (k.clone(), summarize(&h.to_hist())))
+                .collect();
             if !keep_raw {
                 s.raw.clear();
             }
         }
-        self.connections.peak_open = self.connections.peak_open.max(self.timeline.iter().map(|s| s.open).max().unwrap_or(0));
+        self.connections.peak_open = self
+            .connections
+            .peak_open
+            .max(self.timeline.iter().map(|s| s.open).max().unwrap_or(0));
     }
 
     /// Human-readable report.
     pub fn to_text(&self) -> String {
         let mut o = String::new();
-        let _ = writeln!(o, "== loadtest {} (run {}, {} proc{}) against {}", self.scenario, self.run_id, self.procs, if self.procs == 1 { "" } else { "s" }, self.url);
+        let _ = writeln!(
+            o,
+            "== loadtest {} (run {}, {} proc{}) against {}",
+            self.scenario,
+            self.run_id,
+            self.procs,
+            if self.procs == 1 { "" } else { "s" },
+            self.url
+        );
         let _ = writeln!(
             o,
             "connections: {} target, {} joined, {} failed, peak open {}; measured {:.1}s",
-            self.connections.target, self.connections.joined, self.connections.failed, self.connections.peak_open, self.duration_secs
+            self.connections.target,
+            self.connections.joined,
+            self.connections.failed,
+            self.connections.peak_open,
+            self.duration_secs
         );
         let _ = writeln!(o, "throughput (per second, run phase):");
         for (k, v) in &self.rates {
             let _ = writeln!(o, "  {k:<24} {}", human(*v));
         }
-        let _ = writeln!(o, "latency (ms)               count      p50      p90      p99    p99.9      max");
+        let _ = writeln!(
+            o,
+            "latency (ms)               count      p50      p90      p99    p99.9      max"
+        );
         for (k, s) in &self.latency_ms {
             let _ = writeln!(
                 o,
@@ -345,7 +375,13 @@ impl Report {
             let _ = writeln!(o, "load steps:");
             for st in &self.steps {
                 let mut line = format!("  step {} [{}]:", st.step, st.target);
-                for (k, label) in [("deliveries", "deliveries/s"), ("chats_sent", "sent/s"), ("shoutouts", "shout-outs/s"), ("gifts_ok", "gift acks/s"), ("joins", "joins/s")] {
+                for (k, label) in [
+                    ("deliveries", "deliveries/s"),
+                    ("chats_sent", "sent/s"),
+                    ("shoutouts", "shout-outs/s"),
+                    ("gifts_ok", "gift acks/s"),
+                    ("joins", "joins/s"),
+                ] {
                     let v = *st.rates.get(k).unwrap_or(&0.0);
                     if v > 0.0 {
                         let _ = write!(line, " {label} {}", human(v));
@@ -353,14 +389,22 @@ impl Report {
                 }
                 for k in ["chat", "gift_ack", "join"] {
                     if let Some(l) = st.latency_ms.get(k) {
-                        let _ = write!(line, "; {k} p50 {:.2} p99 {:.2} max {:.2} ms", l.p50_ms, l.p99_ms, l.max_ms);
+                        let _ = write!(
+                            line,
+                            "; {k} p50 {:.2} p99 {:.2} max {:.2} ms",
+                            l.p50_ms, l.p99_ms, l.max_ms
+                        );
                     }
                 }
                 let _ = writeln!(o, "{line}");
             }
         }
         if let Some(r) = self.delivery_ratio {
-            let _ = writeln!(o, "delivery ratio: {:.4} (chat events received / chats sent × room members)", r);
+            let _ = writeln!(
+                o,
+                "delivery ratio: {:.4} (chat events received / chats sent × room members)",
+                r
+            );
         }
         let _ = writeln!(o, "counters:");
         for (k, v) in &self.counters {
@@ -375,7 +419,10 @@ impl Report {
             }
         }
         if let Some(s) = &self.server {
-            let mb = |b: Option<u64>| b.map(|b| format!("{:.1} MiB", b as f64 / 1048576.0)).unwrap_or_else(|| "?".into());
+            let mb = |b: Option<u64>| {
+                b.map(|b| format!("{:.1} MiB", b as f64 / 1048576.0))
+                    .unwrap_or_else(|| "?".into())
+            };
             let _ = writeln!(
                 o,
                 "server ({}): RSS before {} / connected {} / end {}; per connection {}; CPU in run {}; CPU per delivery {}",
@@ -388,7 +435,12 @@ impl Report {
                 s.cpu_us_per_delivery.map(|c| format!("{c:.3} µs")).unwrap_or_else(|| "?".into()),
             );
         }
-        let _ = writeln!(o, "client: CPU {:.2}s, RSS {:.1} MiB", self.client_cpu_secs, self.client_rss_bytes as f64 / 1048576.0);
+        let _ = writeln!(
+            o,
+            "client: CPU {:.2}s, RSS {:.1} MiB",
+            self.client_cpu_secs,
+            self.client_rss_bytes as f64 / 1048576.0
+        );
         if !self.drift.is_empty() {
             let _ = writeln!(o, "drift windows:");
             for w in &self.drift {
@@ -416,9 +468,20 @@ impl Report {
                 m.tally.wallets_checked,
                 m.tally.wallet_mismatches
             );
-            let shown = if m.streams.len() > 10 { 5 } else { m.streams.len() };
+            let shown = if m.streams.len() > 10 {
+                5
+            } else {
+                m.streams.len()
+            };
             if shown < m.streams.len() {
-                let exact = m.streams.iter().filter(|s| s.unknown_coins == 0 && s.gross_after - s.gross_before == s.acked_coins as i64).count();
+                let exact = m
+                    .streams
+                    .iter()
+                    .filter(|s| {
+                        s.unknown_coins == 0
+                            && s.gross_after - s.gross_before == s.acked_coins as i64
+                    })
+                    .count();
                 let _ = writeln!(o, "  {} streams, {} with server gross Δ == acknowledged value exactly; the first {shown}:", m.streams.len(), exact);
             }
             for s in m.streams.iter().take(shown) {
@@ -491,7 +554,9 @@ mod tests {
             t_secs: 0.0,
             secs: 1.0,
             open: 10,
-            counters: [("deliveries".to_string(), deliveries)].into_iter().collect(),
+            counters: [("deliveries".to_string(), deliveries)]
+                .into_iter()
+                .collect(),
             errors: 1,
             raw,
             ..Default::default()
@@ -507,9 +572,16 @@ mod tests {
                 sample("run", 1, deliveries * 2, &[lat * 2; 10]),
                 sample("drain", 1, 5, &[]),
             ],
-            counters: [("deliveries".to_string(), deliveries * 3 + 5)].into_iter().collect(),
+            counters: [("deliveries".to_string(), deliveries * 3 + 5)]
+                .into_iter()
+                .collect(),
             errors: [("close:4009".to_string(), 2)].into_iter().collect(),
-            connections: Connections { target: 10, joined: 9, failed: 1, peak_open: 9 },
+            connections: Connections {
+                target: 10,
+                joined: 9,
+                failed: 1,
+                peak_open: 9,
+            },
             money_tally: Some(MoneyTally {
                 acked_by_stream: [("r0".to_string(), 7)].into_iter().collect(),
                 acked_gifts: 7,

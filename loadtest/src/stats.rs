@@ -68,7 +68,10 @@ pub const NC: usize = COUNTER_NAMES.len();
 /// Wall clock in microseconds since the epoch (shared by all processes on the machine, so a
 /// timestamp written by one client can be compared by another).
 pub fn now_us() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
 }
 
 /// Highest recordable latency (60 s); larger values are clamped.
@@ -84,7 +87,11 @@ pub struct HistData(pub Vec<(u64, u64)>);
 
 impl HistData {
     pub fn from_hist(h: &Histogram<u64>) -> Self {
-        HistData(h.iter_recorded().map(|v| (v.value_iterated_to(), v.count_at_value())).collect())
+        HistData(
+            h.iter_recorded()
+                .map(|v| (v.value_iterated_to(), v.count_at_value()))
+                .collect(),
+        )
     }
     pub fn to_hist(&self) -> Histogram<u64> {
         let mut h = new_hist();
@@ -149,7 +156,11 @@ pub struct Shard {
 
 impl Shard {
     fn new() -> Self {
-        Shard { hists: (0..NM).map(|_| new_hist()).collect(), counters: [0; NC], errors: HashMap::new() }
+        Shard {
+            hists: (0..NM).map(|_| new_hist()).collect(),
+            counters: [0; NC],
+            errors: HashMap::new(),
+        }
     }
     #[inline]
     pub fn rec(&mut self, m: M, us: u64) {
@@ -200,7 +211,9 @@ pub struct Interval {
 impl Stats {
     pub fn new(shards: usize) -> Self {
         Stats {
-            shards: (0..shards.max(1)).map(|_| Padded(Mutex::new(Shard::new()))).collect(),
+            shards: (0..shards.max(1))
+                .map(|_| Padded(Mutex::new(Shard::new())))
+                .collect(),
             open: AtomicI64::new(0),
             joined: AtomicU64::new(0),
             failed: AtomicU64::new(0),
@@ -242,7 +255,11 @@ impl Stats {
             delta[i] = totals[i].saturating_sub(prev[i]);
         }
         *prev = totals;
-        Interval { counters: delta, hists, errors_total }
+        Interval {
+            counters: delta,
+            hists,
+            errors_total,
+        }
     }
     /// Sum of some cumulative counters.
     pub fn counter_sum(&self, which: &[C]) -> u64 {
@@ -273,7 +290,12 @@ impl Stats {
 }
 
 pub fn counters_map(c: &[u64; NC]) -> BTreeMap<String, u64> {
-    COUNTER_NAMES.iter().zip(c.iter()).filter(|(_, v)| **v > 0).map(|(k, v)| (k.to_string(), *v)).collect()
+    COUNTER_NAMES
+        .iter()
+        .zip(c.iter())
+        .filter(|(_, v)| **v > 0)
+        .map(|(k, v)| (k.to_string(), *v))
+        .collect()
 }
 
 #[cfg(test)]

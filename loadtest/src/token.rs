@@ -14,9 +14,20 @@ pub struct Claims {
 
 /// Mint a token valid for `ttl_secs` from now.
 pub fn mint(secret: &str, sub: &str, name: &str, role: &str, ttl_secs: u64) -> Result<String> {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
-    let claims = Claims { sub: sub.into(), name: name.into(), role: role.into(), exp: now + ttl_secs };
-    Ok(encode(&Header::default(), &claims, &EncodingKey::from_secret(secret.as_bytes()))?)
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let claims = Claims {
+        sub: sub.into(),
+        name: name.into(),
+        role: role.into(),
+        exp: now + ttl_secs,
+    };
+    Ok(encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )?)
 }
 
 #[cfg(test)]

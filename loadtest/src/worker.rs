@@ -14,8 +14,8 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::api::{proc_sample, Api};
-use crate::fast::{self, FastEv, Kind as FastKind};
 use crate::client::{self, for_each_event, parse_stamp, short_err, Target, Ws};
+use crate::fast::{self, FastEv, Kind as FastKind};
 use crate::pacing::Pacer;
 use crate::plan::{owns, Shape, WorkerPlan};
 use crate::report::{MoneyTally, Report, Sample};
@@ -73,7 +73,16 @@ struct TlState {
 impl Timeline {
     fn new() -> Self {
         let now = Instant::now();
-        Timeline { st: Mutex::new(TlState { phase: Phase::Connect, step: 0, started: now, last: now, samples: vec![], peak_open: 0 }) }
+        Timeline {
+            st: Mutex::new(TlState {
+                phase: Phase::Connect,
+                step: 0,
+                started: now,
+                last: now,
+                samples: vec![],
+                peak_open: 0,
+            }),
+        }
     }
     /// Close the current interval; returns it without raw histograms (for progress).
     fn cut(&self, stats: &Stats) -> Sample {
@@ -176,12 +185,21 @@ impl Gifter {
         };
         let id = format!("{}-{}", self.prefix, self.n);
         self.n += 1;
-        let mut frame = json!({"type": "gift", "gift_id": id, "sticker": sticker, "count": self.cfg.count});
+        let mut frame =
+            json!({"type": "gift", "gift_id": id, "sticker": sticker, "count": self.cfg.count});
         if self.cfg.message {
             frame["message"] = json!(format!("lt {} q{}", now_us(), self.n));
         }
         let frame = frame.to_string();
-        self.pending.insert(id, Pending { sent: Instant::now(), amount: price * self.cfg.count as u64, frame: frame.clone(), expect: None });
+        self.pending.insert(
+            id,
+            Pending {
+                sent: Instant::now(),
+                amount: price * self.cfg.count as u64,
+                frame: frame.clone(),
+                expect: None,
+            },
+        );
         stats.pending_gifts.fetch_add(1, Ordering::Relaxed);
         shard.inc(C::GiftsSent, 1);
         out.push(frame);
@@ -197,7 +215,16 @@ impl Gifter {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn on_ok(&mut self, id: &str, balance: Option<i64>, seq: Option<u64>, phase: Phase, shard: &mut Shard, stats: &Stats, out: &mut Vec<String>) {
+    fn on_ok(
+        &mut self,
+        id: &str,
+        balance: Option<i64>,
+        seq: Option<u64>,
+        phase: Phase,
+        shard: &mut Shard,
+        stats: &Stats,
+        out: &mut Vec<String>,
+    ) {
         let Some(p) = self.pending.remove(id) else {
             shard.inc(C::UnexpectedAck, 1);
             return;
@@ -223,16 +250,35 @@ impl Gifter {
         self.acked_amount += p.amount;
         self.acked_count += 1;
         self.last_balance = Some(bal);
-        if self.cfg.retry_every > 0 && self.acked_count.is_multiple_of(self.cfg.retry_every) && phase == Phase::Run {
+        if self.cfg.retry_every > 0
+            && self.acked_count.is_multiple_of(self.cfg.retry_every)
+            && phase == Phase::Run
+        {
             out.push(p.frame.clone());
-            self.pending.insert(id.to_string(), Pending { sent: Instant::now(), amount: p.amount, frame: p.frame, expect: Some((bal, seq)) });
+            self.pending.insert(
+                id.to_string(),
+                Pending {
+                    sent: Instant::now(),
+                    amount: p.amount,
+                    frame: p.frame,
+                    expect: Some((bal, seq)),
+                },
+            );
             stats.pending_gifts.fetch_add(1, Ordering::Relaxed);
             shard.inc(C::GiftRetries, 1);
         }
         self.top_up(phase, shard, stats, out);
     }
 
-    fn on_rejected(&mut self, id: &str, code: &str, phase: Phase, shard: &mut Shard, stats: &Stats, out: &mut Vec<String>) {
+    fn on_rejected(
+        &mut self,
+        id: &str,
+        code: &str,
+        phase: Phase,
+        shard: &mut Shard,
+        stats: &Stats,
+        out: &mut Vec<String>,
+    ) {
         shard.err(&format!("gift_rejected:{code}"));
         let Some(p) = self.pending.remove(id) else {
             shard.inc(C::UnexpectedAck, 1);
@@ -243,7 +289,9 @@ impl Gifter {
             if code != "rate_limited" && code != "unavailable" {
                 shard.inc(C::RetryMismatch, 1);
                 self.tally.retry_mismatches += 1;
-                self.note(format!("retry of acknowledged {id} was rejected with {code}"));
+                self.note(format!(
+                    "retry of acknowledged {id} was rejected with {code}"
+                ));
             }
             return;
         }
@@ -334,7 +382,11 @@ impl Member {
             if *phase_rx.borrow() == Phase::Stop {
                 break;
             }
-            let permit = if self.ever_joined { None } else { ctx.connect_sem.clone().acquire_owned().await.ok() };
+            let permit = if self.ever_joined {
+                None
+            } else {
+                ctx.connect_sem.clone().acquire_owned().await.ok()
+            };
             let t0 = Instant::now();
             let ws = ctx.target.open(self.g).await;
             let mut ws = match ws {
@@ -353,7 +405,9 @@ impl Member {
                     continue;
                 }
             };
-            ctx.stats.shard(shard_i).rec(M::Connect, t0.elapsed().as_micros() as u64);
+            ctx.stats
+                .shard(shard_i)
+                .rec(M::Connect, t0.elapsed().as_micros() as u64);
             ctx.stats.open.fetch_add(1, Ordering::Relaxed);
             let (end, _joined) = self.session(&mut ws, &ctx, &mut phase_rx, t0, permit).await;
             ctx.stats.open.fetch_sub(1, Ordering::Relaxed);
@@ -369,7 +423,8 @@ impl Member {
                         ctx.stats.failed.fetch_add(1, Ordering::Relaxed);
                         break;
                     }
-                    let gifts_pending = matches!(&self.kind, Kind::Gifter(g) if !g.pending.is_empty());
+                    let gifts_pending =
+                        matches!(&self.kind, Kind::Gifter(g) if !g.pending.is_empty());
                     if *phase_rx.borrow() >= Phase::Drain && !gifts_pending {
                         break;
                     }
@@ -384,7 +439,12 @@ impl Member {
         }
         match self.kind {
             Kind::Gifter(g) => {
-                let unknown_amount = g.pending.values().filter(|p| p.expect.is_none()).map(|p| p.amount).sum();
+                let unknown_amount = g
+                    .pending
+                    .values()
+                    .filter(|p| p.expect.is_none())
+                    .map(|p| p.amount)
+                    .sum();
                 let g = *g;
                 Some(WalletOut {
                     user: g.user,
@@ -509,7 +569,9 @@ impl Member {
             Kind::Chatter => {
                 let t = now_us();
                 for _ in 0..n {
-                    out.push(json!({"type": "chat", "text": format!("lt {t} {}", ctx.pad)}).to_string());
+                    out.push(
+                        json!({"type": "chat", "text": format!("lt {t} {}", ctx.pad)}).to_string(),
+                    );
                 }
                 sh.inc(C::ChatsSent, n as u64);
             }
@@ -529,12 +591,23 @@ impl Member {
         }
     }
 
-    fn on_text(&mut self, txt: &str, ctx: &Ctx, phase: Phase, joined: &mut bool, t0: Instant, out: &mut Vec<String>) {
+    fn on_text(
+        &mut self,
+        txt: &str,
+        ctx: &Ctx,
+        phase: Phase,
+        joined: &mut bool,
+        t0: Instant,
+        out: &mut Vec<String>,
+    ) {
         let now = now_us();
         let mut sh = ctx.stats.shard(self.g);
         sh.inc(C::FramesRecv, 1);
         sh.inc(C::BytesRecv, txt.len() as u64);
-        if *joined && !matches!(self.kind, Kind::Streamer { .. }) && fast::scan(txt, &mut self.scratch) {
+        if *joined
+            && !matches!(self.kind, Kind::Streamer { .. })
+            && fast::scan(txt, &mut self.scratch)
+        {
             if txt.starts_with("{\"type\":\"batch\"") {
                 sh.inc(C::BatchFrames, 1);
             }
@@ -576,17 +649,23 @@ impl Member {
                     match ty {
                         "chat" => {
                             sh.inc(C::Deliveries, 1);
-                            if let Some(ts) = e.text.as_ref().and_then(|t| parse_stamp(t.as_str())) {
+                            if let Some(ts) = e.text.as_ref().and_then(|t| parse_stamp(t.as_str()))
+                            {
                                 sh.rec_since(M::Chat, ts, now);
                             }
                         }
                         "shoutout" => {
                             sh.inc(C::Shoutouts, 1);
-                            if let Some(ts) = e.message.as_ref().and_then(|t| parse_stamp(t.as_str())) {
+                            if let Some(ts) =
+                                e.message.as_ref().and_then(|t| parse_stamp(t.as_str()))
+                            {
                                 sh.rec_since(M::Shoutout, ts, now);
                             }
                             if let Kind::Streamer { thank_ratio } = kind {
-                                if phase == Phase::Run && *thank_ratio > 0.0 && rng.unit() < *thank_ratio {
+                                if phase == Phase::Run
+                                    && *thank_ratio > 0.0
+                                    && rng.unit() < *thank_ratio
+                                {
                                     if let Some(id) = &e.gift_id {
                                         out.push(json!({"type": "thanks", "gift_id": id.as_str(), "text": format!("lt {now} thank you!")}).to_string());
                                         sh.inc(C::ThanksSent, 1);
@@ -596,7 +675,8 @@ impl Member {
                         }
                         _ => {
                             sh.inc(C::ThanksRecv, 1);
-                            if let Some(ts) = e.text.as_ref().and_then(|t| parse_stamp(t.as_str())) {
+                            if let Some(ts) = e.text.as_ref().and_then(|t| parse_stamp(t.as_str()))
+                            {
                                 sh.rec_since(M::Thanks, ts, now);
                             }
                         }
@@ -652,7 +732,10 @@ impl Member {
                     sh.err(&format!("error:{code}"));
                 }
                 "viewers" | "pong" => {}
-                _ => sh.err(&format!("unknown_type:{}", ty.chars().take(24).collect::<String>())),
+                _ => sh.err(&format!(
+                    "unknown_type:{}",
+                    ty.chars().take(24).collect::<String>()
+                )),
             }
         });
     }
@@ -671,7 +754,13 @@ async fn next_cmd(rx: &mut Option<mpsc::Receiver<()>>) -> Option<()> {
 }
 
 /// Hands out send permits at the step's rate, round-robin over the senders.
-async fn pacer_task(rates: Vec<f64>, txs: Vec<mpsc::Sender<()>>, mut phase: watch::Receiver<Phase>, step: Arc<AtomicUsize>, ctx: Arc<Ctx>) {
+async fn pacer_task(
+    rates: Vec<f64>,
+    txs: Vec<mpsc::Sender<()>>,
+    mut phase: watch::Receiver<Phase>,
+    step: Arc<AtomicUsize>,
+    ctx: Arc<Ctx>,
+) {
     if txs.is_empty() {
         return;
     }
@@ -702,7 +791,10 @@ async fn pacer_task(rates: Vec<f64>, txs: Vec<mpsc::Sender<()>>, mut phase: watc
         if backlog > 0 {
             ctx.stats.shard(rr).inc(C::PacerBacklog, backlog);
         }
-        let wake = p.next_due().map(|d| d.max(now + Duration::from_micros(500))).unwrap_or(now + Duration::from_millis(50));
+        let wake = p
+            .next_due()
+            .map(|d| d.max(now + Duration::from_micros(500)))
+            .unwrap_or(now + Duration::from_millis(50));
         let wake = wake.min(now + Duration::from_millis(50));
         tokio::select! {
             _ = tokio::time::sleep_until(wake.into()) => {}
@@ -712,7 +804,14 @@ async fn pacer_task(rates: Vec<f64>, txs: Vec<mpsc::Sender<()>>, mut phase: watc
 }
 
 /// Churning client: connect, join, hold, leave, again, while the run phase lasts.
-async fn churn_task(ctx: Arc<Ctx>, g: usize, room: String, token: Option<String>, hold_ms: u64, abrupt_ratio: f64) {
+async fn churn_task(
+    ctx: Arc<Ctx>,
+    g: usize,
+    room: String,
+    token: Option<String>,
+    hold_ms: u64,
+    abrupt_ratio: f64,
+) {
     let mut phase = ctx.phase.clone();
     while *phase.borrow() < Phase::Run {
         if phase.changed().await.is_err() {
@@ -739,21 +838,33 @@ async fn churn_task(ctx: Arc<Ctx>, g: usize, room: String, token: Option<String>
                 continue;
             }
         };
-        ctx.stats.shard(g).rec(M::Connect, t0.elapsed().as_micros() as u64);
+        ctx.stats
+            .shard(g)
+            .rec(M::Connect, t0.elapsed().as_micros() as u64);
         ctx.stats.open.fetch_add(1, Ordering::Relaxed);
         let ok = async {
-            ws.send(Message::text(join.clone())).await.map_err(|e| format!("ws:{}", short_err(&e)))?;
+            ws.send(Message::text(join.clone()))
+                .await
+                .map_err(|e| format!("ws:{}", short_err(&e)))?;
             let deadline = Instant::now() + Duration::from_secs(15);
             loop {
-                let m = tokio::time::timeout_at(deadline.into(), ws.next()).await.map_err(|_| "join:timeout".to_string())?;
+                let m = tokio::time::timeout_at(deadline.into(), ws.next())
+                    .await
+                    .map_err(|_| "join:timeout".to_string())?;
                 match m {
                     Some(Ok(Message::Text(t))) => {
-                        let ev = client::parse(t.as_str()).map_err(|_| "bad_json_from_server".to_string())?;
+                        let ev = client::parse(t.as_str())
+                            .map_err(|_| "bad_json_from_server".to_string())?;
                         let mut joined = false;
                         let mut err = None;
                         for_each_event(&ev, &mut |e| match e.ty() {
                             "joined" => joined = true,
-                            "error" => err = Some(format!("error:{}", e.code.as_ref().map(|c| c.as_str()).unwrap_or("?"))),
+                            "error" => {
+                                err = Some(format!(
+                                    "error:{}",
+                                    e.code.as_ref().map(|c| c.as_str()).unwrap_or("?")
+                                ))
+                            }
                             _ => {}
                         });
                         if joined {
@@ -763,7 +874,12 @@ async fn churn_task(ctx: Arc<Ctx>, g: usize, room: String, token: Option<String>
                             return Err(e);
                         }
                     }
-                    Some(Ok(Message::Close(cf))) => return Err(format!("close:{}", cf.map(|c| u16::from(c.code)).unwrap_or(1005))),
+                    Some(Ok(Message::Close(cf))) => {
+                        return Err(format!(
+                            "close:{}",
+                            cf.map(|c| u16::from(c.code)).unwrap_or(1005)
+                        ))
+                    }
                     Some(Ok(_)) => {}
                     Some(Err(e)) => return Err(format!("ws:{}", short_err(&e))),
                     None => return Err("ws:eof".to_string()),
@@ -804,12 +920,24 @@ struct Identity {
     token: Option<String>,
 }
 
-async fn identity(plan: &WorkerPlan, api: &Api, user: String, name: String, role: &str) -> Result<Identity> {
+async fn identity(
+    plan: &WorkerPlan,
+    api: &Api,
+    user: String,
+    name: String,
+    role: &str,
+) -> Result<Identity> {
     match &plan.cli.common.token_secret {
-        Some(secret) => Ok(Identity { token: Some(token::mint(secret, &user, &name, role, 24 * 3600)?), user }),
+        Some(secret) => Ok(Identity {
+            token: Some(token::mint(secret, &user, &name, role, 24 * 3600)?),
+            user,
+        }),
         None => {
             let g = api.guest(&name, role).await?;
-            Ok(Identity { user: g.user_id, token: Some(g.token) })
+            Ok(Identity {
+                user: g.user_id,
+                token: Some(g.token),
+            })
         }
     }
 }
@@ -846,7 +974,11 @@ pub async fn run_worker(
         } else {
             match plan.catalog.iter().find(|(id, _)| *id == shape.sticker) {
                 Some(s) => vec![s.clone()],
-                None => bail!("sticker {:?} is not in the catalog {:?}", shape.sticker, plan.catalog),
+                None => bail!(
+                    "sticker {:?} is not in the catalog {:?}",
+                    shape.sticker,
+                    plan.catalog
+                ),
             }
         }
     } else {
@@ -877,7 +1009,9 @@ pub async fn run_worker(
                     g: g + r,
                     room: room.id.clone(),
                     token: room.streamer_token.clone(),
-                    kind: Kind::Streamer { thank_ratio: shape.thank_ratio },
+                    kind: Kind::Streamer {
+                        thank_ratio: shape.thank_ratio,
+                    },
                     rx: None,
                     rng: Rng::new(r as u64 + 1),
                     last_seq: None,
@@ -891,21 +1025,56 @@ pub async fn run_worker(
     for i in 0..shape.viewers {
         if owns(i, wi, wn) {
             let token = if shape.viewer_tokens {
-                identity(&plan, &api, format!("lt{run}-v{i}"), format!("viewer {i}"), "viewer").await?.token
+                identity(
+                    &plan,
+                    &api,
+                    format!("lt{run}-v{i}"),
+                    format!("viewer {i}"),
+                    "viewer",
+                )
+                .await?
+                .token
             } else {
                 None
             };
-            members.push(Member { g: g + i, room: room_of(i), token, kind: Kind::Viewer, rx: None, rng: Rng::new(i as u64), last_seq: None, ever_joined: false, scratch: Vec::new() });
+            members.push(Member {
+                g: g + i,
+                room: room_of(i),
+                token,
+                kind: Kind::Viewer,
+                rx: None,
+                rng: Rng::new(i as u64),
+                last_seq: None,
+                ever_joined: false,
+                scratch: Vec::new(),
+            });
         }
     }
     g += shape.viewers;
     let mut chat_txs = vec![];
     for i in 0..shape.chatters {
         if owns(i, wi, wn) {
-            let id = identity(&plan, &api, format!("lt{run}-c{i}"), format!("chatter {i}"), "viewer").await?;
+            let id = identity(
+                &plan,
+                &api,
+                format!("lt{run}-c{i}"),
+                format!("chatter {i}"),
+                "viewer",
+            )
+            .await?;
             let (tx, rx) = mpsc::channel(64);
             chat_txs.push(tx);
-            members.push(Member { g: g + i, room: room_of(i), token: id.token, kind: Kind::Chatter, rx: Some(rx), rng: Rng::new(i as u64), last_seq: None, ever_joined: false, scratch: Vec::new() });
+            members.push(Member {
+                g: g + i,
+                room: room_of(i),
+                token: id.token,
+                kind: Kind::Chatter,
+                rx: Some(rx),
+                rng: Rng::new(i as u64),
+                last_seq: None,
+                ever_joined: false,
+                scratch: Vec::new(),
+            });
         }
     }
     g += shape.chatters;
@@ -913,12 +1082,22 @@ pub async fn run_worker(
     let mut wallets: Vec<(Identity, String)> = vec![];
     for w in 0..shape.wallets {
         if owns(w, wi, wn) {
-            let id = identity(&plan, &api, format!("lt{run}-w{w}"), format!("wallet {w}"), "viewer").await?;
+            let id = identity(
+                &plan,
+                &api,
+                format!("lt{run}-w{w}"),
+                format!("wallet {w}"),
+                "viewer",
+            )
+            .await?;
             wallets.push((id, room_of(w)));
         }
     }
     // Fund them (or read what they hold) and remember the starting balances.
-    let who: Vec<(String, Option<String>)> = wallets.iter().map(|(id, _)| (id.user.clone(), id.token.clone())).collect();
+    let who: Vec<(String, Option<String>)> = wallets
+        .iter()
+        .map(|(id, _)| (id.user.clone(), id.token.clone()))
+        .collect();
     let coins = shape.coins;
     let starts: Vec<Result<i64>> = stream::iter(who)
         .map(|(user, tok)| {
@@ -992,7 +1171,15 @@ pub async fn run_worker(
         if owns(i, wi, wn) {
             let rng_pick = (i as f64 + 0.5) / shape.churners as f64;
             let token = if rng_pick < shape.token_ratio {
-                identity(&plan, &api, format!("lt{run}-h{i}"), format!("churner {i}"), "viewer").await?.token
+                identity(
+                    &plan,
+                    &api,
+                    format!("lt{run}-h{i}"),
+                    format!("churner {i}"),
+                    "viewer",
+                )
+                .await?
+                .token
             } else {
                 None
             };
@@ -1044,18 +1231,47 @@ pub async fn run_worker(
 
     // Run.
     let step = Arc::new(AtomicUsize::new(0));
-    let share = |total: usize, mine: usize| if total == 0 { 0.0 } else { mine as f64 / total as f64 };
+    let share = |total: usize, mine: usize| {
+        if total == 0 {
+            0.0
+        } else {
+            mine as f64 / total as f64
+        }
+    };
     let chat_share = share(shape.chatters, chat_txs.len());
-    let chat_rates: Vec<f64> = (0..shape.steps).map(|s| shape.chat_rate(s) * chat_share).collect();
+    let chat_rates: Vec<f64> = (0..shape.steps)
+        .map(|s| shape.chat_rate(s) * chat_share)
+        .collect();
     let gift_share = share(shape.wallets * shape.conns_per_wallet, gift_txs.len());
-    let gift_rates: Vec<f64> = (0..shape.steps).map(|s| shape.gift_rate(s) * gift_share).collect();
+    let gift_rates: Vec<f64> = (0..shape.steps)
+        .map(|s| shape.gift_rate(s) * gift_share)
+        .collect();
     let pacers = vec![
-        tokio::spawn(pacer_task(chat_rates, chat_txs, phase_rx.clone(), step.clone(), ctx.clone())),
-        tokio::spawn(pacer_task(gift_rates, gift_txs, phase_rx.clone(), step.clone(), ctx.clone())),
+        tokio::spawn(pacer_task(
+            chat_rates,
+            chat_txs,
+            phase_rx.clone(),
+            step.clone(),
+            ctx.clone(),
+        )),
+        tokio::spawn(pacer_task(
+            gift_rates,
+            gift_txs,
+            phase_rx.clone(),
+            step.clone(),
+            ctx.clone(),
+        )),
     ];
     let mut churn_handles = vec![];
     for (cg, room, token) in churners {
-        churn_handles.push(tokio::spawn(churn_task(ctx.clone(), cg, room, token, shape.hold_ms, shape.abrupt_ratio)));
+        churn_handles.push(tokio::spawn(churn_task(
+            ctx.clone(),
+            cg,
+            room,
+            token,
+            shape.hold_ms,
+            shape.abrupt_ratio,
+        )));
     }
     tl.cut(&ctx.stats);
     tl.set(Phase::Run, 0);
@@ -1079,7 +1295,15 @@ pub async fn run_worker(
     let min_drain = Instant::now() + Duration::from_secs_f64(c.drain_secs.clamp(0.0, 1.0));
     // Until every gift is answered and no room event arrived for 200 ms (at least a second,
     // at most --drain-secs).
-    let received = || ctx.stats.counter_sum(&[C::Deliveries, C::Shoutouts, C::ThanksRecv, C::GiftsOk, C::GiftsRejected]);
+    let received = || {
+        ctx.stats.counter_sum(&[
+            C::Deliveries,
+            C::Shoutouts,
+            C::ThanksRecv,
+            C::GiftsOk,
+            C::GiftsRejected,
+        ])
+    };
     let mut last_seen = received();
     let mut quiet_since = Instant::now();
     while Instant::now() < drain_end {
@@ -1089,14 +1313,17 @@ pub async fn run_worker(
             last_seen = now_seen;
             quiet_since = Instant::now();
         }
-        let settled = ctx.stats.pending_gifts.load(Ordering::Relaxed) <= 0 && quiet_since.elapsed() >= Duration::from_millis(200);
+        let settled = ctx.stats.pending_gifts.load(Ordering::Relaxed) <= 0
+            && quiet_since.elapsed() >= Duration::from_millis(200);
         if Instant::now() >= min_drain && settled {
             break;
         }
     }
     let pending_left = ctx.stats.pending_gifts.load(Ordering::Relaxed);
     if pending_left > 0 {
-        notes.push(format!("{pending_left} gifts still unanswered after the drain"));
+        notes.push(format!(
+            "{pending_left} gifts still unanswered after the drain"
+        ));
     }
     let _ = msgs.send(WorkerMsg::Progress(tl.cut(&ctx.stats)));
     let _ = phase_tx.send(Phase::Stop);
@@ -1136,7 +1363,9 @@ pub async fn run_worker(
             t.acked_gifts += w.acked_count;
             t.rejected_gifts += w.rejected;
             tally.merge(&t);
-            let e = per_wallet.entry(w.user.clone()).or_insert((0, 0, w.token.clone()));
+            let e = per_wallet
+                .entry(w.user.clone())
+                .or_insert((0, 0, w.token.clone()));
             e.0 += w.acked_amount;
             e.1 += w.unknown_amount;
         }
@@ -1174,7 +1403,9 @@ pub async fn run_worker(
                 }
                 (_, Err(e)) => {
                     if tally.details.len() < 20 {
-                        tally.details.push(format!("wallet {user}: /api/me failed: {e:#}"));
+                        tally
+                            .details
+                            .push(format!("wallet {user}: /api/me failed: {e:#}"));
                     }
                 }
                 (None, Ok(_)) => {}

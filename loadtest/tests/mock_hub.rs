@@ -54,7 +54,9 @@ fn broadcast(room: &mut Room, ev: &Value) {
 }
 
 async fn ws_conn(stream: TcpStream, st: Shared) {
-    let Ok(ws) = tokio_tungstenite::accept_async(stream).await else { return };
+    let Ok(ws) = tokio_tungstenite::accept_async(stream).await else {
+        return;
+    };
     let (mut sink, mut src) = ws.split();
     let (tx, mut rx) = mpsc::unbounded_channel::<String>();
     let writer = tokio::spawn(async move {
@@ -67,7 +69,11 @@ async fn ws_conn(stream: TcpStream, st: Shared) {
                     break;
                 }
             }
-            let frame = if evs.len() == 1 { evs.pop().unwrap_or_default() } else { format!("{{\"type\":\"batch\",\"events\":[{}]}}", evs.join(",")) };
+            let frame = if evs.len() == 1 {
+                evs.pop().unwrap_or_default()
+            } else {
+                format!("{{\"type\":\"batch\",\"events\":[{}]}}", evs.join(","))
+            };
             if sink.send(Message::text(frame)).await.is_err() {
                 break;
             }
@@ -77,14 +83,21 @@ async fn ws_conn(stream: TcpStream, st: Shared) {
     let mut user: Option<(String, String)> = None;
     while let Some(Ok(msg)) = src.next().await {
         let Message::Text(t) = msg else { continue };
-        let Ok(m) = serde_json::from_str::<Value>(t.as_str()) else { continue };
+        let Ok(m) = serde_json::from_str::<Value>(t.as_str()) else {
+            continue;
+        };
         let mut s = st.lock();
         match m["type"].as_str().unwrap_or("") {
             "join" => {
                 if let Some(tok) = m["token"].as_str() {
                     let v = Validation::new(Algorithm::HS256);
                     match decode::<Value>(tok, &DecodingKey::from_secret(SECRET.as_bytes()), &v) {
-                        Ok(d) => user = Some((d.claims["sub"].as_str().unwrap_or("").into(), d.claims["name"].as_str().unwrap_or("").into())),
+                        Ok(d) => {
+                            user = Some((
+                                d.claims["sub"].as_str().unwrap_or("").into(),
+                                d.claims["name"].as_str().unwrap_or("").into(),
+                            ))
+                        }
                         Err(_) => break,
                     }
                 }
@@ -95,14 +108,18 @@ async fn ws_conn(stream: TcpStream, st: Shared) {
                 room_id = Some(id);
             }
             "chat" => {
-                let (Some(r), Some((uid, name))) = (&room_id, &user) else { continue };
+                let (Some(r), Some((uid, name))) = (&room_id, &user) else {
+                    continue;
+                };
                 let room = s.rooms.get_mut(r).expect("room");
                 room.seq += 1;
                 let ev = json!({"type":"chat","seq":room.seq,"from":{"id":uid,"name":name},"text":m["text"],"ts":1});
                 broadcast(room, &ev);
             }
             "gift" => {
-                let (Some(r), Some((uid, name))) = (room_id.clone(), user.clone()) else { continue };
+                let (Some(r), Some((uid, name))) = (room_id.clone(), user.clone()) else {
+                    continue;
+                };
                 let gid = m["gift_id"].as_str().unwrap_or("").to_string();
                 let contents = format!("{}|{}|{}|{}", r, m["sticker"], m["count"], m["message"]);
                 if let Some((c, bal, seq)) = s.gifts.get(&(uid.clone(), gid.clone())) {
@@ -115,7 +132,10 @@ async fn ws_conn(stream: TcpStream, st: Shared) {
                     continue;
                 }
                 let Some(p) = m["sticker"].as_str().and_then(price) else {
-                    let _ = tx.send(json!({"type":"gift_rejected","gift_id":gid,"code":"unknown_sticker"}).to_string());
+                    let _ = tx.send(
+                        json!({"type":"gift_rejected","gift_id":gid,"code":"unknown_sticker"})
+                            .to_string(),
+                    );
                     continue;
                 };
                 let amount = p * m["count"].as_i64().unwrap_or(1);
@@ -135,7 +155,10 @@ async fn ws_conn(stream: TcpStream, st: Shared) {
                 if m["message"].is_string() {
                     ev["message"] = m["message"].clone();
                 }
-                let _ = tx.send(json!({"type":"gift_ok","gift_id":gid,"balance":bal - amount,"seq":seq}).to_string());
+                let _ = tx.send(
+                    json!({"type":"gift_ok","gift_id":gid,"balance":bal - amount,"seq":seq})
+                        .to_string(),
+                );
                 broadcast(room, &ev);
                 s.gifts.insert((uid, gid), (contents, bal - amount, seq));
             }
@@ -150,7 +173,8 @@ async fn ws_conn(stream: TcpStream, st: Shared) {
                 let _ = tx.send(json!({"type":"pong","t":m["t"]}).to_string());
             }
             _ => {
-                let _ = tx.send(json!({"type":"error","code":"bad_frame","message":"?"}).to_string());
+                let _ =
+                    tx.send(json!({"type":"error","code":"bad_frame","message":"?"}).to_string());
             }
         }
     }
@@ -163,7 +187,9 @@ async fn http_conn(mut stream: TcpStream, st: Shared) {
     let mut tmp = [0u8; 4096];
     // Read the head and a Content-Length body.
     let (head, body) = loop {
-        let Ok(n) = stream.read(&mut tmp).await else { return };
+        let Ok(n) = stream.read(&mut tmp).await else {
+            return;
+        };
         if n == 0 {
             return;
         }
@@ -172,10 +198,16 @@ async fn http_conn(mut stream: TcpStream, st: Shared) {
             let head = String::from_utf8_lossy(&buf[..p]).to_string();
             let len = head
                 .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                })
                 .unwrap_or(0);
             while buf.len() < p + 4 + len {
-                let Ok(n) = stream.read(&mut tmp).await else { return };
+                let Ok(n) = stream.read(&mut tmp).await else {
+                    return;
+                };
                 if n == 0 {
                     return;
                 }
@@ -189,12 +221,23 @@ async fn http_conn(mut stream: TcpStream, st: Shared) {
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let auth = head
         .lines()
-        .find_map(|l| l.to_ascii_lowercase().starts_with("authorization:").then(|| l.split_once(':').map(|x| x.1.trim().trim_start_matches("Bearer ").to_string()).unwrap_or_default()))
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("authorization:")
+                .then(|| {
+                    l.split_once(':')
+                        .map(|x| x.1.trim().trim_start_matches("Bearer ").to_string())
+                        .unwrap_or_default()
+                })
+        })
         .unwrap_or_default();
     let (status, out) = {
         let mut s = st.lock();
         match (method, path) {
-            ("GET", "/api/catalog") => (200, json!({"stickers":[{"id":"rose","name":"Rose","price":1,"emoji":"r"},{"id":"heart","name":"Heart","price":5,"emoji":"h"}]})),
+            ("GET", "/api/catalog") => (
+                200,
+                json!({"stickers":[{"id":"rose","name":"Rose","price":1,"emoji":"r"},{"id":"heart","name":"Heart","price":5,"emoji":"h"}]}),
+            ),
             ("POST", "/api/admin/credit") if auth == ADMIN => {
                 let b: Value = serde_json::from_slice(&body).unwrap_or_default();
                 let user = b["user_id"].as_str().unwrap_or("").to_string();
@@ -213,19 +256,39 @@ async fn http_conn(mut stream: TcpStream, st: Shared) {
             }
             ("GET", "/api/admin/audit") if auth == ADMIN => {
                 let balances: i64 = s.balances.values().sum();
-                (200, json!({"credited": s.credited, "balances": balances, "gifted": s.gifted, "ok": s.credited == balances + s.gifted}))
+                (
+                    200,
+                    json!({"credited": s.credited, "balances": balances, "gifted": s.gifted, "ok": s.credited == balances + s.gifted}),
+                )
             }
-            ("GET", "/api/me") => match decode::<Value>(&auth, &DecodingKey::from_secret(SECRET.as_bytes()), &Validation::new(Algorithm::HS256)) {
+            ("GET", "/api/me") => match decode::<Value>(
+                &auth,
+                &DecodingKey::from_secret(SECRET.as_bytes()),
+                &Validation::new(Algorithm::HS256),
+            ) {
                 Ok(d) => {
                     let uid = d.claims["sub"].as_str().unwrap_or("").to_string();
-                    (200, json!({"user_id": uid, "name": d.claims["name"], "role": d.claims["role"], "balance": s.balances.get(&uid).copied().unwrap_or(0)}))
+                    (
+                        200,
+                        json!({"user_id": uid, "name": d.claims["name"], "role": d.claims["role"], "balance": s.balances.get(&uid).copied().unwrap_or(0)}),
+                    )
                 }
-                Err(_) => (401, json!({"error":{"code":"unauthorized","message":"bad token"}})),
+                Err(_) => (
+                    401,
+                    json!({"error":{"code":"unauthorized","message":"bad token"}}),
+                ),
             },
-            ("GET", p) if p.starts_with("/api/streams/") && p.ends_with("/revenue") && auth == ADMIN => {
-                let id = p.trim_start_matches("/api/streams/").trim_end_matches("/revenue");
+            ("GET", p)
+                if p.starts_with("/api/streams/") && p.ends_with("/revenue") && auth == ADMIN =>
+            {
+                let id = p
+                    .trim_start_matches("/api/streams/")
+                    .trim_end_matches("/revenue");
                 let gross = s.gross.get(id).copied().unwrap_or(0);
-                (200, json!({"stream": id, "gifts": 0, "gross": gross, "store": gross * 3000, "streamer": gross * 5000, "platform": gross * 2000, "unit": 10000, "by_sticker": [], "top_gifters": []}))
+                (
+                    200,
+                    json!({"stream": id, "gifts": 0, "gross": gross, "store": gross * 3000, "streamer": gross * 5000, "platform": gross * 2000, "unit": 10000, "by_sticker": [], "top_gifters": []}),
+                )
             }
             _ => (404, json!({"error":{"code":"not_found","message":"?"}})),
         }
@@ -246,7 +309,11 @@ async fn start_hub() -> Hub {
     let state: Shared = Arc::new(Mutex::new(State::default()));
     let hl = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let wl = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hub = Hub { http: hl.local_addr().unwrap(), ws: wl.local_addr().unwrap(), state: state.clone() };
+    let hub = Hub {
+        http: hl.local_addr().unwrap(),
+        ws: wl.local_addr().unwrap(),
+        state: state.clone(),
+    };
     let st = state.clone();
     tokio::spawn(async move {
         while let Ok((s, _)) = hl.accept().await {
@@ -291,7 +358,20 @@ fn args(hub: &Hub, scenario: &[&str]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_counts_every_delivery() {
     let hub = start_hub().await;
-    let r = loadtest::run_from_args(args(&hub, &["fanout", "--viewers", "20", "--senders", "3", "--rate", "30,60"])).await.unwrap();
+    let r = loadtest::run_from_args(args(
+        &hub,
+        &[
+            "fanout",
+            "--viewers",
+            "20",
+            "--senders",
+            "3",
+            "--rate",
+            "30,60",
+        ],
+    ))
+    .await
+    .unwrap();
     let sent = r.counters["chats_sent"];
     assert!(sent >= 60, "{sent}");
     // Every chat reaches every member of the room: 20 viewers + 3 senders + the streamer.
@@ -312,17 +392,47 @@ async fn gifts_money_check_passes_on_an_honest_hub() {
     std::fs::create_dir_all(&dir).unwrap();
     let json_path = dir.join("g.json");
     let svg_path = dir.join("g.svg");
-    let mut a = args(&hub, &["gifts", "--wallets", "4", "--inflight", "2", "--sticker", "mix", "--retry-every", "5", "--viewers", "2", "--coins", "400"]);
-    a.extend(["--json".to_string(), json_path.display().to_string(), "--svg".to_string(), svg_path.display().to_string()]);
+    let mut a = args(
+        &hub,
+        &[
+            "gifts",
+            "--wallets",
+            "4",
+            "--inflight",
+            "2",
+            "--sticker",
+            "mix",
+            "--retry-every",
+            "5",
+            "--viewers",
+            "2",
+            "--coins",
+            "400",
+        ],
+    );
+    a.extend([
+        "--json".to_string(),
+        json_path.display().to_string(),
+        "--svg".to_string(),
+        svg_path.display().to_string(),
+    ]);
     let r = loadtest::run_from_args(a).await.unwrap();
     let m = r.money.as_ref().unwrap();
     assert!(m.ok, "{:#?}", m);
     assert!(m.tally.acked_gifts > 0, "{}", r.to_text());
-    assert!(r.counters.get("retry_ok").copied().unwrap_or(0) > 0, "{:?}", r.counters);
+    assert!(
+        r.counters.get("retry_ok").copied().unwrap_or(0) > 0,
+        "{:?}",
+        r.counters
+    );
     assert_eq!(m.tally.wallets_checked, 4);
     assert_eq!(m.streams[0].gross_after, m.acked_coins as i64);
     // 400 coins each: the wallets run dry and see insufficient_funds, which is no failure.
-    assert!(r.errors.contains_key("gift_rejected:insufficient_funds"), "{:?}", r.errors);
+    assert!(
+        r.errors.contains_key("gift_rejected:insufficient_funds"),
+        "{:?}",
+        r.errors
+    );
     assert!(r.latency_ms["gift_ack"].count > 0);
     assert!(r.latency_ms["shoutout"].count > 0);
     let j: serde_json::Value = serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
@@ -336,16 +446,43 @@ async fn gifts_money_check_passes_on_an_honest_hub() {
 async fn gifts_money_check_catches_a_cheating_hub() {
     let hub = start_hub().await;
     hub.state.lock().double_revenue = true;
-    let r = loadtest::run_from_args(args(&hub, &["gifts", "--wallets", "2", "--rate", "20"])).await.unwrap();
+    let r = loadtest::run_from_args(args(&hub, &["gifts", "--wallets", "2", "--rate", "20"]))
+        .await
+        .unwrap();
     let m = r.money.as_ref().unwrap();
     assert!(!m.ok);
-    assert!(m.failures.iter().any(|f| f.contains("gross grew by")), "{:?}", m.failures);
+    assert!(
+        m.failures.iter().any(|f| f.contains("gross grew by")),
+        "{:?}",
+        m.failures
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_has_chat_gifts_and_thanks() {
     let hub = start_hub().await;
-    let r = loadtest::run_from_args(args(&hub, &["mixed", "--viewers", "10", "--chatters", "3", "--chat-rate", "30", "--gifters", "3", "--gift-rate", "30", "--thank-ratio", "1", "--sticker", "heart"])).await.unwrap();
+    let r = loadtest::run_from_args(args(
+        &hub,
+        &[
+            "mixed",
+            "--viewers",
+            "10",
+            "--chatters",
+            "3",
+            "--chat-rate",
+            "30",
+            "--gifters",
+            "3",
+            "--gift-rate",
+            "30",
+            "--thank-ratio",
+            "1",
+            "--sticker",
+            "heart",
+        ],
+    ))
+    .await
+    .unwrap();
     assert!(r.money.as_ref().unwrap().ok, "{:#?}", r.money);
     assert!(r.counters["thanks_sent"] > 0);
     assert!(r.counters["thanks_recv"] > 0);
@@ -356,10 +493,44 @@ async fn mixed_has_chat_gifts_and_thanks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn churn_and_soak_run() {
     let hub = start_hub().await;
-    let r = loadtest::run_from_args(args(&hub, &["churn", "--clients", "10", "--hold-ms", "20", "--viewers", "5", "--senders", "1", "--rate", "10"])).await.unwrap();
+    let r = loadtest::run_from_args(args(
+        &hub,
+        &[
+            "churn",
+            "--clients",
+            "10",
+            "--hold-ms",
+            "20",
+            "--viewers",
+            "5",
+            "--senders",
+            "1",
+            "--rate",
+            "10",
+        ],
+    ))
+    .await
+    .unwrap();
     assert!(r.counters["churn_cycles"] > 10, "{:?}", r.counters);
     assert!(r.errors.is_empty(), "{:?}", r.errors);
-    let r = loadtest::run_from_args(args(&hub, &["soak", "--viewers", "5", "--chatters", "2", "--gifters", "2", "--gift-rate", "10", "--window-secs", "0.5"])).await.unwrap();
+    let r = loadtest::run_from_args(args(
+        &hub,
+        &[
+            "soak",
+            "--viewers",
+            "5",
+            "--chatters",
+            "2",
+            "--gifters",
+            "2",
+            "--gift-rate",
+            "10",
+            "--window-secs",
+            "0.5",
+        ],
+    ))
+    .await
+    .unwrap();
     assert!(!r.drift.is_empty());
     assert!(r.money.unwrap().ok);
 }
@@ -367,8 +538,16 @@ async fn churn_and_soak_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn procs_merge_child_reports() {
     let hub = start_hub().await;
-    let mut a = args(&hub, &["gifts", "--wallets", "4", "--rate", "40", "--viewers", "3"]);
-    a.extend(["--procs".into(), "2".into(), "--exe".into(), env!("CARGO_BIN_EXE_loadtest").into()]);
+    let mut a = args(
+        &hub,
+        &["gifts", "--wallets", "4", "--rate", "40", "--viewers", "3"],
+    );
+    a.extend([
+        "--procs".into(),
+        "2".into(),
+        "--exe".into(),
+        env!("CARGO_BIN_EXE_loadtest").into(),
+    ]);
     let r = loadtest::run_from_args(a).await.unwrap();
     assert_eq!(r.procs, 2);
     assert_eq!(r.connections.joined, 1 + 3 + 4);
@@ -376,4 +555,3 @@ async fn procs_merge_child_reports() {
     assert!(m.ok, "{:#?}", m);
     assert_eq!(m.tally.wallets_checked, 4);
 }
-
