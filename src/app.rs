@@ -162,6 +162,28 @@ impl App {
         }
     }
 
+    /// Waits for a money record's `ticket` on a task of its own, so that it completes even if
+    /// the asker (a connection, another node) goes away, and shutdown waits for it; then runs
+    /// `durable`, or `refused` with the journal's reason.
+    fn settle<Fut>(
+        self: &Arc<Self>,
+        ticket: crate::ledger::DurableTicket,
+        durable: impl FnOnce(Arc<App>) -> Fut + Send + 'static,
+        refused: impl FnOnce(Arc<App>, String) + Send + 'static,
+    ) where
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.gifts_in_flight.fetch_add(1, Ordering::SeqCst);
+        let app = self.clone();
+        tokio::spawn(async move {
+            match ticket.await {
+                Ok(()) => durable(app.clone()).await,
+                Err(e) => refused(app.clone(), e),
+            }
+            app.gifts_in_flight.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+
     /// Stop taking connections and money; every connection closes with 1001.
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
@@ -419,30 +441,26 @@ impl App {
             } => {
                 // The completion runs on its own task so that it finishes even if the
                 // connection (or the asking node) goes away while the journal writes.
-                self.gifts_in_flight.fetch_add(1, Ordering::SeqCst);
-                let app = self.clone();
                 let tier = sticker.tier;
                 let slot2 = slot.clone();
-                tokio::spawn(async move {
-                    match ticket.await {
-                        Ok(()) => {
-                            app.ledger.gift_durable(&record);
-                            let seq = app.announce(&record, tier).await;
-                            slot2.state.send_replace(SlotState::Done { seq });
-                            metrics::counter!("giftcast_gifts_total").increment(1);
-                            metrics::counter!("giftcast_gifted_coins_total")
-                                .increment(record.amount);
+                let (record_e, slot2_e) = (record.clone(), slot2.clone());
+                self.settle(
+                    ticket,
+                    move |app| async move {
+                        app.ledger.gift_durable(&record);
+                        let seq = app.announce(&record, tier).await;
+                        slot2.state.send_replace(SlotState::Done { seq });
+                        metrics::counter!("giftcast_gifts_total").increment(1);
+                        metrics::counter!("giftcast_gifted_coins_total").increment(record.amount);
+                    },
+                    move |app, e| {
+                        tracing::error!(error = %e, "journal refused a gift; the debit is undone");
+                        app.ledger.gift_failed(&record_e, &slot2_e);
+                        if let Some(r) = reservation {
+                            app.daily_spend.release(&record_e.user_id, r);
                         }
-                        Err(e) => {
-                            tracing::error!(error = %e, "journal refused a gift; the debit is undone");
-                            app.ledger.gift_failed(&record, &slot2);
-                            if let Some(r) = reservation {
-                                app.daily_spend.release(&record.user_id, r);
-                            }
-                        }
-                    }
-                    app.gifts_in_flight.fetch_sub(1, Ordering::SeqCst);
-                });
+                    },
+                );
                 slot
             }
         };
@@ -726,46 +744,43 @@ impl App {
                 ticket,
                 record,
             } => {
-                self.gifts_in_flight.fetch_add(1, Ordering::SeqCst);
                 let reservation = reservation;
-                let app = self.clone();
                 let room = room.clone();
                 let slot2 = slot.clone();
-                tokio::spawn(async move {
-                    match ticket.await {
-                        Ok(()) => {
-                            app.ledger.packet_durable(&record);
-                            let seq = room.publish(|seq| {
-                                let mut ev = serde_json::json!({
-                                    "type": "red_packet",
-                                    "seq": seq,
-                                    "packet_id": record.packet_id,
-                                    "from": {"id": record.user_id, "name": record.user_name},
-                                    "coins": record.coins,
-                                    "shares": record.amounts.len(),
-                                    "split": if record.random { "random" } else { "equal" },
-                                    "host_cut": record.host_cut,
-                                    "expires_at": record.expires_ms,
-                                    "ts": record.ts_ms,
-                                });
-                                if let Some(m) = &record.message {
-                                    ev["message"] = m.as_str().into();
-                                }
-                                ev.to_string()
+                let (record_e, slot2_e) = (record.clone(), slot2.clone());
+                self.settle(
+                    ticket,
+                    move |app| async move {
+                        app.ledger.packet_durable(&record);
+                        let seq = room.publish(|seq| {
+                            let mut ev = serde_json::json!({
+                                "type": "red_packet",
+                                "seq": seq,
+                                "packet_id": record.packet_id,
+                                "from": {"id": record.user_id, "name": record.user_name},
+                                "coins": record.coins,
+                                "shares": record.amounts.len(),
+                                "split": if record.random { "random" } else { "equal" },
+                                "host_cut": record.host_cut,
+                                "expires_at": record.expires_ms,
+                                "ts": record.ts_ms,
                             });
-                            slot2.state.send_replace(SlotState::Done { seq });
-                            metrics::counter!("giftcast_red_packets_total").increment(1);
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, "journal refused a red packet; it is undone");
-                            app.ledger.packet_failed(&record, &slot2);
-                            if let Some(r) = reservation {
-                                app.daily_spend.release(&record.user_id, r);
+                            if let Some(m) = &record.message {
+                                ev["message"] = m.as_str().into();
                             }
+                            ev.to_string()
+                        });
+                        slot2.state.send_replace(SlotState::Done { seq });
+                        metrics::counter!("giftcast_red_packets_total").increment(1);
+                    },
+                    move |app, e| {
+                        tracing::error!(error = %e, "journal refused a red packet; it is undone");
+                        app.ledger.packet_failed(&record_e, &slot2_e);
+                        if let Some(r) = reservation {
+                            app.daily_spend.release(&record_e.user_id, r);
                         }
-                    }
-                    app.gifts_in_flight.fetch_sub(1, Ordering::SeqCst);
-                });
+                    },
+                );
                 slot
             }
         };
@@ -823,34 +838,31 @@ impl App {
                 record,
                 left_shares,
             } => {
-                self.gifts_in_flight.fetch_add(1, Ordering::SeqCst);
-                let app = self.clone();
                 let room = room.clone();
                 let grab2 = grab.clone();
-                tokio::spawn(async move {
-                    match ticket.await {
-                        Ok(()) => {
-                            let seq = room.publish(|seq| {
-                                serde_json::json!({
-                                    "type": "grabbed",
-                                    "seq": seq,
-                                    "packet_id": record.packet_id,
-                                    "to": {"id": record.user_id, "name": record.user_name},
-                                    "coins": record.coins,
-                                    "left": left_shares,
-                                    "ts": record.ts_ms,
-                                })
-                                .to_string()
-                            });
-                            grab2.slot.state.send_replace(SlotState::Done { seq });
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, "journal refused a grab; it is undone");
-                            app.ledger.grab_failed(&record, &grab2);
-                        }
-                    }
-                    app.gifts_in_flight.fetch_sub(1, Ordering::SeqCst);
-                });
+                let (record_e, grab2_e) = (record.clone(), grab2.clone());
+                self.settle(
+                    ticket,
+                    move |_app| async move {
+                        let seq = room.publish(|seq| {
+                            serde_json::json!({
+                                "type": "grabbed",
+                                "seq": seq,
+                                "packet_id": record.packet_id,
+                                "to": {"id": record.user_id, "name": record.user_name},
+                                "coins": record.coins,
+                                "left": left_shares,
+                                "ts": record.ts_ms,
+                            })
+                            .to_string()
+                        });
+                        grab2.slot.state.send_replace(SlotState::Done { seq });
+                    },
+                    move |app, e| {
+                        tracing::error!(error = %e, "journal refused a grab; it is undone");
+                        app.ledger.grab_failed(&record_e, &grab2_e);
+                    },
+                );
                 grab
             }
         };
