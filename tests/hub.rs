@@ -462,3 +462,49 @@ async fn token_command_mints_a_token_the_server_accepts() {
         ("carol", Role::Streamer)
     );
 }
+
+/// The write timeout at its edge: a socket that accepts nothing for longer than the write
+/// timeout is closed (before its outbox ever fills), and the others never notice.
+#[tokio::test]
+async fn a_write_blocked_past_the_write_timeout_closes_the_socket() {
+    let server = TestServer::start_with(|c| {
+        c.chat_rate_per_min = 0;
+        c.write_timeout_ms = 300;
+    })
+    .await;
+    let (mut stalled, _) = server.joined("demo", None).await;
+    let (mut other, _) = server.joined("demo", None).await;
+    let (mut sender, _) = server.joined("demo", Some(("loud", Role::Viewer))).await;
+    let room = server.app.hub.get("demo").unwrap();
+    let text = "y".repeat(giftcast::limits::CHAT_CHARS_MAX);
+    let started = Instant::now();
+    let mut sent = 0;
+    // Fill the stalled socket's kernel buffers, then keep the room busy until it is dropped.
+    while room.viewers() == 3 && started.elapsed() < Duration::from_secs(60) {
+        for _ in 0..10 {
+            sender.chat(&text).await;
+        }
+        for _ in 0..10 {
+            other.recv_type("chat").await;
+            sender.recv_type("chat").await;
+        }
+        sent += 10;
+    }
+    eprintln!(
+        "{sent} events until the blocked socket was closed ({:?})",
+        started.elapsed()
+    );
+    assert_eq!(room.viewers(), 2, "the blocked socket was closed");
+    // The stalled client reads what reached it, then finds the connection gone, with no
+    // `lagged`: it was the write timeout, not the outbox bound (that path says `lagged`).
+    loop {
+        let v = stalled
+            .try_recv(Duration::from_secs(30))
+            .await
+            .expect("the connection ends");
+        assert_ne!(v["code"], "lagged");
+        if v["type"] == "__closed" || v["type"] == "__close" {
+            break;
+        }
+    }
+}
