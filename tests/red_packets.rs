@@ -243,6 +243,16 @@ async fn packets_in_flight_survive_a_restart() {
         audit,
         json!({"credited": 100, "balances": 100 - held_before, "gifted": 0, "held": held_before, "ok": true})
     );
+    // The sender's retry of the create answers the same, not `conflict`.
+    let (mut gus, _) = server.joined("demo", Some(("gus", Role::Viewer))).await;
+    assert_eq!(
+        send_packet(&mut gus, "r", 50, 5, "random").await["balance"],
+        50
+    );
+    assert_eq!(
+        send_packet(&mut gus, "r", 51, 5, "random").await["code"],
+        "conflict"
+    );
     // Winners' retries answer the same; three more shares are left, then it is gone.
     for (u, w) in won.iter().enumerate() {
         let (mut c, _) = server

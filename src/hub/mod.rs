@@ -90,9 +90,8 @@ impl Hub {
             cluster: std::sync::OnceLock::new(),
         });
         // The demo stream is always live.
-        let _ = hub.room("demo");
-        if let Some(r) = hub.get("demo") {
-            r.set_always_live();
+        if let Ok(demo) = hub.room("demo") {
+            demo.set_always_live();
         }
         hub
     }
@@ -138,10 +137,6 @@ impl Hub {
 
     pub fn get(&self, stream: &str) -> Option<Arc<Room>> {
         self.rooms.get(stream).map(|r| r.clone())
-    }
-
-    pub fn connections(&self) -> usize {
-        self.rooms.iter().map(|r| r.viewers()).sum()
     }
 
     /// Every room tells its members the viewer count when it changed; runs until `stop`.

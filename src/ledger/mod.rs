@@ -12,7 +12,7 @@ mod revenue;
 
 pub use revenue::{RevenueReport, RevenueRow, StreamRevenue, Totals};
 
-use crate::money::{Coins, Shares, Split, AMOUNT_MAX};
+use crate::money::{Coins, Split, AMOUNT_MAX};
 use crate::record::{CreditRecord, GiftRecord, Record};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
@@ -497,11 +497,6 @@ impl Ledger {
         }
         Ok(())
     }
-}
-
-/// Shares for a record, recomputed: used by tests and by the audit of stored gifts.
-pub fn expected_shares(split: Split, amount: u64) -> Option<Shares> {
-    split.shares(Coins(amount))
 }
 
 #[cfg(test)]

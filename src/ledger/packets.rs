@@ -51,6 +51,21 @@ impl Packet {
     }
 }
 
+/// What a packet's create request contained, to tell a retry from a conflict; also made for
+/// packets restored after a restart, so both go through this one function.
+fn fingerprint(
+    user_id: &str,
+    coins: u64,
+    shares: usize,
+    random: bool,
+    message: Option<&str>,
+) -> String {
+    format!(
+        "{user_id}\u{0}{coins}\u{0}{shares}\u{0}{random}\u{0}{}",
+        message.unwrap_or("\u{1}")
+    )
+}
+
 pub(super) fn key(stream: &str, packet_id: &str) -> String {
     format!("{stream}\u{0}{packet_id}")
 }
@@ -140,13 +155,12 @@ impl Ledger {
         if held < req.shares as u64 {
             return reject("invalid");
         }
-        let fingerprint = format!(
-            "{}\u{0}{}\u{0}{}\u{0}{}\u{0}{}",
+        let fingerprint = fingerprint(
             req.user_id,
             req.coins,
-            req.shares,
+            req.shares as usize,
             req.random,
-            req.message.unwrap_or("\u{1}")
+            req.message,
         );
         let vacant = match self.packets.entry(key(req.stream, req.packet_id)) {
             dashmap::mapref::entry::Entry::Occupied(o) => {
@@ -418,13 +432,12 @@ impl Ledger {
     pub fn restore_packet(&self, record: &Record) -> Result<(), String> {
         match record {
             Record::PacketCreate(c) => {
-                let fingerprint = format!(
-                    "{}\u{0}{}\u{0}{}\u{0}{}\u{0}{}",
-                    c.user_id,
+                let fingerprint = fingerprint(
+                    &c.user_id,
                     c.coins,
                     c.amounts.len(),
                     c.random,
-                    c.message.as_deref().unwrap_or("\u{1}")
+                    c.message.as_deref(),
                 );
                 let slot = Slot::new(
                     fingerprint.clone(),
