@@ -168,7 +168,7 @@ pub struct Config {
     pub red_packet_host_cut_bp: u64,
     /// Coins per viewer per UTC day (0 = off).
     pub daily_cap: u64,
-    /// A write to a client that takes longer than this closes it (`WRITE_TIMEOUT_MS`; tests
+    /// A client that takes no byte for this long while frames wait closes (`WRITE_TIMEOUT_MS`; tests
     /// lengthen it).
     pub write_timeout_ms: u64,
     /// WebSocket Ping interval (`HEARTBEAT_INTERVAL_MS`; tests shorten it).

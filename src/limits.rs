@@ -4,22 +4,16 @@
 /// Largest WebSocket message or frame a client may send (PROTOCOL: 16 KiB). A client frame is
 /// one small JSON object; anything bigger is abuse and closes the socket with 1009.
 pub const FRAME_BYTES_MAX: usize = 16 * 1024;
-/// WebSocket read buffer per connection: small, because 19,000 idle sockets each holding the
-/// library default of 128 KiB would cost 2.4 GiB. It is allocated for every connection, idle or
-/// not, and a client frame is one small JSON object (a chat of 500 characters fits), so 1 KiB;
-/// a bigger frame (up to `FRAME_BYTES_MAX`) grows it for that frame.
-pub const WS_READ_BUFFER_BYTES: usize = 1024;
-/// Bytes the writer accumulates before it must write to the socket.
-pub const WS_WRITE_BUFFER_BYTES: usize = 8 * 1024;
-/// Bytes a connection may hold unsent in its WebSocket writer before a write fails; must exceed
-/// `WS_WRITE_BUFFER_BYTES`. With `OUTBOX_FRAMES_MAX` this bounds a slow consumer's memory.
-pub const WS_MAX_WRITE_BUFFER_BYTES: usize = 512 * 1024;
-const _: () = assert!(WS_MAX_WRITE_BUFFER_BYTES > WS_WRITE_BUFFER_BYTES);
+// The WebSocket I/O itself (src/http/ws/wire.rs) keeps no per-connection buffers: a read goes
+// into a buffer on the thread's stack (`READ_CHUNK_BYTES`, at least `FRAME_BYTES_MAX`) and only
+// an incomplete frame is kept; frames are written from the outbox's shared payloads. A slow
+// consumer therefore holds at most `OUTBOX_FRAMES_MAX` references to shared frames, plus what
+// its kernel socket buffer took, and is cut off (`lagged`, 4009) beyond that.
 
 /// The `join` frame must arrive within this time (PROTOCOL: 10 s), else close 4001.
 pub const JOIN_TIMEOUT_MS: u64 = 10_000;
-/// A single write+flush to a client that takes longer than this means the client is stalled:
-/// the connection is closed so it holds no memory and no task forever.
+/// A client whose socket takes no byte for this long, while frames wait for it, is stalled: the
+/// connection is closed so it holds no memory and no task forever.
 pub const WRITE_TIMEOUT_MS: u64 = 10_000;
 /// Frames a connection's outbox holds before the member counts as lagging. Each entry is a
 /// shared `Bytes` (one event or one batch), so the cost is pointers, not copies.

@@ -355,7 +355,7 @@ impl Cluster {
                 complete,
                 events,
             } => {
-                let events: Vec<(u64, axum::extract::ws::Utf8Bytes)> =
+                let events: Vec<(u64, crate::hub::Text)> =
                     events.into_iter().map(|(s, t)| (s, t.into())).collect();
                 if since.is_some() && complete && *room.epoch() == *epoch {
                     if room.apply_remote(&epoch, live, events).is_ok() {
@@ -391,7 +391,7 @@ impl Cluster {
                     events: f
                         .events
                         .into_iter()
-                        .map(|(s, t)| (s, t.as_str().to_string()))
+                        .map(|(s, t)| (s, String::from_utf8_lossy(&t).into_owned()))
                         .collect(),
                 };
                 if let Err(e) = client
@@ -559,7 +559,7 @@ async fn serve_room(app: &Arc<App>, room_id: &str, req: RoomReq) -> RoomResp {
                 complete,
                 events: events
                     .into_iter()
-                    .map(|(s, t)| (s, t.as_str().to_string()))
+                    .map(|(s, t)| (s, String::from_utf8_lossy(&t).into_owned()))
                     .collect(),
             }
         }

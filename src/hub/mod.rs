@@ -1,6 +1,6 @@
 //! Rooms: members, outboxes, history, seq and fan-out. Never touches money.
 //!
-//! A room event is serialised once into a shared `Utf8Bytes`, stamped with the room's `seq`,
+//! A room event is serialised once into a shared `Text`, stamped with the room's `seq`,
 //! kept in a bounded history ring for `since` resume, and queued for the room's fan-out task.
 //! The fan-out task takes everything queued since its last round and hands it to every member's
 //! bounded outbox with `try_send`: one event as itself, several as one `batch` frame built once
@@ -22,20 +22,25 @@ pub use outbox::{outbox, OutboxReceiver, OutboxSender};
 pub use room::{Forward, Gap, JoinOutcome, MemberHandle, QueuedGift, QueuedUser, Room};
 
 use crate::limits::{ROOMS_MAX, VIEWERS_INTERVAL_MS};
-use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-/// What a connection's writer task receives.
+/// A serialised server frame's payload: UTF-8 JSON, built once and shared by every member it
+/// goes to (history, outboxes, cluster forwards) by reference count.
+pub type Text = bytes::Bytes;
+
+/// What a connection's writer receives.
 #[derive(Debug)]
 pub enum Out {
     /// A text frame. `seq` is the last room seq it carries (0 for direct frames).
-    Frame { seq: u64, text: Utf8Bytes },
+    Frame { seq: u64, text: Text },
     /// Close the connection with this WebSocket close code and reason.
     Close { code: u16, reason: &'static str },
     /// A WebSocket Ping (heartbeat): the peer answers with a Pong.
     Ping,
+    /// A WebSocket Pong answering the peer's Ping, with its payload (at most 125 bytes).
+    Pong(bytes::Bytes),
     /// Nothing to send: wakes the writer so it looks at `ConnShared::lagged`.
     Wake,
 }

@@ -93,7 +93,7 @@ impl Drop for OutboxSender {
 impl OutboxReceiver {
     /// Moves up to `limit` queued items into `buf`, waiting while there are none. 0 means every
     /// sender is gone and nothing is left.
-    pub async fn recv_many(&mut self, buf: &mut Vec<Out>, limit: usize) -> usize {
+    pub async fn recv_many(&mut self, buf: &mut impl Extend<Out>, limit: usize) -> usize {
         poll_fn(|cx| {
             let mut st = self.0.state.lock();
             if st.queue.is_empty() {

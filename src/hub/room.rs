@@ -1,12 +1,11 @@
 //! One room: seq, history, members, fan-out task, combos and the streamer's thanks queue.
 
 use super::moderation::{Gate, Moderation};
-use super::{ConnShared, Out, OutboxSender};
+use super::{ConnShared, Out, OutboxSender, Text};
 use crate::limits::{
     BATCH_EVENTS_MAX, COMBO_TRACKED_MAX, COMBO_WINDOW_MS, FANOUT_TICK_US, REPLAY_BATCH_EVENTS_MAX,
     ROOM_HISTORY_EVENTS_MAX, THANKS_QUEUE_MAX,
 };
-use axum::extract::ws::Utf8Bytes;
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -47,9 +46,9 @@ struct Inner {
     /// Last seq handed to the members' outboxes; a joiner sees history up to here, and every
     /// later event through its outbox.
     fanned_seq: u64,
-    history: VecDeque<(u64, Utf8Bytes)>,
+    history: VecDeque<(u64, Text)>,
     /// Events (and seq-less frames, seq 0) waiting for the fan-out task.
-    pending: VecDeque<(u64, Utf8Bytes)>,
+    pending: VecDeque<(u64, Text)>,
     members: HashMap<u64, Member>,
     next_member: u64,
     last_viewers_sent: usize,
@@ -66,7 +65,7 @@ pub struct Forward {
     pub room: String,
     pub epoch: Arc<str>,
     pub live: bool,
-    pub events: Vec<(u64, Utf8Bytes)>,
+    pub events: Vec<(u64, Text)>,
 }
 
 /// A mirror saw a seq that does not follow its last one: it must resync from the owner.
@@ -174,7 +173,7 @@ impl Room {
 
     /// History after `since` (all of it when `None`): (seq, event) pairs, the last seq, and
     /// whether the history reaches back to `since`.
-    pub fn history_since(&self, since: Option<u64>) -> (Vec<(u64, Utf8Bytes)>, u64, bool) {
+    pub fn history_since(&self, since: Option<u64>) -> (Vec<(u64, Text)>, u64, bool) {
         let inner = self.inner.lock();
         let visible = inner.fanned_seq;
         let from = since.unwrap_or(0);
@@ -200,7 +199,7 @@ impl Room {
         epoch: &str,
         live: bool,
         seq: u64,
-        events: Vec<(u64, Utf8Bytes)>,
+        events: Vec<(u64, Text)>,
         lost_events: bool,
     ) {
         self.mirror.store(true, Ordering::Relaxed);
@@ -230,7 +229,7 @@ impl Room {
         &self,
         epoch: &str,
         live: bool,
-        events: Vec<(u64, Utf8Bytes)>,
+        events: Vec<(u64, Text)>,
     ) -> Result<(), Gap> {
         self.streamer_seen.store(live, Ordering::Relaxed);
         let mut inner = self.inner.lock();
@@ -309,7 +308,7 @@ impl Room {
         });
         if resumed == Some(true) {
             let from = since.unwrap_or(0);
-            let events: Vec<&(u64, Utf8Bytes)> = inner
+            let events: Vec<&(u64, Text)> = inner
                 .history
                 .iter()
                 .filter(|(s, _)| *s > from && *s <= visible)
@@ -347,7 +346,7 @@ impl Room {
     /// Removes every connection of `user_id` from the room: each gets `frame` (an error) and
     /// then a close with `code`. Returns how many were closed.
     pub fn kick_user(&self, user_id: &str, frame: &str, code: u16, reason: &'static str) -> usize {
-        let frame: Utf8Bytes = frame.to_string().into();
+        let frame: Text = frame.to_string().into();
         let mut inner = self.inner.lock();
         let mut kicked = 0;
         inner.members.retain(|_, m| {
@@ -377,7 +376,7 @@ impl Room {
             let (_, text) = inner.history.iter().find(|(s, _)| *s == seq)?;
             text.clone()
         };
-        let v: serde_json::Value = serde_json::from_str(text.as_str()).ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
         if v["type"] != "chat" {
             return None;
         }
@@ -390,7 +389,7 @@ impl Room {
         let mut inner = self.inner.lock();
         inner.seq += 1;
         let seq = inner.seq;
-        let text: Utf8Bytes = build(seq).into();
+        let text: Text = build(seq).into();
         if inner.history.len() == ROOM_HISTORY_EVENTS_MAX {
             inner.history.pop_front();
         }
@@ -424,7 +423,7 @@ impl Room {
 
     /// The fan-out task: each round takes what was queued since the last one.
     async fn fan_out(self: Arc<Self>) {
-        let mut taken: Vec<(u64, Utf8Bytes)> = Vec::with_capacity(BATCH_EVENTS_MAX);
+        let mut taken: Vec<(u64, Text)> = Vec::with_capacity(BATCH_EVENTS_MAX);
         let tick = std::time::Duration::from_micros(FANOUT_TICK_US);
         let mut last_round: Option<tokio::time::Instant> = None;
         loop {
@@ -474,7 +473,7 @@ impl Room {
                 let epoch = inner.epoch.clone();
                 drop(inner);
                 if let Some(f) = self.forward.get() {
-                    let events: Vec<(u64, Utf8Bytes)> =
+                    let events: Vec<(u64, Text)> =
                         taken.iter().filter(|(s, _)| *s > 0).cloned().collect();
                     if !events.is_empty() {
                         let live = self.is_live();
@@ -545,16 +544,16 @@ impl Room {
 }
 
 /// `{"type":"batch","events":[e1,e2,…]}` from already serialised events.
-fn batch<'a>(events: impl Iterator<Item = &'a Utf8Bytes> + Clone) -> Utf8Bytes {
+fn batch<'a>(events: impl Iterator<Item = &'a Text> + Clone) -> Text {
     let len: usize = events.clone().map(|e| e.len() + 1).sum();
-    let mut s = String::with_capacity(len + 32);
-    s.push_str(r#"{"type":"batch","events":["#);
+    let mut s = Vec::with_capacity(len + 32);
+    s.extend_from_slice(br#"{"type":"batch","events":["#);
     for (i, e) in events.enumerate() {
         if i > 0 {
-            s.push(',');
+            s.push(b',');
         }
-        s.push_str(e.as_str());
+        s.extend_from_slice(e);
     }
-    s.push_str("]}");
+    s.extend_from_slice(b"]}");
     s.into()
 }

@@ -1,34 +1,45 @@
-//! One WebSocket connection: a reader (this task) and a writer task joined by a bounded outbox.
+//! One WebSocket connection, in one task: the upgrade, then a loop that reads client frames,
+//! handles them, and writes the connection's outbox, on the upgraded socket itself.
 //!
-//! The writer drains everything queued, feeds it to the socket and flushes once: many frames,
-//! one write. Every write has a deadline, so a stalled client costs a bounded time and memory
-//! and never slows anyone else (the room only ever `try_send`s to its outbox).
+//! The socket is ours after the upgrade (`wire.rs`: reading into a stack buffer, writing the
+//! shared payloads with `writev`; `codec.rs`: RFC 6455 framing), so an idle connection costs
+//! its task, its socket and its outbox, and no buffers. Every write has a deadline, so a
+//! stalled client costs a bounded time and memory and never slows anyone else (the room only
+//! ever `try_send`s to its outbox).
+
+mod codec;
+mod wire;
 
 use crate::app::{is_streamer, App, ConnRefusal, ConnSlot, GiftReply};
 use crate::auth::{Claims, Role};
 use crate::cluster::wire::RoomReq;
-use crate::hub::{outbox, ConnShared, MemberHandle, Out, OutboxReceiver, OutboxSender, Room};
+use crate::hub::{outbox, ConnShared, MemberHandle, Out, OutboxSender, Room};
 use crate::limits::*;
 use crate::protocol::{self, ClientFrame, UserRef};
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use futures_util::stream::SplitSink;
-use futures_util::{SinkExt, StreamExt};
+use codec::{Decoder, Message};
 use governor::{Quota, RateLimiter};
+use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
+use tokio::time::Instant;
+use wire::{ReadEnd, WriteEnd, Writer};
 
-/// The close reason when the writer stopped first (lagged, write timeout, close sent).
+/// The close reason when the writing side ended the connection (lagged, stalled, closed).
 const WRITER_ENDED: &str = "writer ended";
 
 /// Gifts one connection may have waiting for the journal at once.
 pub const CONN_GIFTS_IN_FLIGHT_MAX: usize = 64;
+
+/// RFC 6455 1.3: the GUID a server appends to the client's key to prove it speaks WebSocket.
+const ACCEPT_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
 /// Same origin, loopback, or listed. No `Origin` (not a browser) is allowed: CSWSH needs a
 /// browser, and browsers always send it.
@@ -65,13 +76,67 @@ fn refuse(status: StatusCode, code: &str, message: &str) -> Response {
         .into_response()
 }
 
+/// Whether header `name` lists `token` (comma-separated, any case).
+fn lists_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+/// `Sec-WebSocket-Accept` for a client's `Sec-WebSocket-Key` (RFC 6455 4.2.2).
+fn accept_key(key: &[u8]) -> String {
+    use base64::Engine;
+    use sha1::Digest;
+    let mut sha = sha1::Sha1::new();
+    sha.update(key);
+    sha.update(ACCEPT_GUID.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(sha.finalize())
+}
+
+/// `GET /ws`: checks the handshake (RFC 6455 4.2.1), the origin and the connection limits,
+/// answers 101 and runs the connection on the upgraded socket.
 pub async fn upgrade(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    mut req: Request,
 ) -> Response {
-    if !origin_allowed(&app, &headers) {
+    let headers = req.headers();
+    if !lists_token(headers, header::CONNECTION, "upgrade")
+        || !lists_token(headers, header::UPGRADE, "websocket")
+    {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "expected a WebSocket handshake (Connection: upgrade, Upgrade: websocket)",
+        );
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        let mut response = refuse(
+            StatusCode::UPGRADE_REQUIRED,
+            "invalid",
+            "only WebSocket version 13 is spoken",
+        );
+        response.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return response;
+    }
+    let Some(key) = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .map(|k| accept_key(k.as_bytes()))
+    else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "the WebSocket handshake has no Sec-WebSocket-Key",
+        );
+    };
+    if !origin_allowed(&app, headers) {
         tracing::warn!(%peer, "websocket refused: origin not allowed");
         return refuse(StatusCode::FORBIDDEN, "forbidden", "origin not allowed");
     }
@@ -82,6 +147,13 @@ pub async fn upgrade(
             "server shutting down",
         );
     }
+    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return refuse(
+            StatusCode::UPGRADE_REQUIRED,
+            "invalid",
+            "this connection cannot be upgraded",
+        );
+    };
     let slot = match app.open_conn(peer.ip()) {
         Ok(s) => s,
         Err(ConnRefusal::Rate) => {
@@ -106,30 +178,60 @@ pub async fn upgrade(
             )
         }
     };
-    ws.read_buffer_size(WS_READ_BUFFER_BYTES)
-        .write_buffer_size(WS_WRITE_BUFFER_BYTES)
-        .max_write_buffer_size(WS_MAX_WRITE_BUFFER_BYTES)
-        .max_message_size(FRAME_BYTES_MAX)
-        .max_frame_size(FRAME_BYTES_MAX)
-        .on_upgrade(move |socket| connection(app, socket, peer, slot))
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "websocket upgrade failed");
+                return;
+            }
+        };
+        // The accept loop (`serve.rs`) serves every connection as `TokioIo<TcpStream>`.
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => {
+                // `read_buf` may be a slice of the HTTP layer's whole read buffer (8 KiB and
+                // more): keep a copy of what it holds, never the buffer.
+                let early = parts.read_buf.to_vec();
+                drop(parts.read_buf);
+                connection(app, parts.io.into_inner(), early, peer, slot).await
+            }
+            Err(_) => tracing::error!(%peer, "upgraded connection is not a TCP stream"),
+        }
+    });
+    let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let h = response.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&key).expect("base64 is a header value"),
+    );
+    response
 }
 
-async fn connection(app: Arc<App>, socket: WebSocket, peer: SocketAddr, slot: ConnSlot) {
-    let (sink, mut stream) = socket.split();
+/// `early`: bytes the client sent right behind its handshake, already read by the HTTP layer.
+async fn connection(
+    app: Arc<App>,
+    tcp: TcpStream,
+    early: Vec<u8>,
+    peer: SocketAddr,
+    slot: ConnSlot,
+) {
     let (tx, rx) = outbox(OUTBOX_FRAMES_MAX);
     let shared = Arc::new(ConnShared::default());
     let write_timeout = Duration::from_millis(app.config.write_timeout_ms);
-    let mut writer = tokio::spawn(writer(sink, rx, shared.clone(), write_timeout));
+    let mut writer = Writer::new(rx, shared.clone(), write_timeout);
+    let mut decoder = Decoder::new(FRAME_BYTES_MAX);
     tracing::info!(%peer, "connection opened");
     let mut conn = Conn {
         app: &app,
         tx: tx.clone(),
-        shared: shared.clone(),
+        shared,
         user: None,
         joined: None,
-        gifts: Arc::new(Semaphore::new(CONN_GIFTS_IN_FLIGHT_MAX)),
+        gifts: None,
     };
-    let reason = conn.run(&mut stream, &mut writer).await;
+    let (reason, end) = conn.run(&tcp, &mut decoder, &mut writer, early).await;
     let user = conn
         .user
         .as_ref()
@@ -140,13 +242,10 @@ async fn connection(app: Arc<App>, socket: WebSocket, peer: SocketAddr, slot: Co
         .as_ref()
         .map(|(r, _)| r.id.clone())
         .unwrap_or_default();
-    // Leave the room before the writer finishes, so no more events are queued.
+    // Leave the room before the last writes, so no more events are queued.
     drop(conn);
     drop(tx);
-    if reason != WRITER_ENDED {
-        let _ = tokio::time::timeout(Duration::from_millis(WRITE_TIMEOUT_MS), &mut writer).await;
-        writer.abort();
-    }
+    writer.finish(tcp, end).await;
     drop(slot);
     tracing::info!(%peer, user = %user, stream = %stream_id, reason, "connection closed");
 }
@@ -157,7 +256,23 @@ struct Conn<'a> {
     shared: Arc<ConnShared>,
     user: Option<Claims>,
     joined: Option<(Arc<Room>, MemberHandle)>,
-    gifts: Arc<Semaphore>,
+    /// Permits for gifts (and red packets, grabs) waiting for the journal; made at the first.
+    gifts: Option<Arc<Semaphore>>,
+}
+
+/// Runs `fut` while the writer keeps writing: a frame that waits (a join, a cluster round
+/// trip) never holds up this connection's deliveries. `Err` when the writer ended first.
+async fn while_writing<T>(
+    fut: impl std::future::Future<Output = T>,
+    writer: &mut Writer,
+    tcp: &TcpStream,
+) -> Result<T, WriteEnd> {
+    tokio::pin!(fut);
+    tokio::select! {
+        biased;
+        out = &mut fut => Ok(out),
+        end = writer.pump(tcp) => Err(end),
+    }
 }
 
 impl Conn<'_> {
@@ -186,22 +301,33 @@ impl Conn<'_> {
         }
     }
 
+    /// A permit for one more gift in flight, or `None` at `CONN_GIFTS_IN_FLIGHT_MAX`.
+    fn gift_permit(&mut self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.gifts
+            .get_or_insert_with(|| Arc::new(Semaphore::new(CONN_GIFTS_IN_FLIGHT_MAX)))
+            .clone()
+            .try_acquire_owned()
+            .ok()
+    }
+
+    /// The connection's loop, until it must end: the reason (for the log) and, when the writing
+    /// side ended it, how.
     async fn run(
         &mut self,
-        stream: &mut futures_util::stream::SplitStream<WebSocket>,
-        writer: &mut tokio::task::JoinHandle<()>,
-    ) -> &'static str {
+        tcp: &TcpStream,
+        decoder: &mut Decoder,
+        writer: &mut Writer,
+        mut early: Vec<u8>,
+    ) -> (&'static str, Option<WriteEnd>) {
         let mut shutdown = self.app.shutdown.subscribe();
-        let join_deadline = tokio::time::sleep(Duration::from_millis(JOIN_TIMEOUT_MS));
-        tokio::pin!(join_deadline);
+        let started = Instant::now();
+        let join_deadline = started + Duration::from_millis(JOIN_TIMEOUT_MS);
         // Heartbeat: a Ping every interval; a peer silent for the timeout (no frame, no Pong)
         // is half-open and is closed.
         let ping_every = Duration::from_millis(self.app.config.heartbeat_interval_ms.max(1));
         let silence_max = Duration::from_millis(self.app.config.heartbeat_timeout_ms);
-        let mut heartbeat =
-            tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_heard = tokio::time::Instant::now();
+        let mut next_ping = started + ping_every;
+        let mut last_heard = started;
         // The flood guard is on while chat is rate limited; `--chat-rate 0` (benchmarks) turns
         // it off with the chat limit, so a load generator is never cut off.
         let flood = (self.app.config.chat_rate_per_min > 0).then(|| {
@@ -210,86 +336,115 @@ impl Conn<'_> {
                     .allow_burst(NonZeroU32::new(FLOOD_BURST_FRAMES).expect("nonzero")),
             )
         });
-        // A signed-in connection closes when its token expires: one timer, armed at join.
-        let expiry = tokio::time::sleep(Duration::from_secs(0));
-        tokio::pin!(expiry);
-        let mut expiry_armed = false;
+        // A signed-in connection closes when its token expires: set at join.
+        let mut expires: Option<Instant> = None;
+        // One timer for the join deadline, the heartbeat and the token's expiry.
+        let timer = tokio::time::sleep_until(join_deadline.min(next_ping));
+        tokio::pin!(timer);
+        let mut messages: Vec<Message> = Vec::new();
+        let mut read = if early.is_empty() {
+            Ok(())
+        } else {
+            let read = decoder.feed(&mut early, &mut messages);
+            drop(early);
+            read.map_err(ReadEnd::Fault)
+        };
         loop {
-            if !expiry_armed {
-                if let Some(u) = &self.user {
-                    let left_ms = u.exp.saturating_mul(1000).saturating_sub(crate::now_ms());
-                    expiry
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + Duration::from_millis(left_ms));
-                    expiry_armed = true;
+            if !messages.is_empty() {
+                last_heard = Instant::now();
+            }
+            for message in std::mem::take(&mut messages) {
+                if flood.as_ref().is_some_and(|f| f.check().is_err()) {
+                    self.close(4008, "flooding");
+                    return ("flooding", None);
+                }
+                match message {
+                    Message::Text(text) => {
+                        // Boxed: the frame's future (join, cluster round trips) is far bigger
+                        // than the loop's own state, and every idle connection would carry it.
+                        match while_writing(Box::pin(self.frame(&text)), writer, tcp).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(reason)) => return (reason, None),
+                            Err(end) => return (WRITER_ENDED, Some(end)),
+                        }
+                    }
+                    Message::Binary => self.error(
+                        "bad_frame",
+                        "binary frames are not accepted; send JSON text",
+                    ),
+                    Message::Close(_) => {
+                        // The closing handshake: answer with a close of our own.
+                        self.close(1000, "");
+                        return ("peer closed", None);
+                    }
+                    Message::Ping(payload) => {
+                        if self.tx.try_send(wire::pong(payload)).is_err() {
+                            self.shared.mark_lagged();
+                        }
+                    }
+                    Message::Pong => {}
                 }
             }
-            let msg = tokio::select! {
-                _ = &mut join_deadline, if self.joined.is_none() => {
-                    self.close(4001, "no join in time");
-                    return "join timeout";
+            // What came before a fault in the same read has been handled; now the fault.
+            match std::mem::replace(&mut read, Ok(())) {
+                Ok(()) => {}
+                Err(ReadEnd::Eof) => return ("peer went away", None),
+                Err(ReadEnd::Fault(fault)) => {
+                    self.close(fault.close_code(), fault.reason());
+                    return (fault.reason(), None);
+                }
+            }
+            if expires.is_none() {
+                if let Some(u) = &self.user {
+                    let left_ms = u.exp.saturating_mul(1000).saturating_sub(crate::now_ms());
+                    expires = Some(Instant::now() + Duration::from_millis(left_ms));
+                }
+            }
+            let mut wake_at = next_ping;
+            if self.joined.is_none() {
+                wake_at = wake_at.min(join_deadline);
+            }
+            if let Some(at) = expires {
+                wake_at = wake_at.min(at);
+            }
+            if timer.deadline() != wake_at {
+                timer.as_mut().reset(wake_at);
+            }
+            tokio::select! {
+                biased;
+                end = writer.pump(tcp) => return (WRITER_ENDED, Some(end)),
+                ready = tcp.readable() => {
+                    read = match ready {
+                        Ok(()) => wire::read(tcp, decoder, &mut messages),
+                        Err(_) => Err(ReadEnd::Eof),
+                    };
+                }
+                _ = &mut timer => {
+                    let now = Instant::now();
+                    if self.joined.is_none() && now >= join_deadline {
+                        self.close(4001, "no join in time");
+                        return ("join timeout", None);
+                    }
+                    if expires.is_some_and(|at| now >= at) {
+                        self.error("unauthorized", "token expired");
+                        self.close(4003, "token expired");
+                        return ("token expired", None);
+                    }
+                    if now >= next_ping {
+                        if now.duration_since(last_heard) >= silence_max {
+                            self.close(4011, "heartbeat timeout");
+                            return ("heartbeat timeout", None);
+                        }
+                        if self.tx.try_send(Out::Ping).is_err() {
+                            self.shared.mark_lagged();
+                        }
+                        next_ping = now + ping_every;
+                    }
                 }
                 _ = shutdown.wait_for(|s| *s) => {
                     self.close(1001, "server shutting down");
-                    return "shutdown";
+                    return ("shutdown", None);
                 }
-                _ = &mut *writer => return WRITER_ENDED,
-                _ = &mut expiry, if expiry_armed => {
-                    self.error("unauthorized", "token expired");
-                    self.close(4003, "token expired");
-                    return "token expired";
-                }
-                _ = heartbeat.tick() => {
-                    if last_heard.elapsed() >= silence_max {
-                        self.close(4011, "heartbeat timeout");
-                        return "heartbeat timeout";
-                    }
-                    if self.tx.try_send(Out::Ping).is_err() {
-                        self.shared.mark_lagged();
-                    }
-                    continue;
-                }
-                msg = stream.next() => msg,
-            };
-            let msg = match msg {
-                None => return "peer went away",
-                Some(Err(e)) => {
-                    let text = e.to_string();
-                    if text.contains("too long")
-                        || text.contains("Space limit")
-                        || text.contains("too big")
-                    {
-                        self.close(1009, "frame too big");
-                        return "frame too big";
-                    }
-                    if text.contains("UTF-8") {
-                        // RFC 6455: a text frame that is not UTF-8 fails the connection with 1007.
-                        self.close(1007, "invalid UTF-8");
-                        return "invalid UTF-8";
-                    }
-                    return "read error";
-                }
-                Some(Ok(m)) => m,
-            };
-            last_heard = tokio::time::Instant::now();
-            if flood.as_ref().is_some_and(|f| f.check().is_err()) {
-                self.close(4008, "flooding");
-                return "flooding";
-            }
-            match msg {
-                Message::Text(text) => {
-                    // Boxed: the frame's future (join, cluster round trips) is far bigger than
-                    // the loop's own state, and every idle connection would carry its size.
-                    if let Err(reason) = Box::pin(self.frame(&text)).await {
-                        return reason;
-                    }
-                }
-                Message::Binary(_) => self.error(
-                    "bad_frame",
-                    "binary frames are not accepted; send JSON text",
-                ),
-                Message::Close(_) => return "peer closed",
-                Message::Ping(_) | Message::Pong(_) => {}
             }
         }
     }
@@ -391,7 +546,7 @@ impl Conn<'_> {
                     ));
                     return Ok(());
                 };
-                let Ok(permit) = self.gifts.clone().try_acquire_owned() else {
+                let Some(permit) = self.gift_permit() else {
                     self.send(protocol::packet_rejected_frame(
                         &packet_id,
                         "rate_limited",
@@ -435,7 +590,7 @@ impl Conn<'_> {
                     self.send(protocol::grab_rejected_frame(&packet_id, "unauthorized"));
                     return Ok(());
                 };
-                let Ok(permit) = self.gifts.clone().try_acquire_owned() else {
+                let Some(permit) = self.gift_permit() else {
                     self.send(protocol::grab_rejected_frame(&packet_id, "rate_limited"));
                     return Ok(());
                 };
@@ -496,7 +651,7 @@ impl Conn<'_> {
                     ));
                     return Ok(());
                 };
-                let Ok(permit) = self.gifts.clone().try_acquire_owned() else {
+                let Some(permit) = self.gift_permit() else {
                     self.send(protocol::gift_rejected_frame(
                         &gift_id,
                         "rate_limited",
@@ -635,99 +790,6 @@ impl Conn<'_> {
                 self.close(4010, "banned");
                 Err("banned")
             }
-        }
-    }
-}
-
-/// Runs `fut` to completion within `deadline`, arming the timer only when the first poll does
-/// not finish it: almost every write to a healthy client completes at once, and a timer per
-/// write (registered in and removed from the runtime's timer wheel) was a measurable share of
-/// the fan-out's CPU.
-async fn within<F: std::future::Future>(deadline: Duration, fut: F) -> Option<F::Output> {
-    let mut fut = std::pin::pin!(fut);
-    if let std::task::Poll::Ready(out) = futures_util::poll!(fut.as_mut()) {
-        return Some(out);
-    }
-    tokio::time::timeout(deadline, fut).await.ok()
-}
-
-async fn writer(
-    mut sink: SplitSink<WebSocket, Message>,
-    mut rx: OutboxReceiver,
-    shared: Arc<ConnShared>,
-    deadline: Duration,
-) {
-    let mut buf: Vec<Out> = Vec::new();
-    let mut last_seq = 0u64;
-    loop {
-        let n = rx.recv_many(&mut buf, 256).await;
-        if n == 0 {
-            let _ = within(deadline, sink.close()).await;
-            return;
-        }
-        if shared.lagged.load(Ordering::SeqCst) {
-            // What was queued before the overflow is in order: deliver it, then say where to
-            // resume from.
-            while let Ok(out) = rx.try_recv() {
-                buf.push(out);
-            }
-            let _ = within(deadline, async {
-                for out in buf.drain(..) {
-                    if let Out::Frame { seq, text } = out {
-                        sink.feed(Message::Text(text)).await?;
-                        if seq > 0 {
-                            last_seq = seq;
-                        }
-                    }
-                }
-                sink.feed(Message::Text(protocol::lagged_frame(last_seq).into()))
-                    .await?;
-                sink.send(Message::Close(Some(CloseFrame {
-                    code: 4009,
-                    reason: Utf8Bytes::from_static("lagged"),
-                })))
-                .await
-            })
-            .await;
-            return;
-        }
-        let mut close = None;
-        let result = within(deadline, async {
-            for out in buf.drain(..) {
-                match out {
-                    Out::Frame { seq, text } => {
-                        sink.feed(Message::Text(text)).await?;
-                        if seq > 0 {
-                            last_seq = seq;
-                        }
-                    }
-                    Out::Close { code, reason } => {
-                        close = Some((code, reason));
-                        break;
-                    }
-                    Out::Ping => sink.feed(Message::Ping(Default::default())).await?,
-                    Out::Wake => {}
-                }
-            }
-            sink.flush().await
-        })
-        .await;
-        buf.clear();
-        // A burst grew the buffer; an idle connection should not keep that.
-        if buf.capacity() > 32 {
-            buf = Vec::new();
-        }
-        if !matches!(result, Some(Ok(()))) {
-            metrics::counter!("giftcast_write_failures_total").increment(1);
-            return;
-        }
-        if let Some((code, reason)) = close {
-            let frame = CloseFrame {
-                code,
-                reason: Utf8Bytes::from_static(reason),
-            };
-            let _ = within(deadline, sink.send(Message::Close(Some(frame)))).await;
-            return;
         }
     }
 }
