@@ -190,6 +190,11 @@ impl App {
         self.shutdown.send_replace(true);
     }
 
+    /// WebSocket connections open now (each holds a `ConnSlot`).
+    pub fn conns_open(&self) -> usize {
+        self.conns_total.load(Ordering::SeqCst)
+    }
+
     pub fn open_conn(self: &Arc<Self>, ip: IpAddr) -> Result<ConnSlot, ConnRefusal> {
         if let Some(l) = &self.conn_attempts {
             if l.check_key(&ip).is_err() {
