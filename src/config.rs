@@ -171,6 +171,8 @@ pub struct Config {
     /// A client that takes no byte for this long while frames wait closes (`WRITE_TIMEOUT_MS`; tests
     /// lengthen it).
     pub write_timeout_ms: u64,
+    /// FOR TESTS: every journal fsync first waits this long (`JournalConfig::sync_delay_ms`); 0.
+    pub journal_sync_delay_ms: u64,
     /// WebSocket Ping interval (`HEARTBEAT_INTERVAL_MS`; tests shorten it).
     pub heartbeat_interval_ms: u64,
     /// Silence after which a WebSocket is closed as half-open (`HEARTBEAT_TIMEOUT_MS`).
@@ -296,6 +298,7 @@ impl ServeArgs {
             daily_cap: self.daily_cap,
             heartbeat_interval_ms: crate::limits::HEARTBEAT_INTERVAL_MS,
             write_timeout_ms: crate::limits::WRITE_TIMEOUT_MS,
+            journal_sync_delay_ms: 0,
             heartbeat_timeout_ms: crate::limits::HEARTBEAT_TIMEOUT_MS,
             http_header_read_timeout_ms: crate::limits::HTTP_HEADER_READ_TIMEOUT_MS,
             unsafe_ack_before_durable: self.unsafe_ack_before_durable,

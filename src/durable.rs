@@ -88,13 +88,15 @@ impl Durable {
         split: Split,
         ack_before_durable: bool,
         node_id: &str,
+        journal_sync_delay_ms: u64,
     ) -> anyhow::Result<(Durable, Ledger)> {
         let store = Store::open_node(database_url, data_dir, node_id)
             .await
             .context("opening storage")?;
         let since = crate::now_ms().saturating_sub(IDEMPOTENCY_RETENTION_MS);
         let snapshot = store.load(since).await.context("loading storage")?;
-        let jconfig = JournalConfig::new(data_dir);
+        let mut jconfig = JournalConfig::new(data_dir);
+        jconfig.sync_delay_ms = journal_sync_delay_ms;
         let checkpoint = snapshot.checkpoint_lsn;
         let (journal, recovered, rx) =
             tokio::task::spawn_blocking(move || Journal::open(jconfig, checkpoint))

@@ -18,6 +18,10 @@ pub const WRITE_TIMEOUT_MS: u64 = 10_000;
 /// Frames a connection's outbox holds before the member counts as lagging. Each entry is a
 /// shared `Bytes` (one event or one batch), so the cost is pointers, not copies.
 pub const OUTBOX_FRAMES_MAX: usize = 1024;
+/// Gifts (red packets and grabs count too) one connection may have waiting for the journal at
+/// once; beyond it the next is refused `rate_limited` at once. A client that pipelines gifts
+/// gets this much concurrency; a flood cannot pile up unbounded tasks behind a slow disk.
+pub const CONN_GIFTS_IN_FLIGHT_MAX: usize = 64;
 /// Events each room keeps for `since` resume.
 pub const ROOM_HISTORY_EVENTS_MAX: usize = 1024;
 /// Events a room coalesces into one batch frame at most.

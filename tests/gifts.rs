@@ -478,3 +478,47 @@ async fn concurrent_gifts_from_many_connections_never_overspend() {
     assert_eq!(me["balance"], 1000 % price);
     assert_eq!(server.audit().await["ok"], true);
 }
+
+/// `CONN_GIFTS_IN_FLIGHT_MAX` at its edge. While the journal holds every gift (each fsync first
+/// waits 1.5 s here), one connection may have exactly that many gifts waiting: the next is
+/// refused `rate_limited` at once (before any waiting gift is answered) and debits nothing; once
+/// the journal answers, every waiting gift is acknowledged and the connection may send again.
+#[tokio::test]
+async fn gifts_in_flight_per_connection_are_bounded_at_the_edge() {
+    use giftcast::limits::CONN_GIFTS_IN_FLIGHT_MAX as MAX;
+    let server = TestServer::start_with(|c| {
+        c.gift_rate_per_min = 0;
+        c.journal_sync_delay_ms = 1500;
+    })
+    .await;
+    assert_eq!(
+        server.credit("pipeliner", 1000, "top-up").await.status(),
+        200
+    );
+    let (mut v, _) = server
+        .joined("demo", Some(("pipeliner", Role::Viewer)))
+        .await;
+    for i in 0..=MAX {
+        v.gift(&format!("f{i}"), "rose", 1, None).await;
+    }
+    // The first gift answer of all is the refusal of the one over the bound.
+    let first = loop {
+        let f = v.recv().await;
+        if f["type"] == "gift_ok" || f["type"] == "gift_rejected" {
+            break f;
+        }
+    };
+    assert_eq!(first["type"], "gift_rejected", "{first}");
+    assert_eq!(first["gift_id"], format!("f{MAX}"));
+    assert_eq!(first["code"], "rate_limited");
+    for i in 0..MAX {
+        let answer = v.gift_answer(&format!("f{i}")).await;
+        assert_eq!(answer["type"], "gift_ok", "{answer}");
+    }
+    // The permits are back: the refused id goes through now, debited once.
+    v.gift(&format!("f{MAX}"), "rose", 1, None).await;
+    let answer = v.gift_answer(&format!("f{MAX}")).await;
+    assert_eq!(answer["type"], "gift_ok", "{answer}");
+    assert_eq!(answer["balance"], 1000 - (MAX as u64 + 1));
+    assert_eq!(server.audit().await["ok"], true);
+}

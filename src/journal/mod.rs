@@ -63,6 +63,10 @@ pub struct JournalConfig {
     /// FOR TESTS (fault injection): after this many successful fsyncs, the next one fails as if
     /// the disk returned EIO. `None` in production.
     pub fail_after_syncs: Option<u64>,
+    /// FOR TESTS: each fsync first waits this long, so records stay in flight long enough for a
+    /// test to see what waits for the journal (e.g. the per-connection bound on gifts in flight).
+    /// Zero in production.
+    pub sync_delay_ms: u64,
 }
 
 impl JournalConfig {
@@ -75,6 +79,7 @@ impl JournalConfig {
             backlog_records_max: BACKLOG_RECORDS_MAX_DEFAULT,
             batch_records_max: BATCH_RECORDS_MAX_DEFAULT,
             fail_after_syncs: None,
+            sync_delay_ms: 0,
         }
     }
 }

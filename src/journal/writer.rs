@@ -33,6 +33,7 @@ pub(crate) struct Writer {
     buf: Vec<u8>,
     syncs: u64,
     fail_after_syncs: Option<u64>,
+    sync_delay_ms: u64,
     failed: Option<String>,
     /// Held (locked) for the writer's life: released when the writer exits.
     _lock: File,
@@ -89,6 +90,7 @@ impl Writer {
             buf: Vec::new(),
             syncs: 0,
             fail_after_syncs: cfg.fail_after_syncs,
+            sync_delay_ms: cfg.sync_delay_ms,
             failed: None,
             _lock: lock,
         })
@@ -190,6 +192,9 @@ impl Writer {
                 "fsync of {} failed: injected failure (JournalConfig::fail_after_syncs)",
                 path.display()
             ));
+        }
+        if self.sync_delay_ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(self.sync_delay_ms));
         }
         self.active
             .sync_data()

@@ -35,9 +35,6 @@ use wire::{ReadEnd, WriteEnd, Writer};
 /// The close reason when the writing side ended the connection (lagged, stalled, closed).
 const WRITER_ENDED: &str = "writer ended";
 
-/// Gifts one connection may have waiting for the journal at once.
-pub const CONN_GIFTS_IN_FLIGHT_MAX: usize = 64;
-
 /// RFC 6455 1.3: the GUID a server appends to the client's key to prove it speaks WebSocket.
 const ACCEPT_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
