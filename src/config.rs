@@ -109,6 +109,11 @@ pub struct ServeArgs {
     /// Coins one viewer may spend on gifts per UTC day (0 = no cap).
     #[arg(long, env = "GIFTCAST_DAILY_CAP", default_value_t = 0)]
     pub daily_cap: u64,
+    /// A room sends at most one round of events per tick (1-100 ms): a lone event goes at
+    /// once, back-to-back events wait for the tick and go as one batch frame. Longer: fewer
+    /// socket writes and less CPU; shorter: lower latency on a machine with cores to spare.
+    #[arg(long, env = "GIFTCAST_FANOUT_TICK_MS", default_value_t = crate::limits::FANOUT_TICK_MS_DEFAULT)]
+    pub fanout_tick_ms: u64,
     /// Extra Origins allowed to open /ws, comma separated (same origin and loopback always are).
     #[arg(long, env = "GIFTCAST_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
@@ -168,6 +173,8 @@ pub struct Config {
     pub red_packet_host_cut_bp: u64,
     /// Coins per viewer per UTC day (0 = off).
     pub daily_cap: u64,
+    /// At most one fan-out round per room per this many ms.
+    pub fanout_tick_ms: u64,
     /// A client that takes no byte for this long while frames wait closes (`WRITE_TIMEOUT_MS`; tests
     /// lengthen it).
     pub write_timeout_ms: u64,
@@ -234,6 +241,12 @@ impl ServeArgs {
             Some(p) => crate::catalog::Catalog::load(p).map_err(|e| e.to_string())?,
             None => crate::catalog::Catalog::default(),
         };
+        if !(1..=crate::limits::FANOUT_TICK_MS_MAX).contains(&self.fanout_tick_ms) {
+            return Err(format!(
+                "--fanout-tick-ms must be 1 to {}",
+                crate::limits::FANOUT_TICK_MS_MAX
+            ));
+        }
         if self.daily_cap > crate::money::AMOUNT_MAX {
             return Err(format!(
                 "--daily-cap must be at most {}",
@@ -296,6 +309,7 @@ impl ServeArgs {
             allowed_origins: self.allowed_origins,
             catalog,
             daily_cap: self.daily_cap,
+            fanout_tick_ms: self.fanout_tick_ms,
             heartbeat_interval_ms: crate::limits::HEARTBEAT_INTERVAL_MS,
             write_timeout_ms: crate::limits::WRITE_TIMEOUT_MS,
             journal_sync_delay_ms: 0,
@@ -343,6 +357,20 @@ mod tests {
         assert_eq!(c.max_conns_per_ip, 1000);
         assert_eq!(c.daily_cap, 0, "no daily cap unless asked");
         assert_eq!(cfg(&["--daily-cap", "500"]).unwrap().daily_cap, 500);
+    }
+
+    #[test]
+    fn fanout_tick_edges() {
+        assert_eq!(cfg(&[]).unwrap().fanout_tick_ms, 8);
+        assert_eq!(cfg(&["--fanout-tick-ms", "1"]).unwrap().fanout_tick_ms, 1);
+        assert_eq!(
+            cfg(&["--fanout-tick-ms", "100"]).unwrap().fanout_tick_ms,
+            100
+        );
+        for bad in ["0", "101"] {
+            let e = cfg(&["--fanout-tick-ms", bad]).unwrap_err();
+            assert!(e.contains("--fanout-tick-ms must be 1 to 100"), "{e}");
+        }
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub const CONN_GIFTS_IN_FLIGHT_MAX: usize = 64;
 pub const ROOM_HISTORY_EVENTS_MAX: usize = 1024;
 /// Events a room coalesces into one batch frame at most.
 pub const BATCH_EVENTS_MAX: usize = 256;
-/// A room fans out at most one round per tick: an event after a quiet spell goes out at once,
+/// A room fans out at most one round per tick (default): an event after a quiet spell goes out at once,
 /// a busy room's events gather into one batch frame per tick. Frames (and so writes and
 /// wake-ups) per member are then bounded by the tick, not by the event rate.
 ///
@@ -35,7 +35,11 @@ pub const BATCH_EVENTS_MAX: usize = 256;
 /// msgs/s an 8 ms tick takes 2.75x fewer writes than a 2 ms one, ~20% less CPU per delivery,
 /// and lower p50 and p99 (less queueing for the cores). Nobody sees 8 ms in a chat; a lone
 /// event never waits for it.
-pub const FANOUT_TICK_US: u64 = 8_000;
+/// `--fanout-tick-ms` sets it (a dedicated machine, where the hub does not share its cores with
+/// anything, may prefer 2: see the pinned runs in docs/benchmarks.md).
+pub const FANOUT_TICK_MS_DEFAULT: u64 = 8;
+/// Longest fan-out tick `--fanout-tick-ms` accepts: beyond it back-to-back chat feels late.
+pub const FANOUT_TICK_MS_MAX: u64 = 100;
 /// Replay of history is sent in batch frames of at most this many events.
 pub const REPLAY_BATCH_EVENTS_MAX: usize = 128;
 /// Rooms one node keeps; a join that would create one more is refused.

@@ -61,7 +61,7 @@ pub async fn build(config: Config) -> anyhow::Result<Arc<App>> {
         config.journal_sync_delay_ms,
     )
     .await?;
-    let hub = Hub::new();
+    let hub = Hub::new(std::time::Duration::from_millis(config.fanout_tick_ms));
     let app = Arc::new(App::new(
         config,
         hub.clone(),

@@ -508,3 +508,36 @@ async fn a_write_blocked_past_the_write_timeout_closes_the_socket() {
         }
     }
 }
+
+/// `--fanout-tick-ms` is what it says: with a long tick, a lone event goes at once and by
+/// itself, and the events sent back to back behind it go together in the next round, as one
+/// batch frame, in order.
+#[tokio::test]
+async fn the_fanout_tick_coalesces_back_to_back_events() {
+    let server = TestServer::start_with(|c| {
+        c.chat_rate_per_min = 0;
+        c.fanout_tick_ms = giftcast::limits::FANOUT_TICK_MS_MAX;
+    })
+    .await;
+    let (mut viewer, _) = server.joined("demo", None).await;
+    let (mut sender, _) = server.joined("demo", Some(("tick", Role::Viewer))).await;
+    // The viewers count (2) goes out within `VIEWERS_INTERVAL_MS`; after it nothing else is
+    // published while the count stays, so only the chats below are room events.
+    loop {
+        let v = viewer.recv().await;
+        if v["type"] == "viewers" && v["count"] == 2 {
+            break;
+        }
+    }
+    viewer.batches = 0;
+    sender.chat("first").await;
+    assert_eq!(viewer.recv_type("chat").await["text"], "first");
+    assert_eq!(viewer.batches, 0, "a lone event goes by itself");
+    for i in 0..5 {
+        sender.chat(&format!("next {i}")).await;
+    }
+    for i in 0..5 {
+        assert_eq!(viewer.recv_type("chat").await["text"], format!("next {i}"));
+    }
+    assert_eq!(viewer.batches, 1, "the five went as one batch frame");
+}

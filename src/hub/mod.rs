@@ -25,6 +25,7 @@ use crate::limits::{ROOMS_MAX, VIEWERS_INTERVAL_MS};
 use dashmap::DashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// A serialised server frame's payload: UTF-8 JSON, built once and shared by every member it
 /// goes to (history, outboxes, cluster forwards) by reference count.
@@ -69,6 +70,8 @@ pub struct Hub {
     rooms: DashMap<String, Arc<Room>>,
     /// A random id of this server run: seqs of one epoch mean nothing in another.
     epoch: String,
+    /// Every room's fan-out tick (`--fanout-tick-ms`).
+    tick: Duration,
     /// Cluster mode: where owned rooms forward their rounds, and which rooms this node owns.
     cluster: std::sync::OnceLock<(tokio::sync::mpsc::Sender<Forward>, OwnsRoom)>,
 }
@@ -82,7 +85,7 @@ pub enum HubError {
 }
 
 impl Hub {
-    pub fn new() -> Arc<Hub> {
+    pub fn new(tick: Duration) -> Arc<Hub> {
         use rand::Rng;
         let epoch: String = rand::rng()
             .sample_iter(rand::distr::Alphanumeric)
@@ -92,6 +95,7 @@ impl Hub {
         let hub = Arc::new(Hub {
             rooms: DashMap::new(),
             epoch,
+            tick,
             cluster: std::sync::OnceLock::new(),
         });
         // The demo stream is always live.
@@ -127,7 +131,7 @@ impl Hub {
             .rooms
             .entry(stream.to_string())
             .or_insert_with(|| {
-                let room = Room::spawn(stream, &self.epoch);
+                let room = Room::spawn(stream, &self.epoch, self.tick);
                 if let Some((tx, owns)) = self.cluster.get() {
                     if owns(stream) {
                         room.set_forward(tx.clone());

@@ -3,7 +3,7 @@
 use super::moderation::{Gate, Moderation};
 use super::{ConnShared, Out, OutboxSender, Text};
 use crate::limits::{
-    BATCH_EVENTS_MAX, COMBO_TRACKED_MAX, COMBO_WINDOW_MS, FANOUT_TICK_US, REPLAY_BATCH_EVENTS_MAX,
+    BATCH_EVENTS_MAX, COMBO_TRACKED_MAX, COMBO_WINDOW_MS, REPLAY_BATCH_EVENTS_MAX,
     ROOM_HISTORY_EVENTS_MAX, THANKS_QUEUE_MAX,
 };
 use parking_lot::Mutex;
@@ -112,7 +112,7 @@ impl Drop for MemberHandle {
 }
 
 impl Room {
-    pub(super) fn spawn(id: &str, epoch: &str) -> Arc<Room> {
+    pub(super) fn spawn(id: &str, epoch: &str, tick: std::time::Duration) -> Arc<Room> {
         let room = Arc::new(Room {
             id: id.to_string(),
             inner: Mutex::new(Inner {
@@ -135,7 +135,7 @@ impl Room {
             forward: std::sync::OnceLock::new(),
             mirror: AtomicBool::new(false),
         });
-        tokio::spawn(room.clone().fan_out());
+        tokio::spawn(room.clone().fan_out(tick));
         room
     }
 
@@ -422,9 +422,8 @@ impl Room {
     }
 
     /// The fan-out task: each round takes what was queued since the last one.
-    async fn fan_out(self: Arc<Self>) {
+    async fn fan_out(self: Arc<Self>, tick: std::time::Duration) {
         let mut taken: Vec<(u64, Text)> = Vec::with_capacity(BATCH_EVENTS_MAX);
-        let tick = std::time::Duration::from_micros(FANOUT_TICK_US);
         let mut last_round: Option<tokio::time::Instant> = None;
         loop {
             self.wake.notified().await;
