@@ -111,11 +111,14 @@ impl Writer {
                 {
                     return WriteEnd::Gone;
                 }
-                // What was queued before the overflow is delivered by `finish`, in order.
+                // Note the seqs first: a lagging client resumes after the last one taken.
+                let close = self.note_taken();
+                // What was queued before the overflow (taken or not) is delivered by `finish`,
+                // in order, before `lagged`.
                 if self.shared.lagged.load(Ordering::SeqCst) {
                     return WriteEnd::Lagged;
                 }
-                if let Some(end) = self.note_taken() {
+                if let Some(end) = close {
                     return end;
                 }
             }
@@ -476,6 +479,47 @@ mod tests {
                 assert_eq!(u16::from(f.code), 4009);
                 assert_eq!(f.reason.as_str(), "done");
             }
+            other => panic!("{other:?}"),
+        }
+        server_side.await.unwrap();
+    }
+
+    /// The outbox overflows while the writer is taking frames: what it took is delivered, then
+    /// `lagged` names the last of them as the resume point, then close 4009.
+    #[tokio::test]
+    async fn lagged_names_the_last_frame_taken() {
+        let (client, server) = small_buffered_pair().await;
+        let (tx, rx) = outbox(100);
+        let shared = Arc::new(ConnShared::default());
+        let mut writer = Writer::new(rx, shared.clone(), Duration::from_secs(30));
+        let server_side = tokio::spawn(async move {
+            let end = writer.pump(&server).await;
+            assert_eq!(end, WriteEnd::Lagged);
+            writer.finish(server, Some(end)).await;
+        });
+        // Let the writer wait on the empty outbox; then the overflow and the frames arrive at
+        // once (this runtime has one thread: the writer runs only when this task waits).
+        tokio::task::yield_now().await;
+        shared.mark_lagged();
+        for seq in 1..=3 {
+            tx.try_send(Out::Frame {
+                seq,
+                text: format!("{{\"seq\":{seq}}}").into(),
+            })
+            .unwrap();
+        }
+        let mut ws =
+            tokio_tungstenite::WebSocketStream::from_raw_socket(client, Role::Client, None).await;
+        for seq in 1..=3 {
+            let m = ws.next().await.unwrap().unwrap();
+            assert_eq!(m, WsMessage::text(format!("{{\"seq\":{seq}}}")));
+        }
+        let lagged = ws.next().await.unwrap().unwrap();
+        let v: serde_json::Value = serde_json::from_str(lagged.to_text().unwrap()).unwrap();
+        assert_eq!(v["code"], "lagged");
+        assert_eq!(v["last_seq"], 3);
+        match ws.next().await.unwrap().unwrap() {
+            WsMessage::Close(Some(f)) => assert_eq!(u16::from(f.code), 4009),
             other => panic!("{other:?}"),
         }
         server_side.await.unwrap();
