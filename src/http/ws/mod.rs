@@ -307,6 +307,40 @@ impl Conn<'_> {
             .ok()
     }
 
+    /// A money frame (gift, red packet, grab): refused with `refuse(code)` as `unauthorized`
+    /// without a signed-in user, or `rate_limited` beyond `CONN_GIFTS_IN_FLIGHT_MAX` waiting;
+    /// else `work` runs in its own task (a connection's money frames proceed concurrently, each
+    /// answered when durable) and its answer is queued for this connection.
+    fn spawn_money<Fut>(
+        &mut self,
+        refuse: impl FnOnce(&'static str) -> String,
+        work: impl FnOnce(Arc<App>, Claims, Arc<Room>) -> Fut,
+    ) where
+        Fut: std::future::Future<Output = String> + Send + 'static,
+    {
+        let Some(user) = self.user.clone() else {
+            self.send(refuse("unauthorized"));
+            return;
+        };
+        let Some(permit) = self.gift_permit() else {
+            self.send(refuse("rate_limited"));
+            return;
+        };
+        let room = self.joined.as_ref().expect("joined").0.clone();
+        let answer = work(self.app.clone(), user, room);
+        let (tx, shared) = (self.tx.clone(), self.shared.clone());
+        tokio::spawn(async move {
+            let text = answer.await;
+            if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(Out::Frame {
+                seq: 0,
+                text: text.into(),
+            }) {
+                shared.mark_lagged();
+            }
+            drop(permit);
+        });
+    }
+
     /// The connection's loop, until it must end: the reason (for the log) and, when the writing
     /// side ended it, how.
     async fn run(
@@ -535,81 +569,47 @@ impl Conn<'_> {
                 split,
                 message,
             } => {
-                let Some(user) = self.user.clone() else {
-                    self.send(protocol::packet_rejected_frame(
-                        &packet_id,
-                        "unauthorized",
-                        None,
-                    ));
-                    return Ok(());
-                };
-                let Some(permit) = self.gift_permit() else {
-                    self.send(protocol::packet_rejected_frame(
-                        &packet_id,
-                        "rate_limited",
-                        None,
-                    ));
-                    return Ok(());
-                };
-                let room = self.joined.as_ref().expect("joined").0.clone();
-                let (app, tx, shared) = (self.app.clone(), self.tx.clone(), self.shared.clone());
-                tokio::spawn(async move {
-                    let reply = app
-                        .red_packet(
-                            &user,
-                            &room,
-                            &packet_id,
-                            coins,
-                            shares,
-                            &split,
-                            message.as_deref(),
-                        )
-                        .await;
-                    let text = match reply {
-                        crate::app::PacketReply::Ok { balance, seq } => {
-                            protocol::packet_ok_frame(&packet_id, balance, seq)
+                let id = packet_id.clone();
+                self.spawn_money(
+                    move |code| protocol::packet_rejected_frame(&id, code, None),
+                    move |app, user, room| async move {
+                        let reply = app
+                            .red_packet(
+                                &user,
+                                &room,
+                                &packet_id,
+                                coins,
+                                shares,
+                                &split,
+                                message.as_deref(),
+                            )
+                            .await;
+                        match reply {
+                            crate::app::PacketReply::Ok { balance, seq } => {
+                                protocol::packet_ok_frame(&packet_id, balance, seq)
+                            }
+                            crate::app::PacketReply::Rejected { code, balance } => {
+                                protocol::packet_rejected_frame(&packet_id, code, balance)
+                            }
                         }
-                        crate::app::PacketReply::Rejected { code, balance } => {
-                            protocol::packet_rejected_frame(&packet_id, code, balance)
-                        }
-                    };
-                    if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(Out::Frame {
-                        seq: 0,
-                        text: text.into(),
-                    }) {
-                        shared.mark_lagged();
-                    }
-                    drop(permit);
-                });
+                    },
+                );
             }
             ClientFrame::Grab { packet_id } => {
-                let Some(user) = self.user.clone() else {
-                    self.send(protocol::grab_rejected_frame(&packet_id, "unauthorized"));
-                    return Ok(());
-                };
-                let Some(permit) = self.gift_permit() else {
-                    self.send(protocol::grab_rejected_frame(&packet_id, "rate_limited"));
-                    return Ok(());
-                };
-                let room = self.joined.as_ref().expect("joined").0.clone();
-                let (app, tx, shared) = (self.app.clone(), self.tx.clone(), self.shared.clone());
-                tokio::spawn(async move {
-                    let text = match app.grab(&user, &room, &packet_id).await {
-                        crate::app::GrabReply::Ok { coins, balance } => {
-                            protocol::grab_ok_frame(&packet_id, coins, balance)
+                let id = packet_id.clone();
+                self.spawn_money(
+                    move |code| protocol::grab_rejected_frame(&id, code),
+                    move |app, user, room| async move {
+                        match app.grab(&user, &room, &packet_id).await {
+                            crate::app::GrabReply::Ok { coins, balance } => {
+                                protocol::grab_ok_frame(&packet_id, coins, balance)
+                            }
+                            crate::app::GrabReply::Rejected(code) => {
+                                protocol::grab_rejected_frame(&packet_id, code)
+                            }
                         }
-                        crate::app::GrabReply::Rejected(code) => {
-                            protocol::grab_rejected_frame(&packet_id, code)
-                        }
-                    };
-                    if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(Out::Frame {
-                        seq: 0,
-                        text: text.into(),
-                    }) {
-                        shared.mark_lagged();
-                    }
-                    drop(permit);
-                });
+                    },
+                );
             }
             ClientFrame::Delete { .. }
             | ClientFrame::Timeout { .. }
@@ -640,47 +640,23 @@ impl Conn<'_> {
                 count,
                 message,
             } => {
-                let Some(user) = self.user.clone() else {
-                    self.send(protocol::gift_rejected_frame(
-                        &gift_id,
-                        "unauthorized",
-                        None,
-                    ));
-                    return Ok(());
-                };
-                let Some(permit) = self.gift_permit() else {
-                    self.send(protocol::gift_rejected_frame(
-                        &gift_id,
-                        "rate_limited",
-                        None,
-                    ));
-                    return Ok(());
-                };
-                let room = self.joined.as_ref().expect("joined").0.clone();
-                let app = self.app.clone();
-                let tx = self.tx.clone();
-                let shared = self.shared.clone();
-                // Gifts of one connection proceed concurrently; each answer comes when durable.
-                tokio::spawn(async move {
-                    let reply = app
-                        .gift(&user, &room, &gift_id, &sticker, count, message.as_deref())
-                        .await;
-                    let text = match reply {
-                        GiftReply::Ok { balance, seq } => {
-                            protocol::gift_ok_frame(&gift_id, balance, seq)
+                let id = gift_id.clone();
+                self.spawn_money(
+                    move |code| protocol::gift_rejected_frame(&id, code, None),
+                    move |app, user, room| async move {
+                        let reply = app
+                            .gift(&user, &room, &gift_id, &sticker, count, message.as_deref())
+                            .await;
+                        match reply {
+                            GiftReply::Ok { balance, seq } => {
+                                protocol::gift_ok_frame(&gift_id, balance, seq)
+                            }
+                            GiftReply::Rejected { code, balance } => {
+                                protocol::gift_rejected_frame(&gift_id, code, balance)
+                            }
                         }
-                        GiftReply::Rejected { code, balance } => {
-                            protocol::gift_rejected_frame(&gift_id, code, balance)
-                        }
-                    };
-                    if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(Out::Frame {
-                        seq: 0,
-                        text: text.into(),
-                    }) {
-                        shared.mark_lagged();
-                    }
-                    drop(permit);
-                });
+                    },
+                );
             }
         }
         Ok(())
