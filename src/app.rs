@@ -749,7 +749,6 @@ impl App {
                 ticket,
                 record,
             } => {
-                let reservation = reservation;
                 let room = room.clone();
                 let slot2 = slot.clone();
                 let (record_e, slot2_e) = (record.clone(), slot2.clone());

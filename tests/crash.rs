@@ -318,7 +318,9 @@ impl Gift {
             id: format!("{prefix}-{n}"),
             sticker: STICKERS[(n % 3) as usize],
             count: 1 + ((n / 3) % 3) as u32,
-            message: (n % 5 == 0).then(|| format!("question {n} from {user}")),
+            message: n
+                .is_multiple_of(5)
+                .then(|| format!("question {n} from {user}")),
         }
     }
 

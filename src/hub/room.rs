@@ -267,6 +267,8 @@ impl Room {
         self.viewers.load(Ordering::Relaxed)
     }
 
+    /// The last seq handed to the members (later ones are still waiting for the fan-out).
+    #[allow(clippy::misnamed_getters)]
     pub fn seq(&self) -> u64 {
         self.inner.lock().fanned_seq
     }

@@ -265,14 +265,11 @@ impl Ledger {
             balance_after,
             ts_ms: req.ts_ms,
         });
-        let ticket = match self.sink.submit(Record::Gift((*record).clone())) {
-            Ok(t) => t,
-            Err(_) => {
-                return GiftStart::Rejected {
-                    code: "unavailable",
-                    balance: Some(wallet.balance),
-                }
-            }
+        let Ok(ticket) = self.sink.submit(Record::Gift((*record).clone())) else {
+            return GiftStart::Rejected {
+                code: "unavailable",
+                balance: Some(wallet.balance),
+            };
         };
         wallet.balance = balance_after;
         let slot = Slot::new(fingerprint, balance_after, SlotState::Pending);

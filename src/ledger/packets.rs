@@ -205,14 +205,11 @@ impl Ledger {
             ts_ms: req.now_ms,
             expires_ms: req.now_ms + req.ttl_ms,
         });
-        let ticket = match self.sink.submit(Record::PacketCreate((*record).clone())) {
-            Ok(t) => t,
-            Err(_) => {
-                return PacketStart::Rejected {
-                    code: "unavailable",
-                    balance: Some(wallet.balance),
-                }
-            }
+        let Ok(ticket) = self.sink.submit(Record::PacketCreate((*record).clone())) else {
+            return PacketStart::Rejected {
+                code: "unavailable",
+                balance: Some(wallet.balance),
+            };
         };
         wallet.balance = balance_after;
         drop(wallet);
@@ -312,9 +309,8 @@ impl Ledger {
             balance_after,
             ts_ms: now_ms,
         });
-        let ticket = match self.sink.submit(Record::PacketGrab((*record).clone())) {
-            Ok(t) => t,
-            Err(_) => return GrabStart::Rejected("unavailable"),
+        let Ok(ticket) = self.sink.submit(Record::PacketGrab((*record).clone())) else {
+            return GrabStart::Rejected("unavailable");
         };
         wallet.balance = balance_after;
         drop(wallet);

@@ -689,12 +689,9 @@ impl Conn<'_> {
                 }
             }
         }
-        let room = match self.app.hub.room(stream) {
-            Ok(r) => r,
-            Err(_) => {
-                self.error("unavailable", "too many rooms on this server");
-                return Ok(());
-            }
+        let Ok(room) = self.app.hub.room(stream) else {
+            self.error("unavailable", "too many rooms on this server");
+            return Ok(());
         };
         let cluster = self.app.cluster.get().filter(|c| !c.owns(&room.id));
         if let Some(cluster) = cluster {
