@@ -249,3 +249,100 @@ async fn a_frame_dribbled_a_byte_at_a_time_is_read() {
     }
     assert_eq!(next_json(&mut ws).await["type"], "joined");
 }
+
+/// Arbitrary bytes after the handshake, from a seeded generator: frames with random opcodes,
+/// flags, lengths and payloads, cut garbage, and valid frames between. Whatever arrives, the
+/// server answers in protocol (a pong to the probe that follows, a close with a framing code, or
+/// it waits for the rest of a frame a header announced), never crashes, and lets go of every
+/// connection; a normal client works afterwards.
+#[tokio::test]
+async fn random_bytes_after_the_handshake_break_nothing() {
+    use rand::{Rng, RngCore, SeedableRng};
+    let server = TestServer::start_with(|c| c.chat_rate_per_min = 0).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x9c_57);
+    let (mut survived, mut closed, mut waiting) = (0, 0, 0);
+    for case in 0..64u32 {
+        let mut bytes = Vec::new();
+        for _ in 0..rng.random_range(1..6) {
+            match rng.random_range(0..4) {
+                // A well-formed text frame (maybe not JSON).
+                0 => {
+                    let n = rng.random_range(0..300);
+                    let payload: Vec<u8> = (0..n).map(|_| rng.random_range(0x20..0x7f)).collect();
+                    bytes.extend(frame(OpCode::Data(Data::Text), &payload, true));
+                }
+                // A header with random bits and a short random payload.
+                1 => {
+                    bytes.push(rng.random());
+                    bytes.push(rng.random::<u8>() & 0xFD);
+                    let mut junk = vec![0u8; rng.random_range(0..40)];
+                    rng.fill_bytes(&mut junk);
+                    bytes.extend(junk);
+                }
+                // A ping with a random payload.
+                2 => {
+                    let mut p = vec![0u8; rng.random_range(0..126)];
+                    rng.fill_bytes(&mut p);
+                    bytes.extend(frame(OpCode::Control(Control::Ping), &p, true));
+                }
+                // Pure garbage.
+                _ => {
+                    let mut junk = vec![0u8; rng.random_range(1..64)];
+                    rng.fill_bytes(&mut junk);
+                    bytes.extend(junk);
+                }
+            }
+        }
+        let mut ws = upgraded(&server, b"").await;
+        let probe = format!(r#"{{"type":"ping","t":{case}}}"#);
+        bytes.extend(text(&probe));
+        let _ = ws.get_mut().write_all(&bytes).await;
+        // Until the probe's pong, or the end of the connection.
+        loop {
+            let Ok(next) = tokio::time::timeout(Duration::from_secs(2), ws.next()).await else {
+                // A header announced more bytes than came: the server rightly waits for them.
+                waiting += 1;
+                break;
+            };
+            match next {
+                Some(Ok(Message::Text(t))) => {
+                    let v: Value = serde_json::from_str(&t).expect("the server sends JSON");
+                    if v["type"] == "pong" && v["t"] == case {
+                        survived += 1;
+                        break;
+                    }
+                }
+                Some(Ok(Message::Close(f))) => {
+                    let code = f.map(|f| u16::from(f.code)).unwrap_or(1005);
+                    assert!(
+                        matches!(code, 1002 | 1007 | 1009 | 1000),
+                        "case {case}: close {code}"
+                    );
+                    closed += 1;
+                    break;
+                }
+                Some(Ok(_)) => {}
+                // The client library may refuse what the server had to say about our garbage
+                // (e.g. a pong to a ping it never sent is fine, a reset after a close is fine).
+                Some(Err(_)) | None => {
+                    closed += 1;
+                    break;
+                }
+            }
+        }
+    }
+    eprintln!("{survived} answered the probe, {closed} were closed, {waiting} wait for more bytes");
+    assert!(survived > 0 && closed > 0, "both paths were exercised");
+    // Every connection is let go of (the clients are gone: each was dropped after its case).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while server.app.conns_open() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(server.app.conns_open(), 0, "connections still held");
+    // And the server still serves.
+    let (mut c, joined) = server.joined("demo", None).await;
+    assert_eq!(joined["type"], "joined");
+    c.send(serde_json::json!({"type": "ping", "t": "after"}))
+        .await;
+    assert_eq!(c.recv_type("pong").await["t"], "after");
+}
