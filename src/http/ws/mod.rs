@@ -409,7 +409,7 @@ impl Conn<'_> {
                         return ("peer closed", None);
                     }
                     Message::Ping(payload) => {
-                        if self.tx.try_send(wire::pong(payload)).is_err() {
+                        if self.tx.try_send(Out::Pong(payload.into())).is_err() {
                             self.shared.mark_lagged();
                         }
                     }

@@ -10,7 +10,6 @@
 use super::codec::{self, Decoder, Fault, Message, HEADER_BYTES_MAX};
 use crate::hub::{ConnShared, Out, OutboxReceiver};
 use crate::protocol;
-use bytes::Bytes;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::sync::atomic::Ordering;
@@ -195,11 +194,6 @@ impl Writer {
                     used += 1;
                 }
             }
-            if used == 0 {
-                // Only zero-length entries: nothing to send for them.
-                self.in_flight.drain(..count);
-                continue;
-            }
             let mut written = match tcp.try_write_vectored(&slices[..used]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => n,
@@ -243,15 +237,12 @@ impl Writer {
             WriteEnd::Close { code, reason } => Some((code, reason)),
             WriteEnd::Gone => None,
             WriteEnd::Lagged => {
-                // Everything queued before the overflow, in order, then where to resume.
+                // Every frame queued before the overflow, in order, then where to resume.
                 while let Ok(out) = self.rx.try_recv() {
-                    if let Out::Frame { seq, .. } = &out {
-                        if *seq > 0 {
-                            self.last_seq = *seq;
-                        }
-                        self.in_flight.push_back(out);
-                    }
+                    self.in_flight.push_back(out);
                 }
+                self.in_flight.retain(|o| matches!(o, Out::Frame { .. }));
+                self.note_taken();
                 self.in_flight.push_back(Out::Frame {
                     seq: 0,
                     text: protocol::lagged_frame(self.last_seq).into(),
@@ -313,34 +304,20 @@ fn discard(tcp: &TcpStream) -> bool {
 
 /// The frame header (and, for a close, its code) of `out`; returns its length.
 fn head(out: &Out, buf: &mut [u8; HEADER_BYTES_MAX + 2]) -> usize {
-    let mut header = [0u8; HEADER_BYTES_MAX];
-    let (n, code) = match out {
-        Out::Frame { text, .. } => (
-            codec::server_header(codec::OP_TEXT, text.len(), &mut header),
-            None,
-        ),
-        Out::Ping => (codec::server_header(codec::OP_PING, 0, &mut header), None),
-        // Never written (dropped when taken); a zero-length entry if it were.
-        Out::Wake => return 0,
-        Out::Pong(payload) => (
-            codec::server_header(codec::OP_PONG, payload.len(), &mut header),
-            None,
-        ),
+    let header: &mut [u8; HEADER_BYTES_MAX] = (&mut buf[..HEADER_BYTES_MAX])
+        .try_into()
+        .expect("the head buffer holds a header");
+    match out {
+        Out::Frame { text, .. } => codec::server_header(codec::OP_TEXT, text.len(), header),
+        Out::Ping => codec::server_header(codec::OP_PING, 0, header),
+        Out::Pong(payload) => codec::server_header(codec::OP_PONG, payload.len(), header),
         Out::Close { code, reason } => {
             debug_assert!(reason.len() <= codec::CONTROL_PAYLOAD_BYTES_MAX - 2);
-            (
-                codec::server_header(codec::OP_CLOSE, 2 + reason.len(), &mut header),
-                Some(*code),
-            )
-        }
-    };
-    buf[..n].copy_from_slice(&header[..n]);
-    match code {
-        Some(code) => {
+            let n = codec::server_header(codec::OP_CLOSE, 2 + reason.len(), header);
             buf[n..n + 2].copy_from_slice(&code.to_be_bytes());
             n + 2
         }
-        None => n,
+        Out::Wake => unreachable!("wake-ups are dropped when taken (`note_taken`)"),
     }
 }
 
@@ -381,15 +358,11 @@ pub fn read(tcp: &TcpStream, decoder: &mut Decoder, out: &mut Vec<Message>) -> R
     Ok(())
 }
 
-/// A pong answering `payload`.
-pub fn pong(payload: Vec<u8>) -> Out {
-    Out::Pong(Bytes::from(payload))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::hub::outbox;
+    use bytes::Bytes;
     use futures_util::StreamExt;
     use tokio_tungstenite::tungstenite::protocol::Role;
     use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -523,6 +496,46 @@ mod tests {
             other => panic!("{other:?}"),
         }
         server_side.await.unwrap();
+    }
+
+    /// `CLOSE_LINGER_MS` at its edge: after its close frame the server waits for the client to
+    /// go, but for a client that never does, no longer than the linger; a client that closes at
+    /// once is let go of at once.
+    #[tokio::test]
+    async fn the_close_linger_is_bounded_and_ends_when_the_client_goes() {
+        for client_closes in [false, true] {
+            let (client, server) = small_buffered_pair().await;
+            let (tx, rx) = outbox(10);
+            let writer = Writer::new(rx, Arc::new(ConnShared::default()), Duration::from_secs(30));
+            drop(tx);
+            let started = Instant::now();
+            let finishing = tokio::spawn(writer.finish(
+                server,
+                Some(WriteEnd::Close {
+                    code: 1001,
+                    reason: "bye",
+                }),
+            ));
+            let mut ws =
+                tokio_tungstenite::WebSocketStream::from_raw_socket(client, Role::Client, None)
+                    .await;
+            assert!(matches!(
+                ws.next().await.unwrap().unwrap(),
+                WsMessage::Close(Some(_))
+            ));
+            if client_closes {
+                drop(ws);
+                finishing.await.unwrap();
+                assert!(started.elapsed() < Duration::from_millis(CLOSE_LINGER_MS));
+            } else {
+                tokio::time::timeout(Duration::from_secs(10), finishing)
+                    .await
+                    .expect("the linger ends")
+                    .unwrap();
+                assert!(started.elapsed() >= Duration::from_millis(CLOSE_LINGER_MS));
+                drop(ws);
+            }
+        }
     }
 
     /// A client that reads nothing: the writer gives up after the write timeout, not before.
