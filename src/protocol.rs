@@ -287,17 +287,41 @@ pub fn viewers_frame(count: usize) -> String {
     serde_json::json!({"type": "viewers", "count": count}).to_string()
 }
 
+/// `gift_ok` / `gift_rejected`: one per gift, on the hot path, so serialised from a struct (no
+/// intermediate `serde_json::Value` map).
+#[derive(Serialize)]
+struct GiftAnswerFrame<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    gift_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    balance: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+}
+
 pub fn gift_ok_frame(gift_id: &str, balance: u64, seq: u64) -> String {
-    serde_json::json!({"type": "gift_ok", "gift_id": gift_id, "balance": balance, "seq": seq})
-        .to_string()
+    serde_json::to_string(&GiftAnswerFrame {
+        kind: "gift_ok",
+        gift_id,
+        code: None,
+        balance: Some(balance),
+        seq: Some(seq),
+    })
+    .expect("gift_ok serialises")
 }
 
 pub fn gift_rejected_frame(gift_id: &str, code: &str, balance: Option<u64>) -> String {
-    let mut v = serde_json::json!({"type": "gift_rejected", "gift_id": gift_id, "code": code});
-    if let Some(b) = balance {
-        v["balance"] = b.into();
-    }
-    v.to_string()
+    serde_json::to_string(&GiftAnswerFrame {
+        kind: "gift_rejected",
+        gift_id,
+        code: Some(code),
+        balance,
+        seq: None,
+    })
+    .expect("gift_rejected serialises")
 }
 
 pub fn packet_ok_frame(packet_id: &str, balance: u64, seq: u64) -> String {

@@ -144,6 +144,19 @@ impl Rng {
     }
 }
 
+/// A `gift` frame, serialised from a struct: the harness sends one per gift, so it avoids the
+/// `serde_json::Value` map a `json!` literal builds.
+#[derive(serde::Serialize)]
+struct GiftFrame<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    gift_id: &'a str,
+    sticker: &'a str,
+    count: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<&'a str>,
+}
+
 struct Pending {
     sent: Instant,
     amount: u64,
@@ -185,12 +198,18 @@ impl Gifter {
         };
         let id = format!("{}-{}", self.prefix, self.n);
         self.n += 1;
-        let mut frame =
-            json!({"type": "gift", "gift_id": id, "sticker": sticker, "count": self.cfg.count});
-        if self.cfg.message {
-            frame["message"] = json!(format!("lt {} q{}", now_us(), self.n));
-        }
-        let frame = frame.to_string();
+        let message = self
+            .cfg
+            .message
+            .then(|| format!("lt {} q{}", now_us(), self.n));
+        let frame = serde_json::to_string(&GiftFrame {
+            kind: "gift",
+            gift_id: &id,
+            sticker: &sticker,
+            count: self.cfg.count,
+            message: message.as_deref(),
+        })
+        .expect("a gift frame serialises");
         self.pending.insert(
             id,
             Pending {
@@ -505,7 +524,8 @@ impl Member {
                 }
                 m = ws.next() => {
                     // Handle this frame and whatever else is already buffered (up to 64),
-                    // without going back through the select.
+                    // without going back through the select; what they call for (new gifts
+                    // after acks, thanks) then goes out together, in one write.
                     let mut m = m;
                     let mut handled = 0;
                     loop {
@@ -531,7 +551,7 @@ impl Member {
                             Some(Ok(_)) => {}
                         }
                         handled += 1;
-                        if handled >= 64 || !out.is_empty() {
+                        if handled >= 64 {
                             break;
                         }
                         match ws.next().now_or_never() {
