@@ -102,6 +102,9 @@ impl Drop for ConnSlot {
     }
 }
 
+/// Receives a gift's answer (once).
+pub type GiftAnswer = Box<dyn FnOnce(GiftReply) + Send>;
+
 pub enum GiftReply {
     Ok {
         balance: u64,
@@ -305,8 +308,11 @@ impl App {
         }))
     }
 
-    /// A gift, on the node the sender is connected to: checks, then the wallet's node.
-    pub async fn gift(
+    /// A gift, on the node the sender is connected to: checks, then the wallet's node. `answer`
+    /// is called once with the outcome: at once for a refusal, otherwise when the gift is
+    /// durable and announced (from the journal's settle thread) or known to have failed.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gift(
         self: &Arc<Self>,
         user: &Claims,
         room: &Arc<Room>,
@@ -314,34 +320,35 @@ impl App {
         sticker_id: &str,
         count: u32,
         message: Option<&str>,
-    ) -> GiftReply {
+        answer: GiftAnswer,
+    ) {
         let reject = |code| GiftReply::Rejected {
             code,
             balance: None,
         };
         if !valid_id(gift_id, GIFT_ID_CHARS_MAX) || !(1..=GIFT_COUNT_MAX).contains(&count) {
-            return reject("invalid");
+            return answer(reject("invalid"));
         }
         let message = match message {
             None => None,
             Some(m) if m.trim().is_empty() => None,
             Some(m) => match clean_text(m, GIFT_MESSAGE_CHARS_MAX) {
                 Some(m) => Some(m),
-                None => return reject("invalid"),
+                None => return answer(reject("invalid")),
             },
         };
         let Some(sticker) = self.config.catalog.get(sticker_id) else {
-            return reject("unknown_sticker");
+            return answer(reject("unknown_sticker"));
         };
         if user.sub == room.id {
             // A streamer does not tip their own stream.
-            return reject("invalid");
+            return answer(reject("invalid"));
         }
         if !room.is_live() {
-            return reject("not_found");
+            return answer(reject("not_found"));
         }
         if self.shutting_down.load(Ordering::SeqCst) {
-            return reject("unavailable");
+            return answer(reject("unavailable"));
         }
         // Moderation of the room (bans, timeouts, blocked words in the message). A retry of an
         // accepted gift gets its original answer from the ledger, whatever moderation says now.
@@ -349,34 +356,46 @@ impl App {
             let m = room.moderation();
             let staff = is_streamer(user, room) || m.is_moderator(&user.sub);
             if let Err(gate) = m.gate(&user.sub, message, staff, crate::now_ms()) {
-                return GiftReply::Rejected {
+                return answer(GiftReply::Rejected {
                     code: gate.code(),
                     balance: Some(self.ledger.balance(&user.sub)),
-                };
+                });
             }
         }
         if let Some(l) = &self.gift_limiter {
             if l.check_key(&user.sub).is_err() {
-                return reject("rate_limited");
+                return answer(reject("rate_limited"));
             }
         }
         if let Some(cluster) = self.cluster.get() {
             if !cluster.owns(&user.sub) {
-                return cluster
-                    .remote_gift(user, &room.id, gift_id, &sticker.id, count, message)
-                    .await;
+                let (cluster, user, stream) = (cluster.clone(), user.clone(), room.id.clone());
+                let (gift_id, sticker) = (gift_id.to_string(), sticker.id.clone());
+                let message = message.map(str::to_string);
+                tokio::spawn(async move {
+                    let reply = cluster
+                        .remote_gift(
+                            &user,
+                            &stream,
+                            &gift_id,
+                            &sticker,
+                            count,
+                            message.as_deref(),
+                        )
+                        .await;
+                    answer(reply);
+                });
+                return;
             }
         }
         self.gift_wallet(
-            &user.sub, &user.name, gift_id, &room.id, sticker, count, message,
-        )
-        .await
+            &user.sub, &user.name, gift_id, &room.id, sticker, count, message, answer,
+        );
     }
 
-    /// A gift on the node that owns the sender's wallet: the atomic debit, durability, the
-    /// shout-out, the answer.
+    /// [`App::gift_wallet`] as a future, for a wallet request from another node.
     #[allow(clippy::too_many_arguments)]
-    pub async fn gift_wallet(
+    pub async fn gift_wallet_reply(
         self: &Arc<Self>,
         user_id: &str,
         user_name: &str,
@@ -386,13 +405,44 @@ impl App {
         count: u32,
         message: Option<&str>,
     ) -> GiftReply {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let answer: GiftAnswer = Box::new(move |reply| {
+            let _ = tx.send(reply);
+        });
+        self.gift_wallet(
+            user_id, user_name, gift_id, stream, sticker, count, message, answer,
+        );
+        rx.await.unwrap_or(GiftReply::Rejected {
+            code: "unavailable",
+            balance: None,
+        })
+    }
+
+    /// A gift on the node that owns the sender's wallet: the atomic debit, then (when the
+    /// journal has made it durable) the shout-out and the answer.
+    ///
+    /// No task per gift: the completion is a callback the journal runs on its settle thread
+    /// with the rest of its fsync batch, and the answer waits on the gift's slot, so a retry
+    /// of a gift in flight is answered by the same completion.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gift_wallet(
+        self: &Arc<Self>,
+        user_id: &str,
+        user_name: &str,
+        gift_id: &str,
+        stream: &str,
+        sticker: &crate::catalog::Sticker,
+        count: u32,
+        message: Option<&str>,
+        answer: GiftAnswer,
+    ) {
         if self.shutting_down.load(Ordering::SeqCst)
             || self.durability.as_ref().is_some_and(|d| !d.taking_money())
         {
-            return GiftReply::Rejected {
+            return answer(GiftReply::Rejected {
                 code: "unavailable",
                 balance: Some(self.ledger.balance(user_id)),
-            };
+            });
         }
         // The daily cap, on the wallet's node: reserved before the debit, given back if nothing
         // is debited. A retry of an accepted gift gets its original answer whatever the cap says.
@@ -404,19 +454,14 @@ impl App {
                     Err(_) => {
                         metrics::counter!("giftcast_gifts_rejected_total", "code" => "daily_cap")
                             .increment(1);
-                        return GiftReply::Rejected {
+                        return answer(GiftReply::Rejected {
                             code: "daily_cap",
                             balance: Some(self.ledger.balance(user_id)),
-                        };
+                        });
                     }
                 }
             }
             _ => None,
-        };
-        let release = |r: Option<crate::daily_cap::Reservation>| {
-            if let Some(r) = r {
-                self.daily_spend.release(user_id, r);
-            }
         };
         let req = GiftRequest {
             user_id,
@@ -429,56 +474,105 @@ impl App {
             message,
             ts_ms: crate::now_ms(),
         };
-        let slot = match self.ledger.begin_gift(&req) {
+        let tier = sticker.tier;
+        // Set when the completion was built: it then owns the count in `gifts_in_flight` (and a
+        // copy of the reservation), unless the journal refuses the record at once.
+        let mut built = false;
+        let start = self.ledger.begin_gift(&req, |record, slot| {
+            built = true;
+            self.gifts_in_flight.fetch_add(1, Ordering::SeqCst);
+            let (app, record, slot) = (self.clone(), record.clone(), slot.clone());
+            let reservation = reservation.clone();
+            // Cluster mode may announce on another node: that needs the runtime, which the
+            // settle thread is not on.
+            let runtime = self
+                .cluster
+                .get()
+                .map(|_| tokio::runtime::Handle::current());
+            Box::new(move |outcome| {
+                app.gift_settled(record, slot, tier, reservation, runtime, outcome)
+            })
+        });
+        let slot = match start {
             GiftStart::Rejected { code, balance } => {
-                release(reservation);
+                if built {
+                    // The journal refused the record: the completion will never run.
+                    self.gifts_in_flight.fetch_sub(1, Ordering::SeqCst);
+                }
+                if let Some(r) = reservation {
+                    self.daily_spend.release(user_id, r);
+                }
                 metrics::counter!("giftcast_gifts_rejected_total", "code" => code).increment(1);
-                return GiftReply::Rejected { code, balance };
+                return answer(GiftReply::Rejected { code, balance });
             }
             GiftStart::Retry(slot) => {
-                release(reservation);
+                if let Some(r) = reservation {
+                    self.daily_spend.release(user_id, r);
+                }
                 slot
             }
-            GiftStart::New {
-                slot,
-                ticket,
-                record,
-            } => {
-                // The completion runs on its own task so that it finishes even if the
-                // connection (or the asking node) goes away while the journal writes.
-                let tier = sticker.tier;
-                let slot2 = slot.clone();
-                let (record_e, slot2_e) = (record.clone(), slot2.clone());
-                self.settle(
-                    ticket,
-                    move |app| async move {
-                        app.ledger.gift_durable(&record);
-                        let seq = app.announce(&record, tier).await;
-                        slot2.state.send_replace(SlotState::Done { seq });
-                        metrics::counter!("giftcast_gifts_total").increment(1);
-                        metrics::counter!("giftcast_gifted_coins_total").increment(record.amount);
-                    },
-                    move |app, e| {
-                        tracing::error!(error = %e, "journal refused a gift; the debit is undone");
-                        app.ledger.gift_failed(&record_e, &slot2_e);
-                        if let Some(r) = reservation {
-                            app.daily_spend.release(&record_e.user_id, r);
-                        }
-                    },
-                );
-                slot
-            }
+            GiftStart::New { slot, .. } => slot,
         };
-        match slot.settled().await {
-            SlotState::Done { seq } => GiftReply::Ok {
-                balance: slot.balance_after,
-                seq,
-            },
-            _ => GiftReply::Rejected {
-                code: "unavailable",
-                balance: Some(self.ledger.balance(user_id)),
-            },
+        let (app, user_id, balance_after) = (self.clone(), user_id.to_string(), slot.balance_after);
+        slot.when_settled(move |state| {
+            answer(match state {
+                SlotState::Done { seq } => GiftReply::Ok {
+                    balance: balance_after,
+                    seq,
+                },
+                _ => GiftReply::Rejected {
+                    code: "unavailable",
+                    balance: Some(app.ledger.balance(&user_id)),
+                },
+            })
+        });
+    }
+
+    /// A gift's journal outcome, on the settle thread: durable → revenue, shout-out, slot done;
+    /// refused → the debit undone (and the daily-cap reservation given back).
+    fn gift_settled(
+        self: Arc<Self>,
+        record: Arc<GiftRecord>,
+        slot: Arc<crate::ledger::Slot>,
+        tier: u8,
+        reservation: Option<crate::daily_cap::Reservation>,
+        runtime: Option<tokio::runtime::Handle>,
+        outcome: Result<(), String>,
+    ) {
+        match outcome {
+            Ok(()) => {
+                self.ledger.gift_durable(&record);
+                metrics::counter!("giftcast_gifts_total").increment(1);
+                metrics::counter!("giftcast_gifted_coins_total").increment(record.amount);
+                let remote = self
+                    .cluster
+                    .get()
+                    .filter(|c| !c.owns(&record.stream))
+                    .cloned();
+                match (remote, runtime) {
+                    (Some(cluster), Some(runtime)) => {
+                        runtime.spawn(async move {
+                            let seq = cluster.remote_announce(&record, tier).await;
+                            slot.settle(SlotState::Done { seq });
+                            self.gifts_in_flight.fetch_sub(1, Ordering::SeqCst);
+                        });
+                        return;
+                    }
+                    _ => {
+                        let seq = self.announce_local(&record, tier);
+                        slot.settle(SlotState::Done { seq });
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "journal refused a gift; the debit is undone");
+                self.ledger.gift_failed(&record, &slot);
+                if let Some(r) = reservation {
+                    self.daily_spend.release(&record.user_id, r);
+                }
+            }
         }
+        self.gifts_in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Announces a durable gift in its room (on the room's node) and returns the shout-out's
@@ -600,7 +694,7 @@ impl App {
                 tokio::spawn(async move {
                     match ticket.await {
                         Ok(()) => {
-                            slot2.state.send_replace(SlotState::Done { seq: 0 });
+                            slot2.settle(SlotState::Done { seq: 0 });
                         }
                         Err(e) => {
                             tracing::error!(error = %e, "journal refused a credit; it is undone");
@@ -774,7 +868,7 @@ impl App {
                             }
                             ev.to_string()
                         });
-                        slot2.state.send_replace(SlotState::Done { seq });
+                        slot2.settle(SlotState::Done { seq });
                         metrics::counter!("giftcast_red_packets_total").increment(1);
                     },
                     move |app, e| {
@@ -860,7 +954,7 @@ impl App {
                             })
                             .to_string()
                         });
-                        grab2.slot.state.send_replace(SlotState::Done { seq });
+                        grab2.slot.settle(SlotState::Done { seq });
                     },
                     move |app, e| {
                         tracing::error!(error = %e, "journal refused a grab; it is undone");

@@ -6,8 +6,10 @@ use crate::limits::DAY_MS;
 use dashmap::DashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Coins reserved for one gift: released if the gift is not debited after all.
-#[derive(Debug)]
+/// Coins reserved for one gift: released if the gift is not debited after all. `Clone` so the
+/// gift's completion can hold a copy while the caller keeps the original for a refusal; exactly
+/// one of the two is ever released.
+#[derive(Debug, Clone)]
 pub struct Reservation {
     day: u64,
     amount: u64,

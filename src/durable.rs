@@ -4,7 +4,7 @@
 use crate::app::DurabilityStatus;
 use crate::flusher::{self, FlushConfig, FlusherHandle};
 use crate::journal::{Journal, JournalConfig, JournalError};
-use crate::ledger::{DurableTicket, Ledger, RecordSink, RevenueRow, SinkError, Totals};
+use crate::ledger::{Ledger, OnDurable, RecordSink, RevenueRow, SinkError, Totals};
 use crate::limits::IDEMPOTENCY_RETENTION_MS;
 use crate::money::Split;
 use crate::record::Record;
@@ -23,15 +23,24 @@ struct JournalSink {
 }
 
 impl RecordSink for JournalSink {
-    fn submit(&self, record: Record) -> Result<DurableTicket, SinkError> {
-        match self.journal.submit(record) {
-            Ok(ticket) if self.ack_before_durable => {
+    fn submit(&self, record: Record, then: OnDurable) -> Result<(), SinkError> {
+        let submitted = if self.ack_before_durable {
+            // Told "durable" at once, from a task (never inside submit, which runs under a
+            // wallet lock); the record is still written, later.
+            self.journal.submit(record).map(|ticket| {
                 drop(ticket);
-                Ok(Box::pin(async { Ok(()) }))
-            }
-            Ok(ticket) => Ok(Box::pin(async move {
-                ticket.wait().await.map(|_| ()).map_err(|e| e.to_string())
-            })),
+                tokio::spawn(async move { then(Ok(())) });
+            })
+        } else {
+            self.journal
+                .submit_then(
+                    record,
+                    Box::new(move |outcome| then(outcome.map(|_| ()).map_err(|e| e.to_string()))),
+                )
+                .map(|_| ())
+        };
+        match submitted {
+            Ok(()) => Ok(()),
             Err(JournalError::Full(_)) => {
                 metrics::counter!("giftcast_journal_refused_total").increment(1);
                 Err(SinkError::Full)

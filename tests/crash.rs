@@ -588,9 +588,15 @@ async fn check(
     }
     let credited: u64 = model.credits.iter().map(|c| c.1).sum();
     if audit["credited"] != credited {
+        let lost = audit["credited"].as_u64().is_some_and(|c| c < credited);
         bad.push(format!(
-            "audit credited {}, we credited {credited}",
-            audit["credited"]
+            "audit credited {}, we credited {credited}{}",
+            audit["credited"],
+            if lost {
+                ": acknowledged credits lost"
+            } else {
+                ""
+            }
         ));
     }
     let mut upper: BTreeMap<&str, i128> = BTreeMap::new();
@@ -1147,6 +1153,7 @@ async fn negative_control_ack_before_durable_is_caught() {
     assert!(
         bad.iter().any(|b| b.contains("lost gift")
             || b.contains("acknowledged gifts lost")
+            || b.contains("acknowledged credits lost")
             || b.contains("retry answered")
             || b.contains("retry of an acknowledged gift")),
         "the violation is about acknowledged money: {}",

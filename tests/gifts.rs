@@ -522,3 +522,40 @@ async fn gifts_in_flight_per_connection_are_bounded_at_the_edge() {
     assert_eq!(answer["balance"], 1000 - (MAX as u64 + 1));
     assert_eq!(server.audit().await["ok"], true);
 }
+
+/// A retry of a gift that is still waiting for the journal (each fsync first waits 800 ms here),
+/// from the same connection and from another connection of the same user, is answered by the
+/// first gift's completion: the same `gift_ok` (balance and seq) three times, one debit, one
+/// shout-out.
+#[tokio::test]
+async fn a_retry_of_a_gift_in_flight_gets_the_same_answer_and_debits_once() {
+    let server = TestServer::start_with(|c| {
+        c.gift_rate_per_min = 0;
+        c.journal_sync_delay_ms = 800;
+    })
+    .await;
+    assert_eq!(server.credit("twice", 100, "top-up").await.status(), 200);
+    let (mut a, _) = server.joined("demo", Some(("twice", Role::Viewer))).await;
+    let (mut b, _) = server.joined("demo", Some(("twice", Role::Viewer))).await;
+    a.gift("same", "rose", 1, None).await;
+    a.gift("same", "rose", 1, None).await;
+    b.gift("same", "rose", 1, None).await;
+    let first = a.gift_answer("same").await;
+    let second = a.gift_answer("same").await;
+    let other = b.gift_answer("same").await;
+    assert_eq!(first["type"], "gift_ok", "{first}");
+    assert_eq!(first["balance"], 99);
+    assert!(first["seq"].as_u64().unwrap() > 0, "{first}");
+    assert_eq!(second, first);
+    assert_eq!(other, first);
+    let (_, me) = server
+        .get_json("/api/me", Some(&server.token("twice", Role::Viewer)))
+        .await;
+    assert_eq!(me["balance"], 99);
+    let revenue = server
+        .get_json("/api/streams/demo/revenue", Some(common::ADMIN))
+        .await
+        .1;
+    assert_eq!(revenue["gifts"], 1, "{revenue}");
+    assert_eq!(server.audit().await["ok"], true);
+}

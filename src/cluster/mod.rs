@@ -587,7 +587,7 @@ async fn serve_wallet(app: &Arc<App>, req: WalletReq) -> WalletResp {
                 };
             };
             match app
-                .gift_wallet(
+                .gift_wallet_reply(
                     &user_id,
                     &user_name,
                     &gift_id,

@@ -164,12 +164,28 @@ pub struct JournalStats {
     pub failed: Option<String>,
 }
 
+/// Called once with the outcome of a record given to [`Journal::submit_then`]: `Ok(lsn)` once
+/// its frame is fsynced, `Err` if the journal failed (or closed) first. Runs on the journal's
+/// settle thread, never under the submitter's locks; it should be short and must not block.
+pub type OnDurable = Box<dyn FnOnce(Result<Lsn, JournalError>) + Send>;
+
+/// How a submitter hears of its record's outcome.
+pub(crate) enum Done {
+    /// [`Journal::submit`]: a ticket to await.
+    Ticket(oneshot::Sender<Result<Lsn, JournalError>>),
+    /// [`Journal::submit_then`]: a callback, run with the rest of its batch on the settle thread.
+    Call(OnDurable),
+}
+
+/// One batch's callbacks with their outcomes, handed to the settle thread in one message.
+pub(crate) type SettleBatch = Vec<(Result<Lsn, JournalError>, OnDurable)>;
+
 /// A record waiting for the writer.
 pub(crate) struct Entry {
     pub lsn: Lsn,
     pub record: Arc<Record>,
     pub bytes: Vec<u8>,
-    pub done: oneshot::Sender<Result<Lsn, JournalError>>,
+    pub done: Done,
 }
 
 /// State shared by submitters and the writer, under one short lock.
@@ -288,11 +304,28 @@ impl Journal {
             backlog_records_max: cfg.backlog_records_max,
         });
         let (exited_tx, exited) = watch::channel(false);
-        let state = writer::Writer::start(&cfg, &scan, shared.clone(), durable_tx, lock)?;
+        // The settle thread runs `submit_then` callbacks, a batch per message, so the writer
+        // goes back to the disk at once while the previous batch's completions run beside it.
+        let (settle_tx, settle_rx) = std::sync::mpsc::channel::<SettleBatch>();
+        let settler = std::thread::Builder::new()
+            .name("journal-settle".into())
+            .spawn(move || {
+                for batch in settle_rx {
+                    for (outcome, call) in batch {
+                        call(outcome);
+                    }
+                }
+            })
+            .map_err(|e| recover::io_error(&cfg.dir, e))?;
+        let state =
+            writer::Writer::start(&cfg, &scan, shared.clone(), durable_tx, settle_tx, lock)?;
         std::thread::Builder::new()
             .name("journal-writer".into())
             .spawn(move || {
+                // The writer drops its end of the settle channel when it returns: the settle
+                // thread then runs what is left and ends, and only then is the journal exited.
                 state.run();
+                let _ = settler.join();
                 let _ = exited_tx.send(true);
             })
             .map_err(|e| recover::io_error(&cfg.dir, e))?;
@@ -320,8 +353,20 @@ impl Journal {
     /// non-blocking (one short lock), so the ledger may call it under a wallet lock: the journal
     /// order of one wallet's records is then the order they were applied in memory.
     pub fn submit(&self, record: Record) -> Result<Ticket, JournalError> {
-        let bytes = frame::encode_record(&record)?;
         let (done, wait) = oneshot::channel();
+        let lsn = self.enqueue(record, Done::Ticket(done))?;
+        Ok(Ticket { lsn, done: wait })
+    }
+
+    /// As [`Journal::submit`], but instead of a ticket to await, `then` is called with the
+    /// outcome on the journal's settle thread, together with the rest of its batch: no task and
+    /// no wake-up per record. On `Err` here, `then` is dropped without being called.
+    pub fn submit_then(&self, record: Record, then: OnDurable) -> Result<Lsn, JournalError> {
+        self.enqueue(record, Done::Call(then))
+    }
+
+    fn enqueue(&self, record: Record, done: Done) -> Result<Lsn, JournalError> {
+        let bytes = frame::encode_record(&record)?;
         let mut queue = self.shared.queue.lock();
         if let Some(reason) = &queue.failed {
             return Err(JournalError::Failed(reason.clone()));
@@ -347,7 +392,7 @@ impl Journal {
         });
         drop(queue);
         self.shared.wake.notify_one();
-        Ok(Ticket { lsn, done: wait })
+        Ok(lsn)
     }
 
     /// The store holds every record <= `lsn`: lowers the backlog and lets the writer delete the

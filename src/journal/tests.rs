@@ -494,3 +494,83 @@ fn a_store_checkpoint_ahead_of_the_journal_never_reuses_lsns() {
     let (_journal, recovered, _rx) = Journal::open(config(dir.path()), 10).unwrap();
     assert_eq!(recovered.records, vec![(11, record(11))]);
 }
+
+/// `submit_then`: every callback runs exactly once, on the settle thread, after its record is
+/// fsynced (the durable LSN already covers it), in LSN order; `shutdown` returns only after the
+/// last callback ran; callbacks of one fsync batch arrive together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_then_calls_back_once_durable_in_lsn_order_before_shutdown_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let (journal, _, _rx) = Journal::open(config(dir.path()), 0).unwrap();
+    let seen = Arc::new(Mutex::new(Vec::<(Lsn, Lsn, String)>::new()));
+    for n in 1..=2000u64 {
+        let (seen, shared) = (seen.clone(), journal.shared.clone());
+        let lsn = journal
+            .submit_then(
+                record(n),
+                Box::new(move |outcome| {
+                    let lsn = outcome.expect("durable");
+                    let durable = shared.durable_lsn.load(Ordering::Acquire);
+                    let thread = std::thread::current().name().unwrap_or("").to_string();
+                    seen.lock().push((lsn, durable, thread));
+                }),
+            )
+            .unwrap();
+        assert_eq!(lsn, n);
+    }
+    let fsyncs_before_shutdown = journal.stats().fsyncs;
+    journal.shutdown().await;
+    let seen = seen.lock();
+    assert_eq!(
+        seen.len(),
+        2000,
+        "every callback ran before shutdown returned"
+    );
+    for (i, (lsn, durable, thread)) in seen.iter().enumerate() {
+        assert_eq!(*lsn, i as u64 + 1, "callbacks run in LSN order");
+        assert!(
+            durable >= lsn,
+            "record {lsn} called back before it was durable"
+        );
+        assert_eq!(thread, "journal-settle");
+    }
+    assert!(
+        journal.stats().fsyncs >= fsyncs_before_shutdown && journal.stats().fsyncs < 2000,
+        "group commit: far fewer fsyncs than records"
+    );
+}
+
+/// A failed fsync: the callbacks of that batch and of every later record get `Err(Failed)`,
+/// once each; a record refused at submit is never called back.
+#[tokio::test]
+async fn submit_then_reports_a_failed_fsync_to_every_callback_of_the_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.fail_after_syncs = Some(1);
+    let (journal, _, _rx) = Journal::open(cfg, 0).unwrap();
+    let outcomes = Arc::new(Mutex::new(Vec::<Result<Lsn, JournalError>>::new()));
+    let call = |outcomes: &Arc<Mutex<Vec<_>>>| -> OnDurable {
+        let outcomes = outcomes.clone();
+        Box::new(move |outcome| outcomes.lock().push(outcome))
+    };
+    assert_eq!(journal.submit(record(1)).unwrap().wait().await, Ok(1));
+    journal.submit_then(record(2), call(&outcomes)).unwrap();
+    // The second fsync fails: wait for record 2's outcome, then nothing more is taken.
+    for _ in 0..500 {
+        if !outcomes.lock().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(journal
+        .submit_then(record(3), call(&outcomes))
+        .is_err_and(|e| matches!(e, JournalError::Failed(_))));
+    journal.shutdown().await;
+    let outcomes = outcomes.lock();
+    assert_eq!(outcomes.len(), 1, "{outcomes:?}");
+    assert!(
+        matches!(&outcomes[0], Err(JournalError::Failed(reason)) if reason.contains("injected")),
+        "{outcomes:?}"
+    );
+    assert_eq!(journal.stats().durable_lsn, 1);
+}

@@ -7,7 +7,7 @@
 //! pool and back (no runtime needed either).
 
 use super::recover::{io_error, segment_path, sync_dir, Scan, Segment};
-use super::{frame, DurableTx, Entry, JournalConfig, JournalError, Shared};
+use super::{frame, Done, DurableTx, Entry, JournalConfig, JournalError, SettleBatch, Shared};
 use crate::record::Lsn;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -23,6 +23,8 @@ const WRITE_BUFFER_RETAIN_BYTES_MAX: usize = 4 * 1024 * 1024;
 pub(crate) struct Writer {
     shared: Arc<Shared>,
     durable_tx: DurableTx,
+    /// To the settle thread: each batch's `submit_then` callbacks, in one message.
+    settle_tx: std::sync::mpsc::Sender<SettleBatch>,
     dir: PathBuf,
     segment_bytes_max: u64,
     batch_records_max: usize,
@@ -47,6 +49,7 @@ impl Writer {
         scan: &Scan,
         shared: Arc<Shared>,
         durable_tx: DurableTx,
+        settle_tx: std::sync::mpsc::Sender<SettleBatch>,
         lock: File,
     ) -> Result<Writer, JournalError> {
         let mut segments = scan.segments.clone();
@@ -81,6 +84,7 @@ impl Writer {
         Ok(Writer {
             shared,
             durable_tx,
+            settle_tx,
             dir: cfg.dir.clone(),
             segment_bytes_max: cfg.segment_bytes_max,
             batch_records_max: cfg.batch_records_max,
@@ -129,10 +133,8 @@ impl Writer {
     }
 
     fn write_batch(&mut self, batch: Vec<Entry>) {
-        if let Some(reason) = &self.failed {
-            for entry in batch {
-                let _ = entry.done.send(Err(JournalError::Failed(reason.clone())));
-            }
+        if let Some(reason) = self.failed.clone() {
+            self.settle(batch, |_| Err(JournalError::Failed(reason.clone())), false);
             return;
         }
         let first_lsn = batch[0].lsn;
@@ -159,9 +161,7 @@ impl Writer {
             metrics::gauge!("giftcast_journal_failed").set(1.0);
             self.shared.queue.lock().failed = Some(reason.clone());
             self.failed = Some(reason.clone());
-            for entry in batch {
-                let _ = entry.done.send(Err(JournalError::Failed(reason.clone())));
-            }
+            self.settle(batch, |_| Err(JournalError::Failed(reason.clone())), false);
             return;
         }
         self.shared.durable_lsn.store(last_lsn, Ordering::Release);
@@ -173,10 +173,33 @@ impl Writer {
         let released = self.shared.released_lsn.load(Ordering::Acquire);
         metrics::gauge!("giftcast_journal_backlog_records")
             .set(last_lsn.saturating_sub(released) as f64);
+        self.settle(batch, Ok, true);
+    }
+
+    /// Tells every submitter of `batch` its outcome: tickets at once, callbacks in one message to
+    /// the settle thread; durable records also go on to the flusher.
+    fn settle(
+        &self,
+        batch: Vec<Entry>,
+        outcome: impl Fn(Lsn) -> Result<Lsn, JournalError>,
+        durable: bool,
+    ) {
+        let mut calls: SettleBatch = Vec::new();
         for entry in batch {
-            let _ = entry.done.send(Ok(entry.lsn));
-            // The receiver is gone only when no flusher runs (tests, shutdown): nothing to do.
-            let _ = self.durable_tx.send((entry.lsn, entry.record));
+            match entry.done {
+                Done::Ticket(tx) => {
+                    let _ = tx.send(outcome(entry.lsn));
+                }
+                Done::Call(call) => calls.push((outcome(entry.lsn), call)),
+            }
+            if durable {
+                // The receiver is gone only when no flusher runs (tests, shutdown): nothing to do.
+                let _ = self.durable_tx.send((entry.lsn, entry.record));
+            }
+        }
+        if !calls.is_empty() {
+            // The settle thread ends only after the writer: it is there to receive.
+            let _ = self.settle_tx.send(calls);
         }
     }
 

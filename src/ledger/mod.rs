@@ -21,7 +21,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use tokio::sync::watch;
 
 /// Resolves once the record handed to the sink is durable.
 pub type DurableTicket = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
@@ -36,20 +35,59 @@ pub enum SinkError {
     Failed(String),
 }
 
-/// Where records go to become durable: the journal, or (before it exists) memory.
+/// Called once with a submitted record's outcome: `Ok` once it is durable, `Err(reason)` if it
+/// never will be.
+pub type OnDurable = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+/// Where records go to become durable: the journal, or (in unit tests) memory.
 pub trait RecordSink: Send + Sync + 'static {
-    /// Must not block: called while a wallet entry is held.
-    fn submit(&self, record: Record) -> Result<DurableTicket, SinkError>;
+    /// Takes the record or refuses it. Must not block, and must not call `then` before it
+    /// returns: it is called while a wallet entry is held. On `Ok`, `then` is called exactly
+    /// once, later, from elsewhere; on `Err` never.
+    fn submit(&self, record: Record, then: OnDurable) -> Result<(), SinkError>;
 }
 
-/// A sink that makes nothing durable: records are "durable" at once. For unit tests and for
-/// tools; the server always uses the journal.
-pub struct MemorySink;
+/// A sink that makes nothing durable, for unit tests: it keeps the callbacks until
+/// [`MemorySink::settle_all`] reports every record durable. The server always uses the journal.
+#[derive(Default)]
+pub struct MemorySink {
+    pending: parking_lot::Mutex<Vec<OnDurable>>,
+}
+
+impl MemorySink {
+    /// Reports every record submitted so far as durable.
+    pub fn settle_all(&self) {
+        let calls = std::mem::take(&mut *self.pending.lock());
+        for call in calls {
+            call(Ok(()));
+        }
+    }
+}
 
 impl RecordSink for MemorySink {
-    fn submit(&self, _record: Record) -> Result<DurableTicket, SinkError> {
-        Ok(Box::pin(async { Ok(()) }))
+    fn submit(&self, _record: Record, then: OnDurable) -> Result<(), SinkError> {
+        self.pending.lock().push(then);
+        Ok(())
     }
+}
+
+/// The ticket form of [`RecordSink::submit`], for the rarer money records (credits, red
+/// packets) whose completion runs on a task of its own.
+pub(crate) fn submit_ticket(
+    sink: &dyn RecordSink,
+    record: Record,
+) -> Result<DurableTicket, SinkError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    sink.submit(
+        record,
+        Box::new(move |outcome| {
+            let _ = tx.send(outcome);
+        }),
+    )?;
+    Ok(Box::pin(async move {
+        rx.await
+            .unwrap_or_else(|_| Err("the journal stopped before the record was durable".into()))
+    }))
 }
 
 /// The state of an accepted debit or credit, shared by the first request and its retries.
@@ -64,13 +102,30 @@ pub enum SlotState {
     Failed,
 }
 
+/// What waits for a slot to settle: the first request's answer, a retry's, a test.
+type SlotWaiter = Box<dyn FnOnce(SlotState) + Send>;
+
 /// One accepted gift or credit, remembered for idempotency.
-#[derive(Debug)]
 pub struct Slot {
     /// What the request contained, to tell a retry from a conflict.
     fingerprint: String,
     pub balance_after: u64,
-    pub state: watch::Sender<SlotState>,
+    inner: parking_lot::Mutex<SlotInner>,
+}
+
+struct SlotInner {
+    state: SlotState,
+    /// Called once with the settled state; empty once settled.
+    waiters: Vec<SlotWaiter>,
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot")
+            .field("balance_after", &self.balance_after)
+            .field("state", &self.state())
+            .finish()
+    }
 }
 
 impl Slot {
@@ -78,17 +133,52 @@ impl Slot {
         Arc::new(Slot {
             fingerprint,
             balance_after,
-            state: watch::Sender::new(state),
+            inner: parking_lot::Mutex::new(SlotInner {
+                state,
+                waiters: Vec::new(),
+            }),
         })
     }
+
+    pub fn state(&self) -> SlotState {
+        self.inner.lock().state.clone()
+    }
+
+    /// Sets the outcome and calls whatever waited for it (outside the lock).
+    pub fn settle(&self, state: SlotState) {
+        let waiters = {
+            let mut inner = self.inner.lock();
+            inner.state = state.clone();
+            if state == SlotState::Pending {
+                return;
+            }
+            std::mem::take(&mut inner.waiters)
+        };
+        for waiter in waiters {
+            waiter(state.clone());
+        }
+    }
+
+    /// Calls `f` with the settled state: now if the slot is settled, else when it settles.
+    pub fn when_settled(&self, f: impl FnOnce(SlotState) + Send + 'static) {
+        let state = {
+            let mut inner = self.inner.lock();
+            if inner.state == SlotState::Pending {
+                inner.waiters.push(Box::new(f));
+                return;
+            }
+            inner.state.clone()
+        };
+        f(state);
+    }
+
     /// Waits until the slot is no longer pending.
     pub async fn settled(&self) -> SlotState {
-        let mut rx = self.state.subscribe();
-        let state = rx.wait_for(|s| *s != SlotState::Pending).await;
-        match state {
-            Ok(s) => s.clone(),
-            Err(_) => SlotState::Failed,
-        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.when_settled(move |state| {
+            let _ = tx.send(state);
+        });
+        rx.await.unwrap_or(SlotState::Failed)
     }
 }
 
@@ -127,10 +217,10 @@ fn gift_fingerprint(stream: &str, sticker: &str, count: u32, message: Option<&st
 }
 
 pub enum GiftStart {
-    /// New and debited: wait for `ticket`, then call `Ledger::gift_durable` or `gift_failed`.
+    /// New and debited; the completion given to `begin_gift` calls `Ledger::gift_durable` or
+    /// `gift_failed` when the journal has spoken.
     New {
         slot: Arc<Slot>,
-        ticket: DurableTicket,
         record: Arc<GiftRecord>,
     },
     /// A retry of an accepted gift: answer from the slot, debit nothing.
@@ -212,8 +302,14 @@ impl Ledger {
             .is_some_and(|w| w.gifts.contains_key(gift_id))
     }
 
-    /// Check, debit, journal, remember: one critical section.
-    pub fn begin_gift(&self, req: &GiftRequest<'_>) -> GiftStart {
+    /// Check, debit, journal, remember: one critical section. For a new gift, `then` builds the
+    /// completion that the journal calls once the record is durable (or refused for good); it is
+    /// not built for a retry or a rejection.
+    pub fn begin_gift(
+        &self,
+        req: &GiftRequest<'_>,
+        then: impl FnOnce(&Arc<GiftRecord>, &Arc<Slot>) -> OnDurable,
+    ) -> GiftStart {
         let fingerprint = req.fingerprint();
         let Some(amount) = Coins(req.price)
             .checked_mul(req.count as u64)
@@ -265,21 +361,22 @@ impl Ledger {
             balance_after,
             ts_ms: req.ts_ms,
         });
-        let Ok(ticket) = self.sink.submit(Record::Gift((*record).clone())) else {
+        let slot = Slot::new(fingerprint, balance_after, SlotState::Pending);
+        let done = then(&record, &slot);
+        if self
+            .sink
+            .submit(Record::Gift((*record).clone()), done)
+            .is_err()
+        {
             return GiftStart::Rejected {
                 code: "unavailable",
                 balance: Some(wallet.balance),
             };
-        };
+        }
         wallet.balance = balance_after;
-        let slot = Slot::new(fingerprint, balance_after, SlotState::Pending);
         wallet.gifts.insert(req.gift_id.to_string(), slot.clone());
         self.gifted.fetch_add(amount.0, Ordering::SeqCst);
-        GiftStart::New {
-            slot,
-            ticket,
-            record,
-        }
+        GiftStart::New { slot, record }
     }
 
     /// The gift's record is durable: count its revenue. The caller then announces it and
@@ -302,7 +399,7 @@ impl Ledger {
             wallet.gifts.remove(&record.gift_id);
         }
         self.gifted.fetch_sub(record.amount, Ordering::SeqCst);
-        slot.state.send_replace(SlotState::Failed);
+        slot.settle(SlotState::Failed);
     }
 
     /// Credit a wallet, idempotent on `reference`.
@@ -341,7 +438,7 @@ impl Ledger {
             balance_after,
             ts_ms,
         };
-        let ticket = match self.sink.submit(Record::Credit(record.clone())) {
+        let ticket = match submit_ticket(&*self.sink, Record::Credit(record.clone())) {
             Ok(t) => t,
             Err(e) => return CreditStart::Unavailable(e),
         };
@@ -365,7 +462,7 @@ impl Ledger {
         }
         self.credited.fetch_sub(record.coins, Ordering::SeqCst);
         self.credits.remove(&record.reference);
-        slot.state.send_replace(SlotState::Failed);
+        slot.settle(SlotState::Failed);
     }
 
     pub fn audit(&self) -> Audit {

@@ -205,7 +205,8 @@ impl Ledger {
             ts_ms: req.now_ms,
             expires_ms: req.now_ms + req.ttl_ms,
         });
-        let Ok(ticket) = self.sink.submit(Record::PacketCreate((*record).clone())) else {
+        let Ok(ticket) = super::submit_ticket(&*self.sink, Record::PacketCreate((*record).clone()))
+        else {
             return PacketStart::Rejected {
                 code: "unavailable",
                 balance: Some(wallet.balance),
@@ -262,7 +263,7 @@ impl Ledger {
             self.gifted.fetch_sub(record.host_cut, Ordering::SeqCst);
             self.held.fetch_sub(record.held(), Ordering::SeqCst);
         }
-        slot.state.send_replace(SlotState::Failed);
+        slot.settle(SlotState::Failed);
     }
 
     /// A grab: the next share to this grabber, at most once per grabber and packet.
@@ -309,7 +310,8 @@ impl Ledger {
             balance_after,
             ts_ms: now_ms,
         });
-        let Ok(ticket) = self.sink.submit(Record::PacketGrab((*record).clone())) else {
+        let Ok(ticket) = super::submit_ticket(&*self.sink, Record::PacketGrab((*record).clone()))
+        else {
             return GrabStart::Rejected("unavailable");
         };
         wallet.balance = balance_after;
@@ -345,7 +347,7 @@ impl Ledger {
             }
             self.held.fetch_add(record.coins, Ordering::SeqCst);
         }
-        grab.slot.state.send_replace(SlotState::Failed);
+        grab.slot.settle(SlotState::Failed);
     }
 
     /// Packets past their expiry with coins left: (stream, packet id).
@@ -387,10 +389,8 @@ impl Ledger {
             balance_after,
             ts_ms: now_ms,
         });
-        let ticket = self
-            .sink
-            .submit(Record::PacketRefund((*record).clone()))
-            .ok()?;
+        let ticket =
+            super::submit_ticket(&*self.sink, Record::PacketRefund((*record).clone())).ok()?;
         wallet.balance = balance_after;
         drop(wallet);
         self.held.fetch_sub(left, Ordering::SeqCst);

@@ -3,7 +3,7 @@ use proptest::prelude::*;
 use std::sync::Mutex;
 
 fn ledger() -> Ledger {
-    Ledger::new(Split::default(), Arc::new(MemorySink))
+    Ledger::new(Split::default(), Arc::new(MemorySink::default()))
 }
 
 fn gift<'a>(user: &'a str, id: &'a str, price: u64, count: u32) -> GiftRequest<'a> {
@@ -23,10 +23,10 @@ fn gift<'a>(user: &'a str, id: &'a str, price: u64, count: u32) -> GiftRequest<'
 
 /// Runs a gift to completion as the server does (durable at once with the memory sink).
 fn run_gift(l: &Ledger, req: &GiftRequest<'_>) -> Result<u64, &'static str> {
-    match l.begin_gift(req) {
+    match l.begin_gift(req, no_completion) {
         GiftStart::New { slot, record, .. } => {
             l.gift_durable(&record);
-            slot.state.send_replace(SlotState::Done { seq: 1 });
+            slot.settle(SlotState::Done { seq: 1 });
             Ok(slot.balance_after)
         }
         GiftStart::Retry(slot) => Ok(slot.balance_after),
@@ -34,10 +34,16 @@ fn run_gift(l: &Ledger, req: &GiftRequest<'_>) -> Result<u64, &'static str> {
     }
 }
 
+/// The unit tests settle slots by hand (as the app's completion would), so the completion the
+/// ledger hands the sink does nothing.
+fn no_completion(_: &Arc<GiftRecord>, _: &Arc<Slot>) -> OnDurable {
+    Box::new(|_| {})
+}
+
 fn credit(l: &Ledger, user: &str, coins: u64, reference: &str) {
     match l.begin_credit(user, coins, reference, 1) {
         CreditStart::New { slot, .. } => {
-            slot.state.send_replace(SlotState::Done { seq: 0 });
+            slot.settle(SlotState::Done { seq: 0 });
         }
         CreditStart::Retry(_) => {}
         _ => panic!("credit refused"),
@@ -119,7 +125,7 @@ fn credits_are_idempotent_on_reference() {
 
 struct FailingSink;
 impl RecordSink for FailingSink {
-    fn submit(&self, _r: Record) -> Result<DurableTicket, SinkError> {
+    fn submit(&self, _r: Record, _then: OnDurable) -> Result<(), SinkError> {
         Err(SinkError::Failed("disk gone".into()))
     }
 }
@@ -138,7 +144,8 @@ fn a_sink_refusal_debits_nothing() {
 fn a_failed_ticket_undoes_the_debit() {
     let l = ledger();
     credit(&l, "a", 50, "r");
-    let GiftStart::New { slot, record, .. } = l.begin_gift(&gift("a", "g1", 10, 1)) else {
+    let GiftStart::New { slot, record, .. } = l.begin_gift(&gift("a", "g1", 10, 1), no_completion)
+    else {
         panic!()
     };
     assert_eq!(l.balance("a"), 40);
@@ -178,9 +185,9 @@ fn replay_reproduces_balances_and_refuses_inconsistency() {
     let journal = Arc::new(Mutex::new(Vec::new()));
     struct Capture(Arc<Mutex<Vec<Record>>>);
     impl RecordSink for Capture {
-        fn submit(&self, r: Record) -> Result<DurableTicket, SinkError> {
+        fn submit(&self, r: Record, _then: OnDurable) -> Result<(), SinkError> {
             self.0.lock().unwrap().push(r);
-            Ok(Box::pin(async { Ok(()) }))
+            Ok(())
         }
     }
     let l = Ledger::new(Split::default(), Arc::new(Capture(journal.clone())));
@@ -251,7 +258,7 @@ proptest! {
                         Some(_) => prop_assert!(matches!(got, CreditStart::Conflict)),
                         None => {
                             let CreditStart::New { slot, .. } = got else { panic!("expected new credit") };
-                            slot.state.send_replace(SlotState::Done { seq: 0 });
+                            slot.settle(SlotState::Done { seq: 0 });
                             refs.insert(reference, (user, coins));
                             balances[user as usize] += coins;
                             credited += coins;
@@ -287,4 +294,75 @@ proptest! {
             prop_assert_eq!(rev.store + rev.streamer + rev.platform, gifted * crate::money::SHARE_UNIT);
         }
     }
+}
+
+/// A slot answers whoever waits on it exactly once with the settled state: a waiter registered
+/// while pending is called at `settle`, one registered afterwards at once; settling to
+/// `Pending` calls nobody.
+#[test]
+fn a_slot_calls_each_waiter_once_with_the_settled_state() {
+    let slot = Slot::new("fp".into(), 7, SlotState::Pending);
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    for who in ["first", "retry"] {
+        let calls = calls.clone();
+        slot.when_settled(move |s| calls.lock().unwrap().push((who, s)));
+    }
+    slot.settle(SlotState::Pending);
+    assert!(calls.lock().unwrap().is_empty(), "nothing settled yet");
+    slot.settle(SlotState::Done { seq: 3 });
+    let late = calls.clone();
+    slot.when_settled(move |s| late.lock().unwrap().push(("late", s)));
+    assert_eq!(
+        *calls.lock().unwrap(),
+        vec![
+            ("first", SlotState::Done { seq: 3 }),
+            ("retry", SlotState::Done { seq: 3 }),
+            ("late", SlotState::Done { seq: 3 }),
+        ]
+    );
+    assert_eq!(slot.state(), SlotState::Done { seq: 3 });
+}
+
+/// The completion a new gift hands the sink is the one the sink later calls; a rejected or
+/// retried gift builds none.
+#[test]
+fn a_new_gift_hands_its_completion_to_the_sink_and_only_a_new_one() {
+    let sink = Arc::new(MemorySink::default());
+    let l = Ledger::new(Split::default(), sink.clone());
+    credit(&l, "a", 10, "r");
+    let called = Arc::new(AtomicU64::new(0));
+    let built = AtomicU64::new(0);
+    let then = |_: &Arc<GiftRecord>, slot: &Arc<Slot>| -> OnDurable {
+        built.fetch_add(1, Ordering::SeqCst);
+        let (slot, called) = (slot.clone(), called.clone());
+        Box::new(move |outcome| {
+            assert_eq!(outcome, Ok(()));
+            called.fetch_add(1, Ordering::SeqCst);
+            slot.settle(SlotState::Done { seq: 1 });
+        })
+    };
+    assert!(matches!(
+        l.begin_gift(&gift("a", "g1", 4, 1), then),
+        GiftStart::New { .. }
+    ));
+    assert!(matches!(
+        l.begin_gift(&gift("a", "g1", 4, 1), then),
+        GiftStart::Retry(_)
+    ));
+    assert!(matches!(
+        l.begin_gift(&gift("a", "g2", 40, 1), then),
+        GiftStart::Rejected {
+            code: "insufficient_funds",
+            ..
+        }
+    ));
+    assert_eq!(built.load(Ordering::SeqCst), 1);
+    assert_eq!(called.load(Ordering::SeqCst), 0, "not durable yet");
+    sink.settle_all();
+    assert_eq!(called.load(Ordering::SeqCst), 1);
+    let GiftStart::Retry(slot) = l.begin_gift(&gift("a", "g1", 4, 1), then) else {
+        panic!("a retry")
+    };
+    assert_eq!(slot.state(), SlotState::Done { seq: 1 });
+    assert_eq!(l.balance("a"), 6);
 }

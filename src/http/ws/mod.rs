@@ -247,6 +247,17 @@ async fn connection(
     tracing::info!(%peer, user = %user, stream = %stream_id, reason, "connection closed");
 }
 
+/// Queues a money frame's answer for its connection; a full outbox marks it lagged (the writer
+/// then closes it), as for any frame.
+fn queue_answer(tx: &OutboxSender, shared: &ConnShared, text: String) {
+    if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(Out::Frame {
+        seq: 0,
+        text: text.into(),
+    }) {
+        shared.mark_lagged();
+    }
+}
+
 struct Conn<'a> {
     app: &'a Arc<App>,
     tx: OutboxSender,
@@ -330,15 +341,47 @@ impl Conn<'_> {
         let answer = work(self.app.clone(), user, room);
         let (tx, shared) = (self.tx.clone(), self.shared.clone());
         tokio::spawn(async move {
-            let text = answer.await;
-            if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(Out::Frame {
-                seq: 0,
-                text: text.into(),
-            }) {
-                shared.mark_lagged();
-            }
+            queue_answer(&tx, &shared, answer.await);
             drop(permit);
         });
+    }
+
+    /// A gift frame. No task of its own: the app answers at once (a refusal) or from the
+    /// journal's settle thread once the gift is durable, and the answer is queued for this
+    /// connection. Bounded by `CONN_GIFTS_IN_FLIGHT_MAX` like the other money frames.
+    fn gift(&mut self, gift_id: String, sticker: &str, count: u32, message: Option<&str>) {
+        if self.user.is_none() {
+            self.send(protocol::gift_rejected_frame(
+                &gift_id,
+                "unauthorized",
+                None,
+            ));
+            return;
+        }
+        let Some(permit) = self.gift_permit() else {
+            self.send(protocol::gift_rejected_frame(
+                &gift_id,
+                "rate_limited",
+                None,
+            ));
+            return;
+        };
+        let user = self.user.as_ref().expect("checked above");
+        let room = &self.joined.as_ref().expect("joined").0;
+        let (tx, shared) = (self.tx.clone(), self.shared.clone());
+        let id = gift_id.clone();
+        let answer: crate::app::GiftAnswer = Box::new(move |reply| {
+            let text = match reply {
+                GiftReply::Ok { balance, seq } => protocol::gift_ok_frame(&id, balance, seq),
+                GiftReply::Rejected { code, balance } => {
+                    protocol::gift_rejected_frame(&id, code, balance)
+                }
+            };
+            queue_answer(&tx, &shared, text);
+            drop(permit);
+        });
+        self.app
+            .gift(user, room, &gift_id, sticker, count, message, answer);
     }
 
     /// The connection's loop, until it must end: the reason (for the log) and, when the writing
@@ -639,25 +682,7 @@ impl Conn<'_> {
                 sticker,
                 count,
                 message,
-            } => {
-                let id = gift_id.clone();
-                self.spawn_money(
-                    move |code| protocol::gift_rejected_frame(&id, code, None),
-                    move |app, user, room| async move {
-                        let reply = app
-                            .gift(&user, &room, &gift_id, &sticker, count, message.as_deref())
-                            .await;
-                        match reply {
-                            GiftReply::Ok { balance, seq } => {
-                                protocol::gift_ok_frame(&gift_id, balance, seq)
-                            }
-                            GiftReply::Rejected { code, balance } => {
-                                protocol::gift_rejected_frame(&gift_id, code, balance)
-                            }
-                        }
-                    },
-                );
-            }
+            } => self.gift(gift_id, &sticker, count, message.as_deref()),
         }
         Ok(())
     }
