@@ -483,15 +483,7 @@ impl App {
             self.gifts_in_flight.fetch_add(1, Ordering::SeqCst);
             let (app, record, slot) = (self.clone(), record.clone(), slot.clone());
             let reservation = reservation.clone();
-            // Cluster mode may announce on another node: that needs the runtime, which the
-            // settle thread is not on.
-            let runtime = self
-                .cluster
-                .get()
-                .map(|_| tokio::runtime::Handle::current());
-            Box::new(move |outcome| {
-                app.gift_settled(record, slot, tier, reservation, runtime, outcome)
-            })
+            Box::new(move |outcome| app.gift_settled(record, slot, tier, reservation, outcome))
         });
         let slot = match start {
             GiftStart::Rejected { code, balance } => {
@@ -528,15 +520,15 @@ impl App {
         });
     }
 
-    /// A gift's journal outcome, on the settle thread: durable → revenue, shout-out, slot done;
-    /// refused → the debit undone (and the daily-cap reservation given back).
+    /// A gift's journal outcome, on the settle thread (in the runtime's context): durable →
+    /// revenue, shout-out, slot done; refused → the debit undone (and the daily-cap reservation
+    /// given back).
     fn gift_settled(
         self: Arc<Self>,
         record: Arc<GiftRecord>,
         slot: Arc<crate::ledger::Slot>,
         tier: u8,
         reservation: Option<crate::daily_cap::Reservation>,
-        runtime: Option<tokio::runtime::Handle>,
         outcome: Result<(), String>,
     ) {
         match outcome {
@@ -549,20 +541,16 @@ impl App {
                     .get()
                     .filter(|c| !c.owns(&record.stream))
                     .cloned();
-                match (remote, runtime) {
-                    (Some(cluster), Some(runtime)) => {
-                        runtime.spawn(async move {
-                            let seq = cluster.remote_announce(&record, tier).await;
-                            slot.settle(SlotState::Done { seq });
-                            self.gifts_in_flight.fetch_sub(1, Ordering::SeqCst);
-                        });
-                        return;
-                    }
-                    _ => {
-                        let seq = self.announce_local(&record, tier);
+                if let Some(cluster) = remote {
+                    tokio::spawn(async move {
+                        let seq = cluster.remote_announce(&record, tier).await;
                         slot.settle(SlotState::Done { seq });
-                    }
+                        self.gifts_in_flight.fetch_sub(1, Ordering::SeqCst);
+                    });
+                    return;
                 }
+                let seq = self.announce_local(&record, tier);
+                slot.settle(SlotState::Done { seq });
             }
             Err(e) => {
                 tracing::error!(error = %e, "journal refused a gift; the debit is undone");

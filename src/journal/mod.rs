@@ -306,13 +306,24 @@ impl Journal {
         let (exited_tx, exited) = watch::channel(false);
         // The settle thread runs `submit_then` callbacks, a batch per message, so the writer
         // goes back to the disk at once while the previous batch's completions run beside it.
+        // Opened from within a tokio runtime (the server), the settle thread runs in its
+        // context, so a callback may spawn a task (cluster mode announces on another node).
         let (settle_tx, settle_rx) = std::sync::mpsc::channel::<SettleBatch>();
+        let runtime = tokio::runtime::Handle::try_current().ok();
         let settler = std::thread::Builder::new()
             .name("journal-settle".into())
             .spawn(move || {
+                let _context = runtime.as_ref().map(|r| r.enter());
                 for batch in settle_rx {
                     for (outcome, call) in batch {
-                        call(outcome);
+                        // A panicking callback is a bug in its submitter; it must not take the
+                        // completions of every later record down with this thread.
+                        let lsn = outcome.as_ref().ok().copied();
+                        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| call(outcome)))
+                            .is_err()
+                        {
+                            tracing::error!(?lsn, "a journal completion panicked");
+                        }
                     }
                 }
             })

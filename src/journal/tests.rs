@@ -574,3 +574,55 @@ async fn submit_then_reports_a_failed_fsync_to_every_callback_of_the_batch() {
     );
     assert_eq!(journal.stats().durable_lsn, 1);
 }
+
+/// A callback that panics is logged and skipped: the settle thread lives on and every later
+/// callback still runs.
+#[tokio::test]
+async fn a_panicking_callback_does_not_stop_the_later_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let (journal, _, _rx) = Journal::open(config(dir.path()), 0).unwrap();
+    let ran = Arc::new(AtomicU64::new(0));
+    journal
+        .submit_then(record(1), Box::new(|_| panic!("a bug in a submitter")))
+        .unwrap();
+    assert_eq!(journal.submit(record(2)).unwrap().wait().await, Ok(2));
+    for n in 3..=5 {
+        let ran = ran.clone();
+        journal
+            .submit_then(
+                record(n),
+                Box::new(move |outcome| {
+                    assert_eq!(outcome, Ok(n));
+                    ran.fetch_add(1, Ordering::SeqCst);
+                }),
+            )
+            .unwrap();
+    }
+    journal.shutdown().await;
+    assert_eq!(ran.load(Ordering::SeqCst), 3);
+}
+
+/// Opened from within a runtime (as the server does, on its blocking pool), callbacks run in
+/// that runtime's context and may spawn tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callbacks_may_spawn_tasks_when_opened_in_a_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let (journal, _, _rx) = tokio::task::spawn_blocking(move || Journal::open(cfg, 0))
+        .await
+        .unwrap()
+        .unwrap();
+    let (tx, rx) = oneshot::channel();
+    journal
+        .submit_then(
+            record(1),
+            Box::new(move |outcome| {
+                tokio::spawn(async move {
+                    let _ = tx.send(outcome);
+                });
+            }),
+        )
+        .unwrap();
+    assert_eq!(rx.await.unwrap(), Ok(1));
+    journal.shutdown().await;
+}
