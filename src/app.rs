@@ -102,6 +102,18 @@ impl Drop for ConnSlot {
     }
 }
 
+/// A gift as the wallet's node takes it: checked for shape, sticker looked up.
+#[derive(Clone, Copy)]
+pub struct WalletGift<'a> {
+    pub user_id: &'a str,
+    pub user_name: &'a str,
+    pub gift_id: &'a str,
+    pub stream: &'a str,
+    pub sticker: &'a crate::catalog::Sticker,
+    pub count: u32,
+    pub message: Option<&'a str>,
+}
+
 /// Receives a gift's answer (once).
 pub type GiftAnswer = Box<dyn FnOnce(GiftReply) + Send>;
 
@@ -388,30 +400,25 @@ impl App {
                 return;
             }
         }
-        self.gift_wallet(
-            &user.sub, &user.name, gift_id, &room.id, sticker, count, message, answer,
-        );
+        let gift = WalletGift {
+            user_id: &user.sub,
+            user_name: &user.name,
+            gift_id,
+            stream: &room.id,
+            sticker,
+            count,
+            message,
+        };
+        self.gift_wallet(&gift, answer);
     }
 
     /// [`App::gift_wallet`] as a future, for a wallet request from another node.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn gift_wallet_reply(
-        self: &Arc<Self>,
-        user_id: &str,
-        user_name: &str,
-        gift_id: &str,
-        stream: &str,
-        sticker: &crate::catalog::Sticker,
-        count: u32,
-        message: Option<&str>,
-    ) -> GiftReply {
+    pub async fn gift_wallet_reply(self: &Arc<Self>, gift: &WalletGift<'_>) -> GiftReply {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let answer: GiftAnswer = Box::new(move |reply| {
             let _ = tx.send(reply);
         });
-        self.gift_wallet(
-            user_id, user_name, gift_id, stream, sticker, count, message, answer,
-        );
+        self.gift_wallet(gift, answer);
         rx.await.unwrap_or(GiftReply::Rejected {
             code: "unavailable",
             balance: None,
@@ -424,18 +431,16 @@ impl App {
     /// No task per gift: the completion is a callback the journal runs on its settle thread
     /// with the rest of its fsync batch, and the answer waits on the gift's slot, so a retry
     /// of a gift in flight is answered by the same completion.
-    #[allow(clippy::too_many_arguments)]
-    pub fn gift_wallet(
-        self: &Arc<Self>,
-        user_id: &str,
-        user_name: &str,
-        gift_id: &str,
-        stream: &str,
-        sticker: &crate::catalog::Sticker,
-        count: u32,
-        message: Option<&str>,
-        answer: GiftAnswer,
-    ) {
+    pub fn gift_wallet(self: &Arc<Self>, gift: &WalletGift<'_>, answer: GiftAnswer) {
+        let WalletGift {
+            user_id,
+            user_name,
+            gift_id,
+            stream,
+            sticker,
+            count,
+            message,
+        } = *gift;
         if self.shutting_down.load(Ordering::SeqCst)
             || self.durability.as_ref().is_some_and(|d| !d.taking_money())
         {

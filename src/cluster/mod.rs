@@ -586,18 +586,16 @@ async fn serve_wallet(app: &Arc<App>, req: WalletReq) -> WalletResp {
                     balance: None,
                 };
             };
-            match app
-                .gift_wallet_reply(
-                    &user_id,
-                    &user_name,
-                    &gift_id,
-                    &stream,
-                    &sticker,
-                    count,
-                    message.as_deref(),
-                )
-                .await
-            {
+            let gift = crate::app::WalletGift {
+                user_id: &user_id,
+                user_name: &user_name,
+                gift_id: &gift_id,
+                stream: &stream,
+                sticker: &sticker,
+                count,
+                message: message.as_deref(),
+            };
+            match app.gift_wallet_reply(&gift).await {
                 GiftReply::Ok { balance, seq } => WalletResp::GiftOk { balance, seq },
                 GiftReply::Rejected { code, balance } => WalletResp::GiftRejected {
                     code: code.into(),
