@@ -68,7 +68,19 @@ async fn gifts_pass_the_money_check() {
     let s = server().await;
     let r = loadtest::run_from_args(args(
         &s,
-        &["gifts", "--wallets", "10", "--rooms", "2", "--rate", "200"],
+        &[
+            "gifts",
+            "--wallets",
+            "10",
+            "--rooms",
+            "2",
+            "--rate",
+            "200",
+            // The server runs in this process (so the figure includes the harness): this checks
+            // the wiring of the per-gift CPU figure, not its size.
+            "--server-pid",
+            &std::process::id().to_string(),
+        ],
     ))
     .await
     .unwrap();
@@ -76,6 +88,12 @@ async fn gifts_pass_the_money_check() {
     assert!(m.ok, "{:#?}", m.failures);
     assert!(m.acked_coins > 0);
     assert_eq!(s.audit().await["ok"], true);
+    let server = r.server.expect("--server-pid gives server figures");
+    assert!(
+        server.cpu_us_per_gift.is_some_and(|c| c > 0.0),
+        "{:?}",
+        server.cpu_us_per_gift
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

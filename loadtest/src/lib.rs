@@ -407,6 +407,9 @@ pub async fn run(cli: Cli) -> Result<Report> {
         cpu_us_per_delivery: cpu_run
             .filter(|_| deliveries > 0)
             .map(|c| c * 1e6 / deliveries as f64),
+        cpu_us_per_gift: cpu_run
+            .zip(report.counters.get("gifts_ok").copied().filter(|n| *n > 0))
+            .map(|(c, n)| c * 1e6 / n as f64),
         rss_timeline: rss_timeline.clone(),
     });
 

@@ -128,6 +128,10 @@ pub struct ServerStats {
     pub cpu_secs_run: Option<f64>,
     /// Server CPU time per delivered event during the run phase, µs.
     pub cpu_us_per_delivery: Option<f64>,
+    /// Server CPU time per acknowledged gift during the run phase, µs (gift scenarios): what
+    /// sizes a node for a gift rate.
+    #[serde(default)]
+    pub cpu_us_per_gift: Option<f64>,
     /// Server RSS over time: (seconds since run start, bytes).
     pub rss_timeline: Vec<(f64, u64)>,
 }
@@ -434,6 +438,9 @@ impl Report {
                 s.cpu_secs_run.map(|c| format!("{c:.2}s")).unwrap_or_else(|| "?".into()),
                 s.cpu_us_per_delivery.map(|c| format!("{c:.3} µs")).unwrap_or_else(|| "?".into()),
             );
+            if let Some(c) = s.cpu_us_per_gift {
+                let _ = writeln!(o, "server CPU per acknowledged gift: {c:.1} µs");
+            }
         }
         let _ = writeln!(
             o,
