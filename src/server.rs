@@ -84,12 +84,25 @@ pub async fn build(config: Config) -> anyhow::Result<Arc<App>> {
 
 /// Serves until `shutdown` resolves, then stops taking connections and money, closes every
 /// socket with 1001, waits for in-flight gifts to settle, and returns.
+///
+/// A `shutdown` that resolves while the server is still starting (recovery, a database that
+/// does not answer) ends the start at once: nothing has been accepted yet, and what recovery
+/// left half done is exactly what a kill at that moment would leave, which the next start
+/// handles (tests/crash.rs).
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let app = build(config).await?;
+    use futures_util::FutureExt;
+    let shutdown = shutdown.boxed().shared();
+    let app = tokio::select! {
+        app = build(config) => app?,
+        () = shutdown.clone() => {
+            tracing::info!("stopped while starting: nothing was served");
+            return Ok(());
+        }
+    };
     serve(app, listener, shutdown).await
 }
 

@@ -1469,3 +1469,45 @@ async fn a_corrupt_journal_stops_the_start_naming_segment_and_offset() {
     assert_eq!(server.audit().await, audit);
     assert_eq!(server.sigterm().await, Some(0));
 }
+
+/// A SIGTERM while the server is still starting (here: waiting for a "PostgreSQL" that accepts
+/// the connection and never answers) ends the start at once with exit 0, never by the signal's
+/// default action: the handlers are installed before anything else (src/main.rs) and the start
+/// gives way to them (`server::run`). Before that fix the process was killed by the signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_starting_is_a_graceful_stop() {
+    let hole = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = hole.local_addr().unwrap().port();
+    let data = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(["--admin-token", ADMIN, "--token-secret", SECRET])
+        .arg("--database-url")
+        .arg(format!("postgres://postgres@127.0.0.1:{port}/test"))
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn giftcast");
+    // The server is starting for sure once it has connected to the database.
+    let (_held, _) = tokio::time::timeout(WAIT, hole.accept())
+        .await
+        .expect("the server connects to its database")
+        .unwrap();
+    let pid = child.id().expect("running").to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("a start that waits for its database still stops at SIGTERM")
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
