@@ -114,6 +114,24 @@ pub struct WalletGift<'a> {
     pub message: Option<&'a str>,
 }
 
+/// One money completion not settled yet: counted in `App::gifts_in_flight` (which shutdown
+/// waits to see at zero) for as long as it lives, so a completion that is dropped uncalled (the
+/// journal refused its record) counts itself out like one that ran.
+struct InFlight(Arc<App>);
+
+impl InFlight {
+    fn new(app: &Arc<App>) -> InFlight {
+        app.gifts_in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(app.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.gifts_in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Receives a gift's answer (once).
 pub type GiftAnswer = Box<dyn FnOnce(GiftReply) + Send>;
 
@@ -188,14 +206,14 @@ impl App {
     ) where
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        self.gifts_in_flight.fetch_add(1, Ordering::SeqCst);
-        let app = self.clone();
+        let in_flight = InFlight::new(self);
         tokio::spawn(async move {
+            let app = in_flight.0.clone();
             match ticket.await {
-                Ok(()) => durable(app.clone()).await,
-                Err(e) => refused(app.clone(), e),
+                Ok(()) => durable(app).await,
+                Err(e) => refused(app, e),
             }
-            app.gifts_in_flight.fetch_sub(1, Ordering::SeqCst);
+            drop(in_flight);
         });
     }
 
@@ -480,22 +498,17 @@ impl App {
             ts_ms: crate::now_ms(),
         };
         let tier = sticker.tier;
-        // Set when the completion was built: it then owns the count in `gifts_in_flight` (and a
-        // copy of the reservation), unless the journal refuses the record at once.
-        let mut built = false;
+        // The completion holds a copy of the reservation, released only if the journal fails
+        // the record; if it refuses the record at once the original is released below.
         let start = self.ledger.begin_gift(&req, |record, slot| {
-            built = true;
-            self.gifts_in_flight.fetch_add(1, Ordering::SeqCst);
-            let (app, record, slot) = (self.clone(), record.clone(), slot.clone());
+            let (in_flight, record, slot) = (InFlight::new(self), record.clone(), slot.clone());
             let reservation = reservation.clone();
-            Box::new(move |outcome| app.gift_settled(record, slot, tier, reservation, outcome))
+            Box::new(move |outcome| {
+                gift_settled(in_flight, record, slot, tier, reservation, outcome)
+            })
         });
         let slot = match start {
             GiftStart::Rejected { code, balance } => {
-                if built {
-                    // The journal refused the record: the completion will never run.
-                    self.gifts_in_flight.fetch_sub(1, Ordering::SeqCst);
-                }
                 if let Some(r) = reservation {
                     self.daily_spend.release(user_id, r);
                 }
@@ -523,60 +536,6 @@ impl App {
                 },
             })
         });
-    }
-
-    /// A gift's journal outcome, on the settle thread (in the runtime's context): durable →
-    /// revenue, shout-out, slot done; refused → the debit undone (and the daily-cap reservation
-    /// given back).
-    fn gift_settled(
-        self: Arc<Self>,
-        record: Arc<GiftRecord>,
-        slot: Arc<crate::ledger::Slot>,
-        tier: u8,
-        reservation: Option<crate::daily_cap::Reservation>,
-        outcome: Result<(), String>,
-    ) {
-        match outcome {
-            Ok(()) => {
-                self.ledger.gift_durable(&record);
-                metrics::counter!("giftcast_gifts_total").increment(1);
-                metrics::counter!("giftcast_gifted_coins_total").increment(record.amount);
-                let remote = self
-                    .cluster
-                    .get()
-                    .filter(|c| !c.owns(&record.stream))
-                    .cloned();
-                if let Some(cluster) = remote {
-                    tokio::spawn(async move {
-                        let seq = cluster.remote_announce(&record, tier).await;
-                        slot.settle(SlotState::Done { seq });
-                        self.gifts_in_flight.fetch_sub(1, Ordering::SeqCst);
-                    });
-                    return;
-                }
-                let seq = self.announce_local(&record, tier);
-                slot.settle(SlotState::Done { seq });
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "journal refused a gift; the debit is undone");
-                self.ledger.gift_failed(&record, &slot);
-                if let Some(r) = reservation {
-                    self.daily_spend.release(&record.user_id, r);
-                }
-            }
-        }
-        self.gifts_in_flight.fetch_sub(1, Ordering::SeqCst);
-    }
-
-    /// Announces a durable gift in its room (on the room's node) and returns the shout-out's
-    /// seq; 0 when the room's node cannot be reached (the gift stands; the shout-out is lost).
-    pub async fn announce(&self, record: &GiftRecord, tier: u8) -> u64 {
-        if let Some(cluster) = self.cluster.get() {
-            if !cluster.owns(&record.stream) {
-                return cluster.remote_announce(record, tier).await;
-            }
-        }
-        self.announce_local(record, tier)
     }
 
     /// The shout-out, the combo and the thanks queue, in a room this node owns.
@@ -1007,6 +966,49 @@ impl App {
                         }
                     }
                 });
+            }
+        }
+    }
+}
+
+/// A gift's journal outcome, on the settle thread (in the runtime's context): durable →
+/// revenue, shout-out, slot done; failed → the debit undone (and the daily-cap reservation given
+/// back). `in_flight` is let go once the slot is settled.
+fn gift_settled(
+    in_flight: InFlight,
+    record: Arc<GiftRecord>,
+    slot: Arc<crate::ledger::Slot>,
+    tier: u8,
+    reservation: Option<crate::daily_cap::Reservation>,
+    outcome: Result<(), String>,
+) {
+    let app = &in_flight.0;
+    match outcome {
+        Ok(()) => {
+            app.ledger.gift_durable(&record);
+            metrics::counter!("giftcast_gifts_total").increment(1);
+            metrics::counter!("giftcast_gifted_coins_total").increment(record.amount);
+            let remote = app
+                .cluster
+                .get()
+                .filter(|c| !c.owns(&record.stream))
+                .cloned();
+            if let Some(cluster) = remote {
+                tokio::spawn(async move {
+                    let seq = cluster.remote_announce(&record, tier).await;
+                    slot.settle(SlotState::Done { seq });
+                    drop(in_flight);
+                });
+                return;
+            }
+            let seq = app.announce_local(&record, tier);
+            slot.settle(SlotState::Done { seq });
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "journal refused a gift; the debit is undone");
+            app.ledger.gift_failed(&record, &slot);
+            if let Some(r) = reservation {
+                app.daily_spend.release(&record.user_id, r);
             }
         }
     }

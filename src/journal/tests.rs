@@ -518,7 +518,6 @@ async fn submit_then_calls_back_once_durable_in_lsn_order_before_shutdown_return
             .unwrap();
         assert_eq!(lsn, n);
     }
-    let fsyncs_before_shutdown = journal.stats().fsyncs;
     journal.shutdown().await;
     let seen = seen.lock();
     assert_eq!(
@@ -535,8 +534,8 @@ async fn submit_then_calls_back_once_durable_in_lsn_order_before_shutdown_return
         assert_eq!(thread, "journal-settle");
     }
     assert!(
-        journal.stats().fsyncs >= fsyncs_before_shutdown && journal.stats().fsyncs < 2000,
-        "group commit: far fewer fsyncs than records"
+        journal.stats().fsyncs < 2000,
+        "group commit: fewer fsyncs than records"
     );
 }
 

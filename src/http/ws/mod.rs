@@ -318,10 +318,31 @@ impl Conn<'_> {
             .ok()
     }
 
-    /// A money frame (gift, red packet, grab): refused with `refuse(code)` as `unauthorized`
-    /// without a signed-in user, or `rate_limited` beyond `CONN_GIFTS_IN_FLIGHT_MAX` waiting;
-    /// else `work` runs in its own task (a connection's money frames proceed concurrently, each
-    /// answered when durable) and its answer is queued for this connection.
+    /// The gate of every money frame (gift, red packet, grab): refused with `refuse(code)` as
+    /// `unauthorized` without a signed-in user, or `rate_limited` beyond
+    /// `CONN_GIFTS_IN_FLIGHT_MAX` waiting; else the way its answer reaches this connection,
+    /// which holds one of those permits until it is used.
+    fn money_answer(
+        &mut self,
+        refuse: impl FnOnce(&'static str) -> String,
+    ) -> Option<impl FnOnce(String) + Send + 'static> {
+        if self.user.is_none() {
+            self.send(refuse("unauthorized"));
+            return None;
+        }
+        let Some(permit) = self.gift_permit() else {
+            self.send(refuse("rate_limited"));
+            return None;
+        };
+        let (tx, shared) = (self.tx.clone(), self.shared.clone());
+        Some(move |text: String| {
+            queue_answer(&tx, &shared, text);
+            drop(permit);
+        })
+    }
+
+    /// A red packet or grab: past the gate, `work` runs in its own task (a connection's money
+    /// frames proceed concurrently, each answered when durable).
     fn spawn_money<Fut>(
         &mut self,
         refuse: impl FnOnce(&'static str) -> String,
@@ -329,57 +350,34 @@ impl Conn<'_> {
     ) where
         Fut: std::future::Future<Output = String> + Send + 'static,
     {
-        let Some(user) = self.user.clone() else {
-            self.send(refuse("unauthorized"));
+        let Some(reply) = self.money_answer(refuse) else {
             return;
         };
-        let Some(permit) = self.gift_permit() else {
-            self.send(refuse("rate_limited"));
-            return;
-        };
+        let user = self.user.clone().expect("the gate checked it");
         let room = self.joined.as_ref().expect("joined").0.clone();
         let answer = work(self.app.clone(), user, room);
-        let (tx, shared) = (self.tx.clone(), self.shared.clone());
-        tokio::spawn(async move {
-            queue_answer(&tx, &shared, answer.await);
-            drop(permit);
-        });
+        tokio::spawn(async move { reply(answer.await) });
     }
 
-    /// A gift frame. No task of its own: the app answers at once (a refusal) or from the
-    /// journal's settle thread once the gift is durable, and the answer is queued for this
-    /// connection. Bounded by `CONN_GIFTS_IN_FLIGHT_MAX` like the other money frames.
+    /// A gift frame: past the gate, no task of its own: the app answers at once (a refusal) or
+    /// from the journal's settle thread once the gift is durable.
     fn gift(&mut self, gift_id: String, sticker: &str, count: u32, message: Option<&str>) {
-        if self.user.is_none() {
-            self.send(protocol::gift_rejected_frame(
-                &gift_id,
-                "unauthorized",
-                None,
-            ));
-            return;
-        }
-        let Some(permit) = self.gift_permit() else {
-            self.send(protocol::gift_rejected_frame(
-                &gift_id,
-                "rate_limited",
-                None,
-            ));
+        let Some(reply) =
+            self.money_answer(|code| protocol::gift_rejected_frame(&gift_id, code, None))
+        else {
             return;
         };
-        let user = self.user.as_ref().expect("checked above");
-        let room = &self.joined.as_ref().expect("joined").0;
-        let (tx, shared) = (self.tx.clone(), self.shared.clone());
         let id = gift_id.clone();
-        let answer: crate::app::GiftAnswer = Box::new(move |reply| {
-            let text = match reply {
+        let answer: crate::app::GiftAnswer = Box::new(move |r| {
+            reply(match r {
                 GiftReply::Ok { balance, seq } => protocol::gift_ok_frame(&id, balance, seq),
                 GiftReply::Rejected { code, balance } => {
                     protocol::gift_rejected_frame(&id, code, balance)
                 }
-            };
-            queue_answer(&tx, &shared, text);
-            drop(permit);
+            })
         });
+        let user = self.user.as_ref().expect("the gate checked it");
+        let room = &self.joined.as_ref().expect("joined").0;
         self.app
             .gift(user, room, &gift_id, sticker, count, message, answer);
     }
