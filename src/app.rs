@@ -8,7 +8,8 @@ use crate::daily_cap::DailySpend;
 use crate::hub::{Gate, Hub, QueuedGift, QueuedUser, Room};
 use crate::ledger::{CreditStart, GiftRequest, GiftStart, Ledger, SlotState};
 use crate::limits::{
-    CHAT_CHARS_MAX, GIFT_COUNT_MAX, GIFT_ID_CHARS_MAX, GIFT_MESSAGE_CHARS_MAX, THANKS_CHARS_MAX,
+    CHAT_CHARS_MAX, GIFT_COUNT_MAX, GIFT_ID_CHARS_MAX, GIFT_MESSAGE_CHARS_MAX,
+    IDEMPOTENCY_LOOKUP_TIMEOUT_MS, IDEMPOTENCY_LOOKUP_TRIES_MAX, THANKS_CHARS_MAX,
 };
 use crate::protocol::{self, clean_text, valid_id, UserRef};
 use crate::record::GiftRecord;
@@ -19,6 +20,7 @@ use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Health of the durable path, as /readyz and the gift path see it.
 pub trait DurabilityStatus: Send + Sync + 'static {
@@ -112,6 +114,14 @@ pub struct WalletGift<'a> {
     pub sticker: &'a crate::catalog::Sticker,
     pub count: u32,
     pub message: Option<&'a str>,
+}
+
+/// Where a gift's store lookups stand: the wallet's eviction count when the last one began, and
+/// how many have run.
+#[derive(Clone, Copy, Debug)]
+struct StoreChecked {
+    evicted: u64,
+    tries: u32,
 }
 
 /// One money completion not settled yet: counted in `App::gifts_in_flight` (which shutdown
@@ -450,6 +460,17 @@ impl App {
     /// with the rest of its fsync batch, and the answer waits on the gift's slot, so a retry
     /// of a gift in flight is answered by the same completion.
     pub fn gift_wallet(self: &Arc<Self>, gift: &WalletGift<'_>, answer: GiftAnswer) {
+        self.gift_wallet_checked(gift, answer, None);
+    }
+
+    /// [`App::gift_wallet`], after `checked.tries` store lookups for an id the ledger may have
+    /// evicted found nothing (see `ledger::idempotency`).
+    fn gift_wallet_checked(
+        self: &Arc<Self>,
+        gift: &WalletGift<'_>,
+        answer: GiftAnswer,
+        checked: Option<StoreChecked>,
+    ) {
         let WalletGift {
             user_id,
             user_name,
@@ -496,6 +517,7 @@ impl App {
             count,
             message,
             ts_ms: crate::now_ms(),
+            store_checked: checked.map(|c| c.evicted),
         };
         let tier = sticker.tier;
         // The completion holds a copy of the reservation, released only if the journal fails
@@ -521,6 +543,13 @@ impl App {
                 }
                 slot
             }
+            GiftStart::Lookup { evicted } => {
+                if let Some(r) = reservation {
+                    self.daily_spend.release(user_id, r);
+                }
+                let tries = checked.map_or(0, |c| c.tries) + 1;
+                return self.look_up_gift(gift, answer, StoreChecked { evicted, tries });
+            }
             GiftStart::New { slot, .. } => slot,
         };
         let (app, user_id, balance_after) = (self.clone(), user_id.to_string(), slot.balance_after);
@@ -535,6 +564,77 @@ impl App {
                     balance: Some(app.ledger.balance(&user_id)),
                 },
             })
+        });
+    }
+
+    /// A gift whose id the ledger may have evicted: the store says whether it is a retry (then
+    /// it gets its original `gift_ok`, or `conflict`) or new (then it goes round again). Off the
+    /// wallet lock, on a task: this is the rare path (a retry after `resident_ms`, or a filter
+    /// false positive).
+    fn look_up_gift(self: &Arc<Self>, gift: &WalletGift<'_>, answer: GiftAnswer, at: StoreChecked) {
+        let unavailable = |app: &App, user_id: &str| GiftReply::Rejected {
+            code: "unavailable",
+            balance: Some(app.ledger.balance(user_id)),
+        };
+        let store = match &self.durability {
+            Some(d) if at.tries <= IDEMPOTENCY_LOOKUP_TRIES_MAX => d.store.clone(),
+            _ => return answer(unavailable(self, gift.user_id)),
+        };
+        let app = self.clone();
+        let (user_id, user_name, gift_id) = (
+            gift.user_id.to_string(),
+            gift.user_name.to_string(),
+            gift.gift_id.to_string(),
+        );
+        let (stream, sticker, count) = (gift.stream.to_string(), gift.sticker.clone(), gift.count);
+        let message = gift.message.map(str::to_string);
+        tokio::spawn(async move {
+            let timeout = Duration::from_millis(IDEMPOTENCY_LOOKUP_TIMEOUT_MS);
+            let found = tokio::time::timeout(timeout, store.find_gift(&user_id, &gift_id)).await;
+            match found {
+                Ok(Ok(Some(stored))) => {
+                    metrics::counter!("giftcast_idempotency_lookup_hits_total").increment(1);
+                    let same = crate::ledger::same_gift(
+                        &stored,
+                        &stream,
+                        &sticker.id,
+                        count,
+                        message.as_deref(),
+                    );
+                    answer(if same {
+                        // The original answer; its seq is not stored (as after a restart).
+                        GiftReply::Ok {
+                            balance: stored.balance_after,
+                            seq: 0,
+                        }
+                    } else {
+                        GiftReply::Rejected {
+                            code: "conflict",
+                            balance: Some(app.ledger.balance(&user_id)),
+                        }
+                    });
+                }
+                Ok(Ok(None)) => {
+                    let gift = WalletGift {
+                        user_id: &user_id,
+                        user_name: &user_name,
+                        gift_id: &gift_id,
+                        stream: &stream,
+                        sticker: &sticker,
+                        count,
+                        message: message.as_deref(),
+                    };
+                    app.gift_wallet_checked(&gift, answer, Some(at));
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "gift id lookup failed; gift refused, nothing debited");
+                    answer(unavailable(&app, &user_id));
+                }
+                Err(_) => {
+                    tracing::warn!("gift id lookup timed out; gift refused, nothing debited");
+                    answer(unavailable(&app, &user_id));
+                }
+            }
         });
     }
 
@@ -980,11 +1080,11 @@ fn gift_settled(
     slot: Arc<crate::ledger::Slot>,
     tier: u8,
     reservation: Option<crate::daily_cap::Reservation>,
-    outcome: Result<(), String>,
+    outcome: Result<crate::record::Lsn, String>,
 ) {
     let app = &in_flight.0;
     match outcome {
-        Ok(()) => {
+        Ok(lsn) => {
             app.ledger.gift_durable(&record);
             metrics::counter!("giftcast_gifts_total").increment(1);
             metrics::counter!("giftcast_gifted_coins_total").increment(record.amount);
@@ -997,12 +1097,14 @@ fn gift_settled(
                 tokio::spawn(async move {
                     let seq = cluster.remote_announce(&record, tier).await;
                     slot.settle(SlotState::Done { seq });
+                    in_flight.0.ledger.remember(record, lsn);
                     drop(in_flight);
                 });
                 return;
             }
             let seq = app.announce_local(&record, tier);
             slot.settle(SlotState::Done { seq });
+            app.ledger.remember(record, lsn);
         }
         Err(e) => {
             tracing::error!(error = %e, "journal refused a gift; the debit is undone");

@@ -109,6 +109,17 @@ pub struct ServeArgs {
     /// Coins one viewer may spend on gifts per UTC day (0 = no cap).
     #[arg(long, env = "GIFTCAST_DAILY_CAP", default_value_t = 0)]
     pub daily_cap: u64,
+    /// A stored gift's id stays in memory (the exact answer to a retry) at least this long;
+    /// then only a compact filter remembers it and a retry is checked against storage.
+    #[arg(long, env = "GIFTCAST_IDEMPOTENCY_RESIDENT_SECS", default_value_t = crate::limits::IDEMPOTENCY_RESIDENT_MS_DEFAULT / 1000)]
+    pub idempotency_resident_secs: u64,
+    /// At most this many stored gift ids stay in memory (~550 B each); older ones leave early.
+    #[arg(long, env = "GIFTCAST_IDEMPOTENCY_RESIDENT_MAX", default_value_t = crate::limits::IDEMPOTENCY_RESIDENT_MAX_DEFAULT)]
+    pub idempotency_resident_max: usize,
+    /// Memory of the filter of gift ids that left memory (1-4096 MiB), which decides whether a
+    /// new gift needs a storage lookup; ~1% of them do until a day brings 6.7M ids per 64 MiB.
+    #[arg(long, env = "GIFTCAST_IDEMPOTENCY_FILTER_MIB", default_value_t = crate::limits::IDEMPOTENCY_FILTER_BYTES_DEFAULT >> 20)]
+    pub idempotency_filter_mib: usize,
     /// A room sends at most one round of events per tick (1-100 ms): a lone event goes at
     /// once, back-to-back events wait for the tick and go as one batch frame. Longer: fewer
     /// socket writes and less CPU; shorter: lower latency on a machine with cores to spare.
@@ -152,6 +163,11 @@ pub struct ClusterConfig {
 /// Red packets live at most a day.
 pub const RED_PACKET_TTL_SECS_MAX: u64 = 86_400;
 
+/// `--idempotency-filter-mib` at most (4 GiB of filter holds ~430M ids a day at 1%).
+pub const IDEMPOTENCY_FILTER_MIB_MAX: usize = 4096;
+/// `--idempotency-resident-secs` at most: longer keeps ids in memory for no retry pattern.
+pub const IDEMPOTENCY_RESIDENT_SECS_MAX: u64 = 24 * 3600;
+
 /// Settings after validation: what the server runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -173,6 +189,8 @@ pub struct Config {
     pub red_packet_host_cut_bp: u64,
     /// Coins per viewer per UTC day (0 = off).
     pub daily_cap: u64,
+    /// The gift-id memory's bounds (`ledger::idempotency`).
+    pub idempotency: crate::ledger::IdempotencyConfig,
     /// At most one fan-out round per room per this many ms.
     pub fanout_tick_ms: u64,
     /// A client that takes no byte for this long while frames wait closes (`WRITE_TIMEOUT_MS`; tests
@@ -247,6 +265,16 @@ impl ServeArgs {
                 crate::limits::FANOUT_TICK_MS_MAX
             ));
         }
+        if !(1..=IDEMPOTENCY_FILTER_MIB_MAX).contains(&self.idempotency_filter_mib) {
+            return Err(format!(
+                "--idempotency-filter-mib must be 1 to {IDEMPOTENCY_FILTER_MIB_MAX}"
+            ));
+        }
+        if self.idempotency_resident_secs > IDEMPOTENCY_RESIDENT_SECS_MAX {
+            return Err(format!(
+                "--idempotency-resident-secs must be at most {IDEMPOTENCY_RESIDENT_SECS_MAX} (one day)"
+            ));
+        }
         if self.daily_cap > crate::money::AMOUNT_MAX {
             return Err(format!(
                 "--daily-cap must be at most {}",
@@ -309,6 +337,12 @@ impl ServeArgs {
             allowed_origins: self.allowed_origins,
             catalog,
             daily_cap: self.daily_cap,
+            idempotency: crate::ledger::IdempotencyConfig {
+                resident_ms: self.idempotency_resident_secs * 1000,
+                resident_max: self.idempotency_resident_max,
+                filter_bytes: self.idempotency_filter_mib << 20,
+                retention_ms: crate::limits::IDEMPOTENCY_RETENTION_MS,
+            },
             fanout_tick_ms: self.fanout_tick_ms,
             heartbeat_interval_ms: crate::limits::HEARTBEAT_INTERVAL_MS,
             write_timeout_ms: crate::limits::WRITE_TIMEOUT_MS,
@@ -391,5 +425,34 @@ mod tests {
         let e = cfg(&["--listen", "nowhere"]).unwrap_err();
         assert!(e.contains("--listen"), "{e}");
         assert!(cfg(&["--database-url", "mysql://x"]).is_err());
+    }
+
+    #[test]
+    fn idempotency_bounds_edges() {
+        let c = cfg(&[]).unwrap().idempotency;
+        assert_eq!(c, crate::ledger::IdempotencyConfig::default());
+        assert_eq!(c.filter_bytes, 64 << 20);
+        let c = cfg(&[
+            "--idempotency-filter-mib",
+            "1",
+            "--idempotency-resident-max",
+            "0",
+            "--idempotency-resident-secs",
+            "86400",
+        ])
+        .unwrap()
+        .idempotency;
+        assert_eq!(
+            (c.filter_bytes, c.resident_max, c.resident_ms),
+            (1 << 20, 0, 86_400_000)
+        );
+        let max = IDEMPOTENCY_FILTER_MIB_MAX.to_string();
+        assert!(cfg(&["--idempotency-filter-mib", &max]).is_ok());
+        for bad in ["0", &(IDEMPOTENCY_FILTER_MIB_MAX + 1).to_string()] {
+            let e = cfg(&["--idempotency-filter-mib", bad]).unwrap_err();
+            assert!(e.contains("--idempotency-filter-mib"), "{e}");
+        }
+        let e = cfg(&["--idempotency-resident-secs", "86401"]).unwrap_err();
+        assert!(e.contains("--idempotency-resident-secs"), "{e}");
     }
 }

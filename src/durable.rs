@@ -4,10 +4,11 @@
 use crate::app::DurabilityStatus;
 use crate::flusher::{self, FlushConfig, FlusherHandle};
 use crate::journal::{Journal, JournalConfig, JournalError};
-use crate::ledger::{Ledger, OnDurable, RecordSink, RevenueRow, SinkError, Totals};
-use crate::limits::IDEMPOTENCY_RETENTION_MS;
+use crate::ledger::{
+    IdempotencyConfig, Ledger, OnDurable, RecordSink, RevenueRow, SinkError, Totals,
+};
 use crate::money::Split;
-use crate::record::Record;
+use crate::record::{Lsn, Record};
 use crate::store::Store;
 use anyhow::Context;
 use std::path::Path;
@@ -28,14 +29,15 @@ impl RecordSink for JournalSink {
             // Told "durable" at once, from a task (never inside submit, which runs under a
             // wallet lock); the record is still written, later.
             self.journal.submit(record).map(|ticket| {
+                let lsn = ticket.lsn();
                 drop(ticket);
-                tokio::spawn(async move { then(Ok(())) });
+                tokio::spawn(async move { then(Ok(lsn)) });
             })
         } else {
             self.journal
                 .submit_then(
                     record,
-                    Box::new(move |outcome| then(outcome.map(|_| ()).map_err(|e| e.to_string()))),
+                    Box::new(move |outcome| then(outcome.map_err(|e| e.to_string()))),
                 )
                 .map(|_| ())
         };
@@ -47,6 +49,10 @@ impl RecordSink for JournalSink {
             }
             Err(e) => Err(SinkError::Failed(e.to_string())),
         }
+    }
+
+    fn stored_lsn(&self) -> Lsn {
+        self.journal.released_lsn()
     }
 }
 
@@ -98,12 +104,18 @@ impl Durable {
         ack_before_durable: bool,
         node_id: &str,
         journal_sync_delay_ms: u64,
+        idempotency: IdempotencyConfig,
     ) -> anyhow::Result<(Durable, Ledger)> {
         let store = Store::open_node(database_url, data_dir, node_id)
             .await
             .context("opening storage")?;
-        let since = crate::now_ms().saturating_sub(IDEMPOTENCY_RETENTION_MS);
-        let snapshot = store.load(since).await.context("loading storage")?;
+        let now = crate::now_ms();
+        let since = now.saturating_sub(idempotency.retention_ms);
+        let resident_since = now.saturating_sub(idempotency.resident_ms);
+        let snapshot = store
+            .load_window(since, resident_since)
+            .await
+            .context("loading storage")?;
         let mut jconfig = JournalConfig::new(data_dir);
         jconfig.sync_delay_ms = journal_sync_delay_ms;
         let checkpoint = snapshot.checkpoint_lsn;
@@ -119,15 +131,21 @@ impl Durable {
             journal: journal.clone(),
             ack_before_durable,
         });
-        let ledger = Ledger::new(split, sink);
+        let ledger = Ledger::with_idempotency(split, sink, idempotency);
         for (user, balance) in &snapshot.balances {
             ledger.restore_balance(user, *balance);
         }
         for c in &snapshot.credits {
             ledger.restore_credit(c);
         }
+        // Older gifts' ids go straight into the evicted-id filter; recent ones are resident
+        // (stored already: LSN 0), to be evicted like any other.
+        for k in &snapshot.gift_keys {
+            ledger.restore_evicted(&k.user_id, &k.gift_id, k.ts_ms);
+        }
         for g in &snapshot.gifts {
             ledger.restore_gift(g);
+            ledger.remember(Arc::new(g.clone()), 0);
         }
         for r in &snapshot.revenue {
             ledger.restore_revenue(
@@ -157,6 +175,10 @@ impl Durable {
             ledger.replay(record).map_err(|e| {
                 anyhow::anyhow!("journal record {lsn} does not fit the stored state: {e}")
             })?;
+            if let Record::Gift(g) = record {
+                // Not stored yet: resident until the flusher has stored it.
+                ledger.remember(Arc::new(g.clone()), *lsn);
+            }
         }
         let audit = ledger.audit();
         anyhow::ensure!(audit.ok, "recovered ledger does not balance: {audit:?}");
@@ -171,15 +193,22 @@ impl Durable {
         );
         let today_ms = crate::now_ms() / crate::limits::DAY_MS * crate::limits::DAY_MS;
         let gifts_today = snapshot
-            .gifts
+            .gift_keys
             .iter()
-            .chain(recovered.records.iter().filter_map(|(_, r)| match r {
-                Record::Gift(g) => Some(g),
-                _ => None,
-            }))
+            .map(|k| (&k.user_id, &k.gift_id, k.amount, k.ts_ms))
+            .chain(
+                snapshot
+                    .gifts
+                    .iter()
+                    .chain(recovered.records.iter().filter_map(|(_, r)| match r {
+                        Record::Gift(g) => Some(g),
+                        _ => None,
+                    }))
+                    .map(|g| (&g.user_id, &g.gift_id, g.amount, g.ts_ms)),
+            )
             // A red packet's host cut is counted with its packet below.
-            .filter(|g| g.ts_ms >= today_ms && !g.gift_id.starts_with("rp:"))
-            .map(|g| (g.user_id.clone(), g.amount, g.ts_ms))
+            .filter(|(_, gift_id, _, ts_ms)| *ts_ms >= today_ms && !gift_id.starts_with("rp:"))
+            .map(|(user_id, _, amount, ts_ms)| (user_id.clone(), amount, ts_ms))
             .chain(
                 snapshot
                     .packets

@@ -83,6 +83,25 @@ pub const REFERENCE_CHARS_MAX: usize = 128;
 /// Gift ids remembered after a restart (at least 24 h as the protocol asks; gifts older than
 /// this that are retried after a restart are not recognised).
 pub const IDEMPOTENCY_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
+/// Default time a stored gift's id stays in its wallet's map (the exact, lock-held answer to a
+/// retry); after it the id lives on in the evicted-id filter (see `ledger::idempotency`).
+/// Retries come within seconds (a reconnect), so ten minutes covers nearly all of them.
+pub const IDEMPOTENCY_RESIDENT_MS_DEFAULT: u64 = 10 * 60 * 1000;
+/// Default bound of stored gift ids kept in the wallets' maps (~550 B each, ~110 MiB in all);
+/// beyond it the oldest stored ones are evicted early. `--idempotency-resident-max`.
+pub const IDEMPOTENCY_RESIDENT_MAX_DEFAULT: usize = 200_000;
+/// Default memory of the evicted-id filter, all generations together: 8 MiB per generation,
+/// ~1% false positives up to ~6.7M ids per day. `--idempotency-filter-mib`.
+pub const IDEMPOTENCY_FILTER_BYTES_DEFAULT: usize = 64 << 20;
+/// Generations of the evicted-id filter: one more than the spans that cover the retention.
+pub const IDEMPOTENCY_FILTER_GENERATIONS: usize = 8;
+/// A store lookup for a possibly evicted gift id must answer within this, or the gift is
+/// refused `unavailable` (nothing debited; the client retries).
+pub const IDEMPOTENCY_LOOKUP_TIMEOUT_MS: u64 = 5_000;
+/// Store lookups for one gift before it is refused `unavailable`: a lookup's "not found" is
+/// used only if the wallet evicted nothing meanwhile, and each try that sees an eviction goes
+/// round again.
+pub const IDEMPOTENCY_LOOKUP_TRIES_MAX: u32 = 3;
 /// Time allowed, on SIGTERM, for connections to close and money to become durable and stored.
 pub const SHUTDOWN_DRAIN_MS: u64 = 10_000;
 

@@ -59,6 +59,7 @@ pub async fn build(config: Config) -> anyhow::Result<Arc<App>> {
             .map(|c| c.node_id.as_str())
             .unwrap_or("local"),
         config.journal_sync_delay_ms,
+        config.idempotency.clone(),
     )
     .await?;
     let hub = Hub::new(std::time::Duration::from_millis(config.fanout_tick_ms));

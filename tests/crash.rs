@@ -67,6 +67,8 @@ fn token(user: &str) -> String {
 struct Opts {
     database_url: Option<String>,
     unsafe_ack: bool,
+    /// `--idempotency-resident-max`: small, so that retries are answered from storage.
+    resident_max: Option<usize>,
 }
 
 /// A data dir that outlives the processes started on it.
@@ -145,6 +147,9 @@ impl Node {
             }
             if self.opts.unsafe_ack {
                 cmd.arg("--unsafe-ack-before-durable");
+            }
+            if let Some(max) = self.opts.resident_max {
+                cmd.arg("--idempotency-resident-max").arg(max.to_string());
             }
             let mut child = cmd.spawn().expect("spawn giftcast");
             let http = reqwest::Client::builder()
@@ -1067,6 +1072,27 @@ async fn crash_loop(opts: Opts, rounds: usize) {
     let all_acked = model.acked.clone();
     let bad = check(&server, &model, &prices, &all_acked, &all_credits).await;
     assert!(bad.is_empty(), "after the last restart: {}", first(&bad));
+    if opts.resident_max.is_some() {
+        // The retries really went the evicted way (else this loop proves nothing new).
+        let metrics = server
+            .http
+            .get(server.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let hits: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("giftcast_idempotency_lookup_hits_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0);
+        assert!(
+            hits >= 100.0,
+            "retries answered from storage after the last restart: {hits}"
+        );
+    }
     let audit = server.audit().await;
     assert_eq!(server.sigterm().await, Some(0), "graceful exit");
     let stored = match &opts.database_url {
@@ -1095,7 +1121,9 @@ async fn kill9_under_load_loses_no_acknowledged_gift_sqlite() {
     crash_loop(Opts::default(), 6).await;
 }
 
-/// The same crash loop with PostgreSQL as the store (a fresh schema, dropped afterwards).
+/// The same crash loop with PostgreSQL as the store (a fresh schema, dropped afterwards), and
+/// at most 50 stored gift ids in memory: most retries (after each kill, and of the last run at
+/// the end) are of ids that left memory, answered through the evicted-id filter and a lookup.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_under_load_loses_no_acknowledged_gift_postgres() {
     let schema = Schema::create().await;
@@ -1103,6 +1131,7 @@ async fn kill9_under_load_loses_no_acknowledged_gift_postgres() {
         Opts {
             database_url: Some(schema.url("127.0.0.1:5432")),
             unsafe_ack: false,
+            resident_max: Some(50),
         },
         5,
     )
@@ -1123,6 +1152,7 @@ async fn negative_control_ack_before_durable_is_caught() {
     let mut node = Node::new(Opts {
         database_url: None,
         unsafe_ack: true,
+        resident_max: None,
     });
     let mut server = node.start().await;
     let prices = server.prices().await;
@@ -1317,6 +1347,7 @@ async fn postgres_outage_keeps_acknowledging_and_everything_lands() {
     let mut node = Node::new(Opts {
         database_url: Some(schema.url(&proxy.addr.to_string())),
         unsafe_ack: false,
+        resident_max: None,
     });
     let server = node.start().await;
     let prices = server.prices().await;

@@ -559,3 +559,88 @@ async fn a_retry_of_a_gift_in_flight_gets_the_same_answer_and_debits_once() {
     assert_eq!(revenue["gifts"], 1, "{revenue}");
     assert_eq!(server.audit().await["ok"], true);
 }
+
+/// Polls `f` until it holds (10 s at most).
+async fn eventually(what: &str, f: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+fn stored_everything(server: &TestServer) -> bool {
+    let d = server.app.durability.as_ref().expect("durable server");
+    d.flusher.status().pending_records == 0
+}
+
+/// Guarantee 2 with a bounded gift-id memory: ids leave memory once stored (here at once:
+/// resident max 0, resident time 0) and a retry of one is still answered from storage, before
+/// and after a restart; the balance moves once per gift id.
+#[tokio::test]
+async fn gift_ids_that_left_memory_are_still_debited_once_and_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let evict_at_once = |c: &mut giftcast::config::Config| {
+        c.idempotency.resident_max = 0;
+        c.idempotency.resident_ms = 0;
+    };
+    let server = TestServer::start_in(dir.path().to_path_buf(), evict_at_once).await;
+    let mut v = funded(&server, "ida", 100).await;
+    let mut first = Vec::new();
+    for i in 1..=4 {
+        let id = format!("e-{i}");
+        v.gift(&id, "coffee", 1, None).await;
+        let ok = v.gift_answer(&id).await;
+        assert_eq!(ok["type"], "gift_ok");
+        first.push(ok);
+    }
+    assert_eq!(first[3]["balance"], 60);
+    eventually("the four gifts are stored", || stored_everything(&server)).await;
+    // The next gift's completion evicts the stored ones; only the new, unstored one stays.
+    v.gift("e-5", "coffee", 1, None).await;
+    assert_eq!(v.gift_answer("e-5").await["balance"], 50);
+    eventually("the stored ids left memory", || {
+        server.app.ledger.resident_gifts() == 1
+    })
+    .await;
+    assert!(
+        !server.app.ledger.has_gift("ida", "e-1"),
+        "e-1 is not in memory"
+    );
+    // A retry of an evicted id: its original gift_ok (seq unknown now: 0), nothing debited.
+    v.gift("e-1", "coffee", 1, None).await;
+    let again = v.gift_answer("e-1").await;
+    assert_eq!(again["type"], "gift_ok");
+    assert_eq!(again["balance"], first[0]["balance"]);
+    assert_eq!(again["seq"], 0);
+    // Other contents under an evicted id: conflict, nothing debited.
+    v.gift("e-2", "rose", 1, None).await;
+    assert_eq!(v.gift_answer("e-2").await["code"], "conflict");
+    // A new id still goes through.
+    v.gift("e-6", "coffee", 1, None).await;
+    assert_eq!(v.gift_answer("e-6").await["balance"], 40);
+    assert_eq!(server.app.ledger.balance("ida"), 40);
+    assert_eq!(server.audit().await["ok"], true);
+    drop(v);
+    server.stop().await.unwrap();
+
+    // After a restart every stored id is older than the resident time: all in the filter.
+    let server = TestServer::start_in(dir.path().to_path_buf(), evict_at_once).await;
+    assert_eq!(server.app.ledger.resident_gifts(), 0);
+    assert!(server.app.ledger.evicted_filter_bytes() > 0);
+    let (mut v, _) = server.joined("demo", Some(("ida", Role::Viewer))).await;
+    for (i, ok) in first.iter().enumerate() {
+        let id = format!("e-{}", i + 1);
+        v.gift(&id, "coffee", 1, None).await;
+        let again = v.gift_answer(&id).await;
+        assert_eq!(
+            (&again["type"], &again["balance"]),
+            (&ok["type"], &ok["balance"]),
+            "{id}"
+        );
+    }
+    v.gift("e-7", "coffee", 1, None).await;
+    assert_eq!(v.gift_answer("e-7").await["balance"], 30);
+    assert_eq!(server.app.ledger.balance("ida"), 30);
+    assert_eq!(server.audit().await["ok"], true);
+}

@@ -421,6 +421,11 @@ impl Journal {
         }
     }
 
+    /// The released position alone (no lock): the store holds every record at or below it.
+    pub fn released_lsn(&self) -> Lsn {
+        self.shared.released_lsn.load(Ordering::Acquire)
+    }
+
     pub fn stats(&self) -> JournalStats {
         let queue = self.shared.queue.lock();
         JournalStats {

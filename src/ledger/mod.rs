@@ -7,15 +7,19 @@
 //!
 //! Architecture invariant: the ledger knows nothing of sockets, rooms or storage.
 
+mod idempotency;
 pub mod packets;
 mod revenue;
+
+pub use idempotency::IdempotencyConfig;
 
 pub use revenue::{RevenueReport, RevenueRow, StreamRevenue, Totals};
 
 use crate::money::{Coins, Split, AMOUNT_MAX};
-use crate::record::{CreditRecord, GiftRecord, Record};
+use crate::record::{CreditRecord, GiftRecord, Lsn, Record};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
+use idempotency::{EvictedIds, Resident, ResidentQueue, EVICTIONS_PER_CALL_MAX};
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -35,9 +39,9 @@ pub enum SinkError {
     Failed(String),
 }
 
-/// Called once with a submitted record's outcome: `Ok` once it is durable, `Err(reason)` if it
-/// never will be.
-pub type OnDurable = Box<dyn FnOnce(Result<(), String>) + Send>;
+/// Called once with a submitted record's outcome: `Ok(lsn)` once it is durable, `Err(reason)` if
+/// it never will be.
+pub type OnDurable = Box<dyn FnOnce(Result<Lsn, String>) + Send>;
 
 /// Where records go to become durable: the journal, or (in unit tests) memory.
 pub trait RecordSink: Send + Sync + 'static {
@@ -45,29 +49,47 @@ pub trait RecordSink: Send + Sync + 'static {
     /// returns: it is called while a wallet entry is held. On `Ok`, `then` is called exactly
     /// once, later, from elsewhere; on `Err` never.
     fn submit(&self, record: Record, then: OnDurable) -> Result<(), SinkError>;
+
+    /// The store holds every record at or below this LSN (the journal's released position):
+    /// only such gifts' ids may leave the wallets' maps.
+    fn stored_lsn(&self) -> Lsn;
 }
 
 /// A sink that makes nothing durable, for unit tests: it keeps the callbacks until
 /// [`MemorySink::settle_all`] reports every record durable. The server always uses the journal.
+/// Records get LSNs 1, 2, … in submit order; nothing counts as stored until
+/// [`MemorySink::set_stored`] says so.
 #[derive(Default)]
 pub struct MemorySink {
-    pending: parking_lot::Mutex<Vec<OnDurable>>,
+    pending: parking_lot::Mutex<Vec<(Lsn, OnDurable)>>,
+    next_lsn: AtomicU64,
+    stored: AtomicU64,
 }
 
 impl MemorySink {
     /// Reports every record submitted so far as durable.
     pub fn settle_all(&self) {
         let calls = std::mem::take(&mut *self.pending.lock());
-        for call in calls {
-            call(Ok(()));
+        for (lsn, call) in calls {
+            call(Ok(lsn));
         }
+    }
+
+    /// Pretends the store holds every record up to `lsn`.
+    pub fn set_stored(&self, lsn: Lsn) {
+        self.stored.store(lsn, Ordering::SeqCst);
     }
 }
 
 impl RecordSink for MemorySink {
     fn submit(&self, _record: Record, then: OnDurable) -> Result<(), SinkError> {
-        self.pending.lock().push(then);
+        let lsn = self.next_lsn.fetch_add(1, Ordering::SeqCst) + 1;
+        self.pending.lock().push((lsn, then));
         Ok(())
+    }
+
+    fn stored_lsn(&self) -> Lsn {
+        self.stored.load(Ordering::SeqCst)
     }
 }
 
@@ -81,7 +103,7 @@ pub(crate) fn submit_ticket(
     sink.submit(
         record,
         Box::new(move |outcome| {
-            let _ = tx.send(outcome);
+            let _ = tx.send(outcome.map(|_| ()));
         }),
     )?;
     Ok(Box::pin(async move {
@@ -185,8 +207,11 @@ impl Slot {
 #[derive(Default, Debug)]
 struct Wallet {
     balance: u64,
-    /// Accepted gift ids with their outcome.
+    /// Resident accepted gift ids with their outcome (see `idempotency`).
     gifts: HashMap<String, Arc<Slot>>,
+    /// Ids of this wallet moved from `gifts` to the evicted-id filter, ever: 0 means no filter
+    /// check is needed; a change while a store lookup ran means its "not found" is stale.
+    evicted: u64,
 }
 
 /// A gift as the ledger sees it, already validated for shape by the protocol layer.
@@ -201,12 +226,31 @@ pub struct GiftRequest<'a> {
     pub count: u32,
     pub message: Option<&'a str>,
     pub ts_ms: u64,
+    /// Set after a store lookup found no gift with this id: the wallet's eviction count when
+    /// [`GiftStart::Lookup`] was returned. Trusted only if the count has not moved since.
+    pub store_checked: Option<u64>,
 }
 
 impl GiftRequest<'_> {
     fn fingerprint(&self) -> String {
         gift_fingerprint(self.stream, self.sticker, self.count, self.message)
     }
+}
+
+/// Whether a stored gift has the contents of a request (a retry) or not (a conflict).
+pub fn same_gift(
+    stored: &GiftRecord,
+    stream: &str,
+    sticker: &str,
+    count: u32,
+    message: Option<&str>,
+) -> bool {
+    gift_fingerprint(
+        &stored.stream,
+        &stored.sticker,
+        stored.count,
+        stored.message.as_deref(),
+    ) == gift_fingerprint(stream, sticker, count, message)
 }
 
 fn gift_fingerprint(stream: &str, sticker: &str, count: u32, message: Option<&str>) -> String {
@@ -225,6 +269,9 @@ pub enum GiftStart {
     },
     /// A retry of an accepted gift: answer from the slot, debit nothing.
     Retry(Arc<Slot>),
+    /// The id is not resident but may have been evicted: look it up in the store (found: a
+    /// retry; not found: call again with `store_checked: Some(evicted)`). Nothing changed.
+    Lookup { evicted: u64 },
     Rejected {
         code: &'static str,
         balance: Option<u64>,
@@ -269,11 +316,27 @@ pub struct Ledger {
     packets: DashMap<String, packets::Packet>,
     /// Coins held in red packets in flight.
     held: AtomicU64,
+    idempotency: IdempotencyConfig,
+    /// Gift ids evicted from the wallets' maps.
+    evicted_ids: EvictedIds,
+    /// Durable gifts whose ids are resident, oldest first.
+    resident: ResidentQueue,
 }
 
 impl Ledger {
     pub fn new(split: Split, sink: Arc<dyn RecordSink>) -> Ledger {
+        Ledger::with_idempotency(split, sink, IdempotencyConfig::default())
+    }
+
+    pub fn with_idempotency(
+        split: Split,
+        sink: Arc<dyn RecordSink>,
+        idempotency: IdempotencyConfig,
+    ) -> Ledger {
         Ledger {
+            evicted_ids: EvictedIds::new(idempotency.filter_bytes, idempotency.retention_ms),
+            resident: ResidentQueue::default(),
+            idempotency,
             split,
             sink,
             wallets: DashMap::new(),
@@ -294,8 +357,9 @@ impl Ledger {
         self.wallets.get(user_id).map(|w| w.balance).unwrap_or(0)
     }
 
-    /// Whether `gift_id` is an accepted (or in-flight) gift of this user: a retry, which the
-    /// app lets through its own checks so that it gets its original answer.
+    /// Whether `gift_id` is a resident accepted (or in-flight) gift of this user: a retry,
+    /// which the app lets through its own checks so that it gets its original answer. (An
+    /// evicted one is recognised by `begin_gift`, after the app's checks.)
     pub fn has_gift(&self, user_id: &str, gift_id: &str) -> bool {
         self.wallets
             .get(user_id)
@@ -340,6 +404,17 @@ impl Ledger {
                 };
             }
             return GiftStart::Retry(slot.clone());
+        }
+        if wallet.evicted > 0
+            && req.store_checked != Some(wallet.evicted)
+            && self
+                .evicted_ids
+                .may_contain(req.user_id, req.gift_id, req.ts_ms)
+        {
+            metrics::counter!("giftcast_idempotency_lookups_total").increment(1);
+            return GiftStart::Lookup {
+                evicted: wallet.evicted,
+            };
         }
         let Some(balance_after) = wallet.balance.checked_sub(amount.0) else {
             return GiftStart::Rejected {
@@ -386,6 +461,62 @@ impl Ledger {
             .entry(record.stream.clone())
             .or_default()
             .add(record);
+    }
+
+    /// A durable gift's slot has settled: its id is resident until it may be evicted (stored,
+    /// and old or beyond `resident_max`). Evicts what may go, a bounded number per call.
+    pub fn remember(&self, record: Arc<GiftRecord>, lsn: Lsn) {
+        self.resident.push(Resident { lsn, record });
+        self.evict(crate::now_ms());
+    }
+
+    fn evict(&self, now_ms: u64) {
+        let stored = self.sink.stored_lsn();
+        let mut evicted = 0;
+        for _ in 0..EVICTIONS_PER_CALL_MAX {
+            let Some(resident) = self
+                .resident
+                .pop_evictable(&self.idempotency, stored, now_ms)
+            else {
+                break;
+            };
+            let g = &resident.record;
+            let Some(mut wallet) = self.wallets.get_mut(&g.user_id) else {
+                continue;
+            };
+            match wallet.gifts.get(&g.gift_id) {
+                Some(slot) if slot.state() == SlotState::Pending => {
+                    // Not settled yet (cannot happen for a remembered gift; kept for safety).
+                    drop(wallet);
+                    self.resident.push_front(resident);
+                    break;
+                }
+                Some(_) => {
+                    // Into the filter first, then out of the map, under the wallet's entry:
+                    // `begin_gift` sees the id in one or the other.
+                    self.evicted_ids
+                        .insert(&g.user_id, &g.gift_id, g.ts_ms, now_ms);
+                    wallet.gifts.remove(&g.gift_id);
+                    wallet.evicted += 1;
+                    evicted += 1;
+                }
+                None => {}
+            }
+        }
+        if evicted > 0 {
+            metrics::counter!("giftcast_idempotency_evicted_total").increment(evicted);
+            metrics::gauge!("giftcast_idempotency_resident").set(self.resident.len() as f64);
+        }
+    }
+
+    /// Resident ids of durable gifts (what `resident_max` bounds once they are stored).
+    pub fn resident_gifts(&self) -> usize {
+        self.resident.len()
+    }
+
+    /// Bytes the evicted-id filter holds now.
+    pub fn evicted_filter_bytes(&self) -> usize {
+        self.evicted_ids.allocated_bytes()
     }
 
     /// The journal refused the gift's record: undo the debit and forget the id, so a retry is a
@@ -514,6 +645,14 @@ impl Ledger {
             SlotState::Done { seq: 0 },
         );
         self.credits.insert(c.reference.clone(), slot);
+    }
+
+    /// A stored gift older than the resident window: only its id, into the evicted-id filter.
+    pub fn restore_evicted(&self, user_id: &str, gift_id: &str, ts_ms: u64) {
+        let mut wallet = self.wallets.entry(user_id.to_string()).or_default();
+        self.evicted_ids
+            .insert(user_id, gift_id, ts_ms, crate::now_ms());
+        wallet.evicted += 1;
     }
 
     /// A stored gift: remembered for idempotency (its debit is in the stored balance).

@@ -18,6 +18,7 @@ fn gift<'a>(user: &'a str, id: &'a str, price: u64, count: u32) -> GiftRequest<'
         count,
         message: None,
         ts_ms: 1,
+        store_checked: None,
     }
 }
 
@@ -31,6 +32,7 @@ fn run_gift(l: &Ledger, req: &GiftRequest<'_>) -> Result<u64, &'static str> {
         }
         GiftStart::Retry(slot) => Ok(slot.balance_after),
         GiftStart::Rejected { code, .. } => Err(code),
+        GiftStart::Lookup { .. } => Err("lookup"),
     }
 }
 
@@ -128,6 +130,10 @@ impl RecordSink for FailingSink {
     fn submit(&self, _r: Record, _then: OnDurable) -> Result<(), SinkError> {
         Err(SinkError::Failed("disk gone".into()))
     }
+
+    fn stored_lsn(&self) -> Lsn {
+        0
+    }
 }
 
 #[test]
@@ -188,6 +194,10 @@ fn replay_reproduces_balances_and_refuses_inconsistency() {
         fn submit(&self, r: Record, _then: OnDurable) -> Result<(), SinkError> {
             self.0.lock().unwrap().push(r);
             Ok(())
+        }
+
+        fn stored_lsn(&self) -> Lsn {
+            0
         }
     }
     let l = Ledger::new(Split::default(), Arc::new(Capture(journal.clone())));
@@ -336,7 +346,7 @@ fn a_new_gift_hands_its_completion_to_the_sink_and_only_a_new_one() {
         built.fetch_add(1, Ordering::SeqCst);
         let (slot, called) = (slot.clone(), called.clone());
         Box::new(move |outcome| {
-            assert_eq!(outcome, Ok(()));
+            assert_eq!(outcome, Ok(2), "the LSN after the credit's");
             called.fetch_add(1, Ordering::SeqCst);
             slot.settle(SlotState::Done { seq: 1 });
         })
@@ -365,4 +375,168 @@ fn a_new_gift_hands_its_completion_to_the_sink_and_only_a_new_one() {
     };
     assert_eq!(slot.state(), SlotState::Done { seq: 1 });
     assert_eq!(l.balance("a"), 6);
+}
+
+// ---- bounded gift-id memory (idempotency.rs) ----
+
+/// A ledger whose sink settles like the journal (LSN to the completion) and whose completion
+/// does what the app's does: settle the slot, then `remember` the gift.
+fn bounded(resident_max: usize, resident_ms: u64) -> (Arc<Ledger>, Arc<MemorySink>) {
+    let sink = Arc::new(MemorySink::default());
+    let cfg = IdempotencyConfig {
+        resident_ms,
+        resident_max,
+        filter_bytes: 1 << 16,
+        retention_ms: 7 * 24 * 3600 * 1000,
+    };
+    (
+        Arc::new(Ledger::with_idempotency(
+            Split::default(),
+            sink.clone(),
+            cfg,
+        )),
+        sink,
+    )
+}
+
+fn gift_now<'a>(user: &'a str, id: &'a str) -> GiftRequest<'a> {
+    GiftRequest {
+        ts_ms: crate::now_ms(),
+        ..gift(user, id, 1, 1)
+    }
+}
+
+/// Starts a gift with the app's completion; returns what `begin_gift` said.
+fn start(l: &Arc<Ledger>, req: &GiftRequest<'_>) -> &'static str {
+    let ledger = l.clone();
+    let then = move |record: &Arc<GiftRecord>, slot: &Arc<Slot>| -> OnDurable {
+        let (record, slot) = (record.clone(), slot.clone());
+        Box::new(move |outcome| {
+            let lsn = outcome.expect("durable");
+            ledger.gift_durable(&record);
+            slot.settle(SlotState::Done { seq: lsn });
+            ledger.remember(record, lsn);
+        })
+    };
+    match l.begin_gift(req, then) {
+        GiftStart::New { .. } => "new",
+        GiftStart::Retry(_) => "retry",
+        GiftStart::Lookup { .. } => "lookup",
+        GiftStart::Rejected { code, .. } => code,
+    }
+}
+
+#[test]
+fn ids_leave_memory_only_once_stored_and_then_need_a_store_lookup() {
+    let (l, sink) = bounded(2, 3_600_000);
+    credit(&l, "a", 100, "r");
+    for i in 1..=5 {
+        assert_eq!(start(&l, &gift_now("a", &format!("g{i}"))), "new");
+    }
+    sink.settle_all();
+    // Durable but not stored: every id stays, whatever resident_max says.
+    assert_eq!(l.resident_gifts(), 5);
+    assert_eq!(start(&l, &gift_now("a", "g1")), "retry");
+    // The store holds the first three records (the credit is LSN 1, gifts g1-g3 are 2-4); the
+    // next remembered gift evicts the stored ones beyond resident_max.
+    sink.set_stored(4);
+    assert_eq!(start(&l, &gift_now("a", "g6")), "new");
+    sink.settle_all();
+    assert_eq!(
+        l.resident_gifts(),
+        3,
+        "g1-g3 stored and evicted down to the bound; g4, g5 unstored; g6 over the bound but unstored"
+    );
+    for id in ["g1", "g2", "g3"] {
+        assert_eq!(start(&l, &gift_now("a", id)), "lookup", "{id} was evicted");
+    }
+    for id in ["g4", "g5", "g6"] {
+        assert_eq!(start(&l, &gift_now("a", id)), "retry", "{id} is resident");
+    }
+    // Asking changed nothing: six coins gone, one per gift.
+    assert_eq!(l.balance("a"), 94);
+    assert!(l.audit().ok);
+    // Another user's new ids need no lookup: the filter is keyed by user, and a wallet that
+    // never evicted skips it.
+    credit(&l, "b", 10, "rb");
+    assert_eq!(start(&l, &gift_now("b", "g1")), "new");
+}
+
+#[test]
+fn old_stored_ids_leave_memory_after_the_resident_time() {
+    let (l, sink) = bounded(1000, 60_000);
+    credit(&l, "a", 100, "r");
+    sink.set_stored(u64::MAX);
+    let old = GiftRequest {
+        ts_ms: crate::now_ms() - 61_000,
+        ..gift("a", "old", 1, 1)
+    };
+    let recent = GiftRequest {
+        ts_ms: crate::now_ms() - 59_000,
+        ..gift("a", "recent", 1, 1)
+    };
+    assert_eq!(start(&l, &old), "new");
+    assert_eq!(start(&l, &recent), "new");
+    sink.settle_all();
+    assert_eq!(l.resident_gifts(), 1, "only the one older than 60 s left");
+    assert_eq!(start(&l, &gift_now("a", "old")), "lookup");
+    assert_eq!(start(&l, &gift_now("a", "recent")), "retry");
+}
+
+#[test]
+fn a_store_miss_is_trusted_only_if_the_wallet_evicted_nothing_meanwhile() {
+    let (l, sink) = bounded(0, 3_600_000);
+    credit(&l, "a", 100, "r");
+    sink.set_stored(u64::MAX);
+    assert_eq!(start(&l, &gift_now("a", "g1")), "new");
+    sink.settle_all();
+    assert_eq!(l.resident_gifts(), 0, "resident_max 0: evicted once stored");
+    // g1 needs a lookup; say the store answered "not found" (as it would for a filter false
+    // positive): the app then asks again with the mark `Lookup` gave.
+    let GiftStart::Lookup { evicted } = l.begin_gift(&gift_now("a", "g1"), no_completion) else {
+        panic!("g1 needs a lookup")
+    };
+    // Meanwhile the wallet evicts another id: the earlier miss is stale, look again.
+    assert_eq!(start(&l, &gift_now("a", "g2")), "new");
+    sink.settle_all();
+    let stale = GiftRequest {
+        store_checked: Some(evicted),
+        ..gift_now("a", "g1")
+    };
+    assert_eq!(start(&l, &stale), "lookup");
+    // With an up-to-date mark the miss is trusted and the gift goes ahead.
+    let GiftStart::Lookup { evicted } = l.begin_gift(&gift_now("a", "g1"), no_completion) else {
+        panic!("g1 needs a lookup")
+    };
+    let fresh = GiftRequest {
+        store_checked: Some(evicted),
+        ..gift_now("a", "g1")
+    };
+    assert_eq!(start(&l, &fresh), "new");
+}
+
+#[test]
+fn restored_old_ids_go_to_the_filter_and_recent_ones_stay_resident() {
+    let (l, _sink) = bounded(1000, 3_600_000);
+    l.restore_balance("a", 10);
+    l.restore_evicted("a", "old", crate::now_ms() - 2 * 3_600_000);
+    let recent = GiftRecord {
+        user_id: "a".into(),
+        user_name: "U".into(),
+        gift_id: "recent".into(),
+        stream: "s1".into(),
+        sticker: "k1".into(),
+        count: 1,
+        price: 1,
+        amount: 1,
+        shares: Split::default().shares(Coins(1)).unwrap(),
+        message: None,
+        balance_after: 10,
+        ts_ms: crate::now_ms(),
+    };
+    l.restore_gift(&recent);
+    l.remember(Arc::new(recent), 0);
+    assert_eq!(start(&l, &gift_now("a", "old")), "lookup");
+    assert_eq!(start(&l, &gift_now("a", "recent")), "retry");
+    assert_eq!(l.balance("a"), 10);
 }

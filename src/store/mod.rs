@@ -81,8 +81,11 @@ pub struct Snapshot {
     pub balances: Vec<(String, u64)>,
     /// Every credit (idempotency on `reference`), in LSN order.
     pub credits: Vec<CreditRecord>,
-    /// Gifts with `ts_ms >= idempotency_since_ms` (the gift-id memory), in LSN order.
+    /// Gifts with `ts_ms >= resident_since_ms` (the resident gift-id memory), in LSN order.
     pub gifts: Vec<GiftRecord>,
+    /// Gifts with `idempotency_since_ms <= ts_ms < resident_since_ms`: only what the evicted-id
+    /// filter and the daily cap need, in LSN order.
+    pub gift_keys: Vec<GiftKey>,
     /// Sorted by (stream, sticker, user_id).
     pub revenue: Vec<RevenueRow>,
     /// Sum of all credits' coins.
@@ -92,6 +95,33 @@ pub struct Snapshot {
     /// This node's red packet records, in LSN order (packets in flight are rebuilt from them).
     pub packets: Vec<Record>,
 }
+
+/// A stored gift older than the resident window, as the start needs it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GiftKey {
+    pub user_id: String,
+    pub gift_id: String,
+    pub amount: u64,
+    pub ts_ms: u64,
+}
+
+/// Where a loaded gift goes: whole (resident) or as a key.
+fn sort_gift(snapshot: &mut Snapshot, gift: GiftRecord, resident_since_ms: u64) {
+    if gift.ts_ms >= resident_since_ms {
+        snapshot.gifts.push(gift);
+    } else {
+        snapshot.gift_keys.push(GiftKey {
+            user_id: gift.user_id,
+            gift_id: gift.gift_id,
+            amount: gift.amount,
+            ts_ms: gift.ts_ms,
+        });
+    }
+}
+
+/// The columns of a stored gift, in the order both backends' row readers expect.
+const GIFT_COLUMNS: &str = "user_id, user_name, gift_id, stream, sticker, count, price, amount,
+    store_share, streamer_share, platform_share, message, balance_after, ts_ms";
 
 /// Embedded SQLite or PostgreSQL. Cheap to clone (both hold an `Arc`).
 #[derive(Clone)]
@@ -149,10 +179,31 @@ impl Store {
         }
     }
 
+    /// Everything, with the gifts since `idempotency_since_ms` whole.
     pub async fn load(&self, idempotency_since_ms: u64) -> Result<Snapshot> {
+        self.load_window(idempotency_since_ms, idempotency_since_ms)
+            .await
+    }
+
+    /// Everything, with the gifts since `resident_since_ms` whole and the older ones since
+    /// `idempotency_since_ms` as keys.
+    pub async fn load_window(
+        &self,
+        idempotency_since_ms: u64,
+        resident_since_ms: u64,
+    ) -> Result<Snapshot> {
+        let resident_since_ms = resident_since_ms.max(idempotency_since_ms);
         match self {
-            Store::Sqlite(s) => s.load(idempotency_since_ms).await,
-            Store::Postgres(s) => s.load(idempotency_since_ms).await,
+            Store::Sqlite(s) => s.load(idempotency_since_ms, resident_since_ms).await,
+            Store::Postgres(s) => s.load(idempotency_since_ms, resident_since_ms).await,
+        }
+    }
+
+    /// The stored gift `gift_id` of `user_id`, if any (for a retry of an evicted id).
+    pub async fn find_gift(&self, user_id: &str, gift_id: &str) -> Result<Option<GiftRecord>> {
+        match self {
+            Store::Sqlite(s) => s.find_gift(user_id, gift_id).await,
+            Store::Postgres(s) => s.find_gift(user_id, gift_id).await,
         }
     }
 

@@ -3,8 +3,8 @@
 //! store recovers by itself once the database is reachable again.
 
 use super::{
-    final_balances, to_i64, to_u64, Deltas, Result, RevenueRow, Snapshot, StoreError, MIGRATIONS,
-    SCHEMA_VERSION_DDL, STORE_OPERATION_TIMEOUT_MS,
+    final_balances, to_i64, to_u64, Deltas, Result, RevenueRow, Snapshot, StoreError, GIFT_COLUMNS,
+    MIGRATIONS, SCHEMA_VERSION_DDL, STORE_OPERATION_TIMEOUT_MS,
 };
 use crate::money::Shares;
 use crate::record::{CreditRecord, GiftRecord, Lsn, Record};
@@ -167,13 +167,26 @@ impl PgStore {
         .await
     }
 
-    pub async fn load(&self, idempotency_since_ms: u64) -> Result<Snapshot> {
+    pub async fn find_gift(&self, user_id: &str, gift_id: &str) -> Result<Option<GiftRecord>> {
+        let (user_id, gift_id) = (user_id.to_string(), gift_id.to_string());
+        self.run(|conn| async move {
+            let sql =
+                format!("SELECT {GIFT_COLUMNS} FROM gifts WHERE user_id = $1 AND gift_id = $2");
+            match conn.client.query_opt(&sql, &[&user_id, &gift_id]).await? {
+                Some(row) => Ok(Some(gift_row(&row)?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    pub async fn load(&self, since_ms: u64, resident_since_ms: u64) -> Result<Snapshot> {
         let node = self.inner.node_id.clone();
         self.run(|conn| async move {
             conn.client
                 .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
                 .await?;
-            let snapshot = load(&conn.client, &node, idempotency_since_ms).await?;
+            let snapshot = load(&conn.client, &node, since_ms, resident_since_ms).await?;
             conn.client.batch_execute("COMMIT").await?;
             Ok(snapshot)
         })
@@ -404,7 +417,12 @@ async fn apply(conn: &PgConn, node: &str, records: &[(Lsn, Arc<Record>)]) -> Res
     Ok(())
 }
 
-async fn load(client: &Client, node: &str, since_ms: u64) -> Result<Snapshot> {
+async fn load(
+    client: &Client,
+    node: &str,
+    since_ms: u64,
+    resident_since_ms: u64,
+) -> Result<Snapshot> {
     let checkpoint: Option<i64> = client
         .query_opt("SELECT lsn FROM checkpoints WHERE node_id = $1", &[&node])
         .await?
@@ -445,34 +463,9 @@ async fn load(client: &Client, node: &str, since_ms: u64) -> Result<Snapshot> {
             ts_ms: to_u64(row.get(4), "ts_ms")?,
         });
     }
-    for row in client
-        .query(
-            "SELECT user_id, user_name, gift_id, stream, sticker, count, price, amount, store_share,
-                 streamer_share, platform_share, message, balance_after, ts_ms
-             FROM gifts WHERE ts_ms >= $1 ORDER BY lsn",
-            &[&to_i64(since_ms, "since")?],
-        )
-        .await?
-    {
-        snapshot.gifts.push(GiftRecord {
-            user_id: row.get(0),
-            user_name: row.get(1),
-            gift_id: row.get(2),
-            stream: row.get(3),
-            sticker: row.get(4),
-            count: u32::try_from(row.get::<_, i64>(5))
-                .map_err(|_| StoreError::Range("gift count".into()))?,
-            price: to_u64(row.get(6), "price")?,
-            amount: to_u64(row.get(7), "amount")?,
-            shares: Shares {
-                store: to_u64(row.get(8), "store share")?,
-                streamer: to_u64(row.get(9), "streamer share")?,
-                platform: to_u64(row.get(10), "platform share")?,
-            },
-            message: row.get(11),
-            balance_after: to_u64(row.get(12), "balance_after")?,
-            ts_ms: to_u64(row.get(13), "ts_ms")?,
-        });
+    let sql = format!("SELECT {GIFT_COLUMNS} FROM gifts WHERE ts_ms >= $1 ORDER BY lsn");
+    for row in client.query(&sql, &[&to_i64(since_ms, "since")?]).await? {
+        super::sort_gift(&mut snapshot, gift_row(&row)?, resident_since_ms);
     }
     for row in client
         .query(
@@ -507,4 +500,27 @@ async fn load(client: &Client, node: &str, since_ms: u64) -> Result<Snapshot> {
     }
     snapshot.sort();
     Ok(snapshot)
+}
+
+/// A row of `GIFT_COLUMNS`.
+fn gift_row(row: &tokio_postgres::Row) -> Result<GiftRecord> {
+    Ok(GiftRecord {
+        user_id: row.get(0),
+        user_name: row.get(1),
+        gift_id: row.get(2),
+        stream: row.get(3),
+        sticker: row.get(4),
+        count: u32::try_from(row.get::<_, i64>(5))
+            .map_err(|_| StoreError::Range("gift count".into()))?,
+        price: to_u64(row.get(6), "price")?,
+        amount: to_u64(row.get(7), "amount")?,
+        shares: Shares {
+            store: to_u64(row.get(8), "store share")?,
+            streamer: to_u64(row.get(9), "streamer share")?,
+            platform: to_u64(row.get(10), "platform share")?,
+        },
+        message: row.get(11),
+        balance_after: to_u64(row.get(12), "balance_after")?,
+        ts_ms: to_u64(row.get(13), "ts_ms")?,
+    })
 }

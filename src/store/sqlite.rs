@@ -1,8 +1,8 @@
 //! The embedded store: one SQLite connection in WAL mode, used from the blocking pool.
 
 use super::{
-    final_balances, to_i64, to_u64, Deltas, Result, RevenueRow, Snapshot, StoreError, MIGRATIONS,
-    SCHEMA_VERSION_DDL,
+    final_balances, to_i64, to_u64, Deltas, Result, RevenueRow, Snapshot, StoreError, GIFT_COLUMNS,
+    MIGRATIONS, SCHEMA_VERSION_DDL,
 };
 use crate::money::Shares;
 use crate::record::{CreditRecord, GiftRecord, Lsn, Record};
@@ -69,15 +69,53 @@ impl SqliteStore {
         .await
     }
 
-    pub async fn load(&self, idempotency_since_ms: u64) -> Result<Snapshot> {
+    pub async fn load(&self, since_ms: u64, resident_since_ms: u64) -> Result<Snapshot> {
         self.with_conn(move |conn, node| {
             let tx = conn.transaction()?; // one consistent read
-            let snapshot = load(&tx, node, idempotency_since_ms)?;
+            let snapshot = load(&tx, node, since_ms, resident_since_ms)?;
             tx.commit()?;
             Ok(snapshot)
         })
         .await
     }
+
+    pub async fn find_gift(&self, user_id: &str, gift_id: &str) -> Result<Option<GiftRecord>> {
+        let (user_id, gift_id) = (user_id.to_string(), gift_id.to_string());
+        self.with_conn(move |conn, _| {
+            let sql =
+                format!("SELECT {GIFT_COLUMNS} FROM gifts WHERE user_id = ?1 AND gift_id = ?2");
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let mut rows = stmt.query(params![user_id, gift_id])?;
+            match rows.next()? {
+                Some(row) => Ok(Some(gift_row(row)?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+}
+
+/// A row of `GIFT_COLUMNS`.
+fn gift_row(row: &rusqlite::Row<'_>) -> Result<GiftRecord> {
+    Ok(GiftRecord {
+        user_id: row.get(0)?,
+        user_name: row.get(1)?,
+        gift_id: row.get(2)?,
+        stream: row.get(3)?,
+        sticker: row.get(4)?,
+        count: u32::try_from(row.get::<_, i64>(5)?)
+            .map_err(|_| StoreError::Range("gift count".into()))?,
+        price: to_u64(row.get(6)?, "price")?,
+        amount: to_u64(row.get(7)?, "amount")?,
+        shares: Shares {
+            store: to_u64(row.get(8)?, "store share")?,
+            streamer: to_u64(row.get(9)?, "streamer share")?,
+            platform: to_u64(row.get(10)?, "platform share")?,
+        },
+        message: row.get(11)?,
+        balance_after: to_u64(row.get(12)?, "balance_after")?,
+        ts_ms: to_u64(row.get(13)?, "ts_ms")?,
+    })
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -231,7 +269,12 @@ fn apply(tx: &Transaction<'_>, node: &str, records: &[(Lsn, Arc<Record>)]) -> Re
     Ok(())
 }
 
-fn load(tx: &Transaction<'_>, node: &str, since_ms: u64) -> Result<Snapshot> {
+fn load(
+    tx: &Transaction<'_>,
+    node: &str,
+    since_ms: u64,
+    resident_since_ms: u64,
+) -> Result<Snapshot> {
     let checkpoint: Option<i64> = tx
         .query_row(
             "SELECT lsn FROM checkpoints WHERE node_id = ?1",
@@ -270,32 +313,12 @@ fn load(tx: &Transaction<'_>, node: &str, since_ms: u64) -> Result<Snapshot> {
             ts_ms: to_u64(row.get(4)?, "ts_ms")?,
         });
     }
-    let mut stmt = tx.prepare(
-        "SELECT user_id, user_name, gift_id, stream, sticker, count, price, amount, store_share,
-             streamer_share, platform_share, message, balance_after, ts_ms
-         FROM gifts WHERE ts_ms >= ?1 ORDER BY lsn",
-    )?;
+    let sql = format!("SELECT {GIFT_COLUMNS} FROM gifts WHERE ts_ms >= ?1 ORDER BY lsn");
+    let mut stmt = tx.prepare(&sql)?;
     let mut rows = stmt.query([to_i64(since_ms, "since")?])?;
     while let Some(row) = rows.next()? {
-        snapshot.gifts.push(GiftRecord {
-            user_id: row.get(0)?,
-            user_name: row.get(1)?,
-            gift_id: row.get(2)?,
-            stream: row.get(3)?,
-            sticker: row.get(4)?,
-            count: u32::try_from(row.get::<_, i64>(5)?)
-                .map_err(|_| StoreError::Range("gift count".into()))?,
-            price: to_u64(row.get(6)?, "price")?,
-            amount: to_u64(row.get(7)?, "amount")?,
-            shares: Shares {
-                store: to_u64(row.get(8)?, "store share")?,
-                streamer: to_u64(row.get(9)?, "streamer share")?,
-                platform: to_u64(row.get(10)?, "platform share")?,
-            },
-            message: row.get(11)?,
-            balance_after: to_u64(row.get(12)?, "balance_after")?,
-            ts_ms: to_u64(row.get(13)?, "ts_ms")?,
-        });
+        let gift = gift_row(row)?;
+        super::sort_gift(&mut snapshot, gift, resident_since_ms);
     }
     let mut stmt = tx.prepare(
         "SELECT stream, sticker, user_id, user_name, gifts, stickers, gross, store_share,

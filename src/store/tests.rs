@@ -393,6 +393,65 @@ async fn packet_records_round_trip(backend: Backend) {
         .any(|g| g.gift_id == "rp:p" && g.amount == 1));
 }
 
+async fn gifts_load_split_by_the_resident_window_and_are_found_by_id(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let records = history(20, 10);
+    db.store.apply_batch(&records).await.unwrap();
+    let (since, resident_since) = (1_000 + 50, 1_000 + 150);
+    let split = db.store.load_window(since, resident_since).await.unwrap();
+    let whole = db.store.load(since).await.unwrap();
+    // The same gifts, the older ones as keys only, nothing else different.
+    assert!(split.gifts.iter().all(|g| g.ts_ms >= resident_since));
+    assert!(split
+        .gift_keys
+        .iter()
+        .all(|k| (since..resident_since).contains(&k.ts_ms)));
+    let mut keys: Vec<_> = split
+        .gift_keys
+        .iter()
+        .map(|k| (k.user_id.clone(), k.gift_id.clone(), k.amount, k.ts_ms))
+        .chain(
+            split
+                .gifts
+                .iter()
+                .map(|g| (g.user_id.clone(), g.gift_id.clone(), g.amount, g.ts_ms)),
+        )
+        .collect();
+    let mut expected: Vec<_> = whole
+        .gifts
+        .iter()
+        .map(|g| (g.user_id.clone(), g.gift_id.clone(), g.amount, g.ts_ms))
+        .collect();
+    keys.sort();
+    expected.sort();
+    assert_eq!(keys, expected);
+    assert!(!split.gift_keys.is_empty() && !split.gifts.is_empty());
+    assert_eq!(
+        Snapshot {
+            gifts: whole.gifts.clone(),
+            gift_keys: Vec::new(),
+            ..split
+        },
+        whole
+    );
+    // Every stored gift is found whole by (user, id); others are not.
+    for (_, record) in &records {
+        if let Record::Gift(g) = &**record {
+            let found = db.store.find_gift(&g.user_id, &g.gift_id).await.unwrap();
+            assert_eq!(found.as_ref(), Some(g));
+        }
+    }
+    let some = whole.gifts[0].clone();
+    assert_eq!(
+        db.store.find_gift(&some.user_id, "nope").await.unwrap(),
+        None
+    );
+    assert_eq!(
+        db.store.find_gift("nobody", &some.gift_id).await.unwrap(),
+        None
+    );
+}
+
 macro_rules! both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite_backend {
@@ -411,6 +470,7 @@ both_backends!(
     revenue_aggregation_is_exact,
     a_duplicate_key_under_a_new_lsn_is_counted_once,
     packet_records_round_trip,
+    gifts_load_split_by_the_resident_window_and_are_found_by_id,
 );
 
 #[tokio::test]
