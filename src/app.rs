@@ -1097,14 +1097,14 @@ fn gift_settled(
                 tokio::spawn(async move {
                     let seq = cluster.remote_announce(&record, tier).await;
                     slot.settle(SlotState::Done { seq });
-                    in_flight.0.ledger.remember(record, lsn);
+                    in_flight.0.ledger.remember(&record, lsn);
                     drop(in_flight);
                 });
                 return;
             }
             let seq = app.announce_local(&record, tier);
             slot.settle(SlotState::Done { seq });
-            app.ledger.remember(record, lsn);
+            app.ledger.remember(&record, lsn);
         }
         Err(e) => {
             tracing::error!(error = %e, "journal refused a gift; the debit is undone");

@@ -113,7 +113,7 @@ pub struct ServeArgs {
     /// then only a compact filter remembers it and a retry is checked against storage.
     #[arg(long, env = "GIFTCAST_IDEMPOTENCY_RESIDENT_SECS", default_value_t = crate::limits::IDEMPOTENCY_RESIDENT_MS_DEFAULT / 1000)]
     pub idempotency_resident_secs: u64,
-    /// At most this many stored gift ids stay in memory (~550 B each); older ones leave early.
+    /// At most this many stored gift ids stay in memory (~650 B each); older ones leave early.
     #[arg(long, env = "GIFTCAST_IDEMPOTENCY_RESIDENT_MAX", default_value_t = crate::limits::IDEMPOTENCY_RESIDENT_MAX_DEFAULT)]
     pub idempotency_resident_max: usize,
     /// Memory of the filter of gift ids that left memory (1-4096 MiB), which decides whether a

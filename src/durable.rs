@@ -145,7 +145,7 @@ impl Durable {
         }
         for g in &snapshot.gifts {
             ledger.restore_gift(g);
-            ledger.remember(Arc::new(g.clone()), 0);
+            ledger.remember(g, 0);
         }
         for r in &snapshot.revenue {
             ledger.restore_revenue(
@@ -177,7 +177,7 @@ impl Durable {
             })?;
             if let Record::Gift(g) = record {
                 // Not stored yet: resident until the flusher has stored it.
-                ledger.remember(Arc::new(g.clone()), *lsn);
+                ledger.remember(g, *lsn);
             }
         }
         let audit = ledger.audit();

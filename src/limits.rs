@@ -87,7 +87,7 @@ pub const IDEMPOTENCY_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
 /// retry); after it the id lives on in the evicted-id filter (see `ledger::idempotency`).
 /// Retries come within seconds (a reconnect), so ten minutes covers nearly all of them.
 pub const IDEMPOTENCY_RESIDENT_MS_DEFAULT: u64 = 10 * 60 * 1000;
-/// Default bound of stored gift ids kept in the wallets' maps (~550 B each, ~110 MiB in all);
+/// Default bound of stored gift ids kept in the wallets' maps (~650 B each with slot, map entry and queue key: ~130 MiB in all);
 /// beyond it the oldest stored ones are evicted early. `--idempotency-resident-max`.
 pub const IDEMPOTENCY_RESIDENT_MAX_DEFAULT: usize = 200_000;
 /// Default memory of the evicted-id filter, all generations together: 8 MiB per generation,

@@ -45,6 +45,8 @@ pub async fn build(config: Config) -> anyhow::Result<Arc<App>> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let keys = TokenKeys::load_or_create(config.token_secret.as_deref(), &config.data_dir)?;
+    // Before anything registers a metric handle (the ledger does, at recovery).
+    let metrics = metrics_handle();
     if config.unsafe_ack_before_durable {
         tracing::warn!("--unsafe-ack-before-durable: acknowledging money before it is durable (test negative control)");
     }
@@ -68,7 +70,7 @@ pub async fn build(config: Config) -> anyhow::Result<Arc<App>> {
         hub.clone(),
         Arc::new(ledger),
         keys,
-        metrics_handle(),
+        metrics,
         Some(Arc::new(durable)),
     ));
     if let Some(c) = &app.config.cluster {

@@ -28,7 +28,6 @@ use crate::record::{GiftRecord, Lsn};
 use fastbloom::AtomicBloomFilter;
 use parking_lot::{Mutex, RwLock};
 use std::collections::VecDeque;
-use std::sync::Arc;
 
 /// Bits per expected id in a generation: ~1% false positives while a generation holds fewer
 /// than its bits / 10 ids; more ids raise the rate (more store lookups), never a wrong answer.
@@ -155,11 +154,33 @@ impl EvictedIds {
     }
 }
 
-/// A durable gift whose id is resident, in the order the journal made them durable.
+/// A durable gift whose id is resident, in the order the journal made them durable. Compact
+/// (one allocation), so that the gift's record is freed when its completion ends, not later.
 pub(crate) struct Resident {
     /// 0: stored already (restored from the store at start).
     pub lsn: Lsn,
-    pub record: Arc<GiftRecord>,
+    pub ts_ms: u64,
+    /// `user_id`, NUL, `gift_id` (ids never hold a NUL: protocol and token checks).
+    key: Box<str>,
+}
+
+impl Resident {
+    pub(crate) fn new(lsn: Lsn, gift: &GiftRecord) -> Resident {
+        let mut key = String::with_capacity(gift.user_id.len() + 1 + gift.gift_id.len());
+        key.push_str(&gift.user_id);
+        key.push('\0');
+        key.push_str(&gift.gift_id);
+        Resident {
+            lsn,
+            ts_ms: gift.ts_ms,
+            key: key.into_boxed_str(),
+        }
+    }
+
+    /// (user_id, gift_id).
+    pub(crate) fn ids(&self) -> (&str, &str) {
+        self.key.split_once('\0').expect("built with a NUL")
+    }
 }
 
 /// The queue of resident ids, oldest first.
@@ -188,7 +209,7 @@ impl ResidentQueue {
         let mut queue = self.queue.lock();
         let front = queue.front()?;
         let stored = front.lsn <= stored_lsn;
-        let old = front.record.ts_ms.saturating_add(cfg.resident_ms) <= now_ms;
+        let old = front.ts_ms.saturating_add(cfg.resident_ms) <= now_ms;
         if stored && (old || queue.len() > cfg.resident_max) {
             queue.pop_front()
         } else {

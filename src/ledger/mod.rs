@@ -321,6 +321,14 @@ pub struct Ledger {
     evicted_ids: EvictedIds,
     /// Durable gifts whose ids are resident, oldest first.
     resident: ResidentQueue,
+    metrics: IdempotencyMetrics,
+}
+
+/// Handles registered once (the `counter!` macro looks its key up on every call, and eviction
+/// runs once per gift).
+struct IdempotencyMetrics {
+    evicted: metrics::Counter,
+    resident: metrics::Gauge,
 }
 
 impl Ledger {
@@ -336,6 +344,10 @@ impl Ledger {
         Ledger {
             evicted_ids: EvictedIds::new(idempotency.filter_bytes, idempotency.retention_ms),
             resident: ResidentQueue::default(),
+            metrics: IdempotencyMetrics {
+                evicted: metrics::counter!("giftcast_idempotency_evicted_total"),
+                resident: metrics::gauge!("giftcast_idempotency_resident"),
+            },
             idempotency,
             split,
             sink,
@@ -465,8 +477,8 @@ impl Ledger {
 
     /// A durable gift's slot has settled: its id is resident until it may be evicted (stored,
     /// and old or beyond `resident_max`). Evicts what may go, a bounded number per call.
-    pub fn remember(&self, record: Arc<GiftRecord>, lsn: Lsn) {
-        self.resident.push(Resident { lsn, record });
+    pub fn remember(&self, record: &GiftRecord, lsn: Lsn) {
+        self.resident.push(Resident::new(lsn, record));
         self.evict(crate::now_ms());
     }
 
@@ -480,11 +492,11 @@ impl Ledger {
             else {
                 break;
             };
-            let g = &resident.record;
-            let Some(mut wallet) = self.wallets.get_mut(&g.user_id) else {
+            let (user_id, gift_id) = resident.ids();
+            let Some(mut wallet) = self.wallets.get_mut(user_id) else {
                 continue;
             };
-            match wallet.gifts.get(&g.gift_id) {
+            match wallet.gifts.get(gift_id) {
                 Some(slot) if slot.state() == SlotState::Pending => {
                     // Not settled yet (cannot happen for a remembered gift; kept for safety).
                     drop(wallet);
@@ -495,8 +507,8 @@ impl Ledger {
                     // Into the filter first, then out of the map, under the wallet's entry:
                     // `begin_gift` sees the id in one or the other.
                     self.evicted_ids
-                        .insert(&g.user_id, &g.gift_id, g.ts_ms, now_ms);
-                    wallet.gifts.remove(&g.gift_id);
+                        .insert(user_id, gift_id, resident.ts_ms, now_ms);
+                    wallet.gifts.remove(gift_id);
                     wallet.evicted += 1;
                     evicted += 1;
                 }
@@ -504,8 +516,8 @@ impl Ledger {
             }
         }
         if evicted > 0 {
-            metrics::counter!("giftcast_idempotency_evicted_total").increment(evicted);
-            metrics::gauge!("giftcast_idempotency_resident").set(self.resident.len() as f64);
+            self.metrics.evicted.increment(evicted);
+            self.metrics.resident.set(self.resident.len() as f64);
         }
     }
 

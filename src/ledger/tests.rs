@@ -415,7 +415,7 @@ fn start(l: &Arc<Ledger>, req: &GiftRequest<'_>) -> &'static str {
             let lsn = outcome.expect("durable");
             ledger.gift_durable(&record);
             slot.settle(SlotState::Done { seq: lsn });
-            ledger.remember(record, lsn);
+            ledger.remember(&record, lsn);
         })
     };
     match l.begin_gift(req, then) {
@@ -535,7 +535,7 @@ fn restored_old_ids_go_to_the_filter_and_recent_ones_stay_resident() {
         ts_ms: crate::now_ms(),
     };
     l.restore_gift(&recent);
-    l.remember(Arc::new(recent), 0);
+    l.remember(&recent, 0);
     assert_eq!(start(&l, &gift_now("a", "old")), "lookup");
     assert_eq!(start(&l, &gift_now("a", "recent")), "retry");
     assert_eq!(l.balance("a"), 10);
