@@ -5,6 +5,12 @@ use giftcast::auth::{Role, TokenKeys};
 use giftcast::config::{Cli, Command};
 use std::process::ExitCode;
 
+/// jemalloc instead of glibc's malloc: the gift path allocates and frees many small objects with
+/// mixed lifetimes and threads (frames, records, gift ids leaving memory), where glibc's bins and
+/// consolidation took ~20% of the server's CPU (docs/benchmarks.md, "Allocator").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn fail(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("giftcast: {message}");
     ExitCode::from(2)
