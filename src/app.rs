@@ -124,6 +124,46 @@ struct StoreChecked {
     tries: u32,
 }
 
+/// [`WalletGift`] owned, to carry into a task or across an `.await`.
+#[derive(Clone, Debug)]
+pub struct OwnedWalletGift {
+    pub user_id: String,
+    pub user_name: String,
+    pub gift_id: String,
+    pub stream: String,
+    pub sticker: crate::catalog::Sticker,
+    pub count: u32,
+    pub message: Option<String>,
+}
+
+impl OwnedWalletGift {
+    pub fn as_gift(&self) -> WalletGift<'_> {
+        WalletGift {
+            user_id: &self.user_id,
+            user_name: &self.user_name,
+            gift_id: &self.gift_id,
+            stream: &self.stream,
+            sticker: &self.sticker,
+            count: self.count,
+            message: self.message.as_deref(),
+        }
+    }
+}
+
+impl WalletGift<'_> {
+    pub fn to_owned_gift(&self) -> OwnedWalletGift {
+        OwnedWalletGift {
+            user_id: self.user_id.to_string(),
+            user_name: self.user_name.to_string(),
+            gift_id: self.gift_id.to_string(),
+            stream: self.stream.to_string(),
+            sticker: self.sticker.clone(),
+            count: self.count,
+            message: self.message.map(str::to_string),
+        }
+    }
+}
+
 /// One money completion not settled yet: counted in `App::gifts_in_flight` (which shutdown
 /// waits to see at zero) for as long as it lives, so a completion that is dropped uncalled (the
 /// journal refused its record) counts itself out like one that ran.
@@ -580,26 +620,21 @@ impl App {
             Some(d) if at.tries <= IDEMPOTENCY_LOOKUP_TRIES_MAX => d.store.clone(),
             _ => return answer(unavailable(self, gift.user_id)),
         };
-        let app = self.clone();
-        let (user_id, user_name, gift_id) = (
-            gift.user_id.to_string(),
-            gift.user_name.to_string(),
-            gift.gift_id.to_string(),
-        );
-        let (stream, sticker, count) = (gift.stream.to_string(), gift.sticker.clone(), gift.count);
-        let message = gift.message.map(str::to_string);
+        let (app, owned) = (self.clone(), gift.to_owned_gift());
         tokio::spawn(async move {
+            let gift = owned.as_gift();
             let timeout = Duration::from_millis(IDEMPOTENCY_LOOKUP_TIMEOUT_MS);
-            let found = tokio::time::timeout(timeout, store.find_gift(&user_id, &gift_id)).await;
+            let found =
+                tokio::time::timeout(timeout, store.find_gift(gift.user_id, gift.gift_id)).await;
             match found {
                 Ok(Ok(Some(stored))) => {
                     metrics::counter!("giftcast_idempotency_lookup_hits_total").increment(1);
                     let same = crate::ledger::same_gift(
                         &stored,
-                        &stream,
-                        &sticker.id,
-                        count,
-                        message.as_deref(),
+                        gift.stream,
+                        &gift.sticker.id,
+                        gift.count,
+                        gift.message,
                     );
                     answer(if same {
                         // The original answer; its seq is not stored (as after a restart).
@@ -610,29 +645,18 @@ impl App {
                     } else {
                         GiftReply::Rejected {
                             code: "conflict",
-                            balance: Some(app.ledger.balance(&user_id)),
+                            balance: Some(app.ledger.balance(gift.user_id)),
                         }
                     });
                 }
-                Ok(Ok(None)) => {
-                    let gift = WalletGift {
-                        user_id: &user_id,
-                        user_name: &user_name,
-                        gift_id: &gift_id,
-                        stream: &stream,
-                        sticker: &sticker,
-                        count,
-                        message: message.as_deref(),
-                    };
-                    app.gift_wallet_checked(&gift, answer, Some(at));
-                }
+                Ok(Ok(None)) => app.gift_wallet_checked(&gift, answer, Some(at)),
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "gift id lookup failed; gift refused, nothing debited");
-                    answer(unavailable(&app, &user_id));
+                    answer(unavailable(&app, gift.user_id));
                 }
                 Err(_) => {
                     tracing::warn!("gift id lookup timed out; gift refused, nothing debited");
-                    answer(unavailable(&app, &user_id));
+                    answer(unavailable(&app, gift.user_id));
                 }
             }
         });

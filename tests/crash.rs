@@ -252,6 +252,23 @@ impl Server {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// One unlabelled metric's value from /metrics, if it is there.
+    async fn metric(&self, name: &str) -> Option<f64> {
+        let text = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter_map(|l| l.split_once(' '))
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, v)| v.trim().parse().ok())
+    }
+
     async fn readyz(&self) -> (u16, Value) {
         self.get("/readyz", "none").await
     }
@@ -1074,19 +1091,9 @@ async fn crash_loop(opts: Opts, rounds: usize) {
     assert!(bad.is_empty(), "after the last restart: {}", first(&bad));
     if opts.resident_max.is_some() {
         // The retries really went the evicted way (else this loop proves nothing new).
-        let metrics = server
-            .http
-            .get(server.url("/metrics"))
-            .send()
+        let hits = server
+            .metric("giftcast_idempotency_lookup_hits_total")
             .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let hits: f64 = metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("giftcast_idempotency_lookup_hits_total "))
-            .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0.0);
         assert!(
             hits >= 100.0,
@@ -1376,20 +1383,9 @@ async fn postgres_outage_keeps_acknowledging_and_everything_lands() {
     );
     let (status, still) = server.readyz().await;
     assert_eq!(status, 503, "{still}");
-    let metrics = server
-        .http
-        .get(server.url("/metrics"))
-        .send()
+    let pending = server
+        .metric("giftcast_flusher_pending_records")
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let pending: f64 = metrics
-        .lines()
-        .find(|l| l.starts_with("giftcast_flusher_pending_records"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
         .expect("giftcast_flusher_pending_records in /metrics");
     assert!(pending > 0.0, "backlog held by the journal");
     proxy.restore();

@@ -586,16 +586,16 @@ async fn serve_wallet(app: &Arc<App>, req: WalletReq) -> WalletResp {
                     balance: None,
                 };
             };
-            let gift = crate::app::WalletGift {
-                user_id: &user_id,
-                user_name: &user_name,
-                gift_id: &gift_id,
-                stream: &stream,
-                sticker: &sticker,
+            let gift = crate::app::OwnedWalletGift {
+                user_id,
+                user_name,
+                gift_id,
+                stream,
+                sticker,
                 count,
-                message: message.as_deref(),
+                message,
             };
-            match app.gift_wallet_reply(&gift).await {
+            match app.gift_wallet_reply(&gift.as_gift()).await {
                 GiftReply::Ok { balance, seq } => WalletResp::GiftOk { balance, seq },
                 GiftReply::Rejected { code, balance } => WalletResp::GiftRejected {
                     code: code.into(),
