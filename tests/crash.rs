@@ -1330,6 +1330,95 @@ impl Proxy {
     }
 }
 
+/// Sends gift `id` (one coffee) on `ws` and returns its answer (`gift_ok` or `gift_rejected`).
+async fn gift_once(
+    ws: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    id: &str,
+) -> Value {
+    let frame = json!({"type": "gift", "gift_id": id, "sticker": "coffee", "count": 1});
+    ws.send(Message::text(frame.to_string())).await.unwrap();
+    loop {
+        let m = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("an answer in time");
+        if let Some(Ok(Message::Text(t))) = m {
+            let v: Value = serde_json::from_str(&t).unwrap();
+            let answer = matches!(v["type"].as_str(), Some("gift_ok" | "gift_rejected"));
+            if answer && v["gift_id"] == id {
+                return v;
+            }
+        }
+    }
+}
+
+/// Polls a metric until it has `want` (30 s at most).
+async fn wait_metric(server: &Server, name: &str, want: f64) {
+    let deadline = Instant::now() + WAIT;
+    while server.metric(name).await != Some(want) {
+        assert!(Instant::now() < deadline, "{name} never became {want}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A retry of a gift whose id has left memory needs the store; with the store unreachable the
+/// lookup fails and the retry is refused `unavailable` with nothing debited (never taken as a
+/// new gift); once the store is back, the same retry gets its original `gift_ok`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_that_needs_the_store_while_it_is_down_is_refused_and_debits_nothing() {
+    let proxy = Proxy::start("127.0.0.1:5432").await;
+    let schema = Schema::create().await;
+    let mut node = Node::new(Opts {
+        database_url: Some(schema.url(&proxy.addr.to_string())),
+        unsafe_ack: false,
+        resident_max: Some(0),
+    });
+    let server = node.start().await;
+    let price = server.prices().await["coffee"];
+    assert_eq!(server.credit("lou", 100 * price, "fund-lou").await.0, 200);
+    let (mut ws, _) = tokio_tungstenite::connect_async(server.ws_url())
+        .await
+        .unwrap();
+    ws.send(Message::text(
+        json!({"type": "join", "stream": "demo", "token": token("lou")}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let first = gift_once(&mut ws, "s-1").await;
+    assert_eq!(first["type"], "gift_ok", "{first}");
+    wait_metric(&server, "giftcast_flusher_pending_records", 0.0).await;
+    // The next gift's completion evicts s-1 (stored; at most 0 stored ids stay in memory).
+    assert_eq!(gift_once(&mut ws, "s-2").await["type"], "gift_ok");
+    wait_metric(&server, "giftcast_idempotency_resident", 1.0).await;
+    let balance = server.balance("lou").await;
+    assert_eq!(balance, 98 * price);
+
+    proxy.cut();
+    let down = gift_once(&mut ws, "s-1").await;
+    assert_eq!(
+        (down["type"].as_str(), down["code"].as_str()),
+        (Some("gift_rejected"), Some("unavailable")),
+        "{down}"
+    );
+    assert_eq!(server.balance("lou").await, balance, "nothing debited");
+
+    proxy.restore();
+    let deadline = Instant::now() + WAIT;
+    let again = loop {
+        let again = gift_once(&mut ws, "s-1").await;
+        if again["type"] == "gift_ok" || Instant::now() > deadline {
+            break again;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(again["type"], "gift_ok", "{again}");
+    assert_eq!(again["balance"], first["balance"], "the original answer");
+    assert_eq!(server.balance("lou").await, balance, "still debited once");
+    assert_eq!(server.audit().await["ok"], true);
+    assert_eq!(server.sigterm().await, Some(0));
+}
+
 async fn wait_ready(server: &Server, want: u16, what: &str) -> Value {
     let deadline = Instant::now() + WAIT;
     loop {

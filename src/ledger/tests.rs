@@ -540,3 +540,27 @@ fn restored_old_ids_go_to_the_filter_and_recent_ones_stay_resident() {
     assert_eq!(start(&l, &gift_now("a", "recent")), "retry");
     assert_eq!(l.balance("a"), 10);
 }
+
+#[test]
+fn one_completion_evicts_at_most_evictions_per_call_max() {
+    let (l, sink) = bounded(0, 3_600_000);
+    credit(&l, "a", 1_000, "r");
+    let backlog = idempotency::EVICTIONS_PER_CALL_MAX + 36;
+    for i in 0..backlog {
+        assert_eq!(start(&l, &gift_now("a", &format!("b{i}"))), "new");
+    }
+    sink.settle_all();
+    assert_eq!(l.resident_gifts(), backlog, "none stored yet: all resident");
+    // The store catches up at once (as after an outage): the next completion evicts a bounded
+    // number, the one after it the rest.
+    sink.set_stored(u64::MAX);
+    assert_eq!(start(&l, &gift_now("a", "next1")), "new");
+    sink.settle_all();
+    assert_eq!(
+        l.resident_gifts(),
+        backlog + 1 - idempotency::EVICTIONS_PER_CALL_MAX
+    );
+    assert_eq!(start(&l, &gift_now("a", "next2")), "new");
+    sink.settle_all();
+    assert_eq!(l.resident_gifts(), 0);
+}
