@@ -1284,6 +1284,8 @@ async fn sigterm_restart_keeps_every_answer_and_releases_the_journal() {
 struct Proxy {
     addr: std::net::SocketAddr,
     up: Arc<AtomicBool>,
+    /// While set, new connections are accepted and held, never answered (a hung database).
+    hang: Arc<AtomicBool>,
     connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
@@ -1292,8 +1294,9 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let up = Arc::new(AtomicBool::new(true));
+        let hang = Arc::new(AtomicBool::new(false));
         let connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
-        let (up2, connections2) = (up.clone(), connections.clone());
+        let (up2, hang2, connections2) = (up.clone(), hang.clone(), connections.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((mut inbound, _)) = listener.accept().await else {
@@ -1303,7 +1306,12 @@ impl Proxy {
                     drop(inbound);
                     continue;
                 }
+                let hung = hang2.load(Ordering::Acquire);
                 let task = tokio::spawn(async move {
+                    if hung {
+                        // Hold the socket open, answer nothing.
+                        std::future::pending::<()>().await;
+                    }
                     if let Ok(mut outbound) = TcpStream::connect(target).await {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                     }
@@ -1314,6 +1322,7 @@ impl Proxy {
         Proxy {
             addr,
             up,
+            hang,
             connections,
         }
     }
@@ -1327,6 +1336,15 @@ impl Proxy {
 
     fn restore(&self) {
         self.up.store(true, Ordering::Release);
+        self.hang.store(false, Ordering::Release);
+    }
+
+    /// Like `cut`, but new connections hang instead of being refused.
+    fn hang(&self) {
+        self.hang.store(true, Ordering::Release);
+        for c in self.connections.lock().unwrap().drain(..) {
+            c.abort();
+        }
     }
 }
 
@@ -1400,6 +1418,19 @@ async fn a_retry_that_needs_the_store_while_it_is_down_is_refused_and_debits_not
         (down["type"].as_str(), down["code"].as_str()),
         (Some("gift_rejected"), Some("unavailable")),
         "{down}"
+    );
+    assert_eq!(server.balance("lou").await, balance, "nothing debited");
+    // A database that accepts and never answers: the lookup gives up at its timeout.
+    proxy.restore();
+    proxy.hang();
+    let asked = Instant::now();
+    let hung = gift_once(&mut ws, "s-1").await;
+    let waited = asked.elapsed();
+    assert_eq!(hung["code"], "unavailable", "{hung}");
+    let timeout = Duration::from_millis(giftcast::limits::IDEMPOTENCY_LOOKUP_TIMEOUT_MS);
+    assert!(
+        waited >= timeout && waited < timeout + Duration::from_secs(3),
+        "answered after {waited:?}, the lookup timeout is {timeout:?}"
     );
     assert_eq!(server.balance("lou").await, balance, "nothing debited");
 
