@@ -29,6 +29,9 @@ use fastbloom::AtomicBloomFilter;
 use parking_lot::{Mutex, RwLock};
 use std::collections::VecDeque;
 
+/// The generation count as a number of spans.
+const GENERATIONS: u64 = IDEMPOTENCY_FILTER_GENERATIONS as u64;
+
 /// Bits per expected id in a generation: ~1% false positives while a generation holds fewer
 /// than its bits / 10 ids; more ids raise the rate (more store lookups), never a wrong answer.
 const FILTER_BITS_PER_ID: usize = 10;
@@ -65,7 +68,7 @@ impl Default for IdempotencyConfig {
 /// Ids evicted from the wallets' maps, by generation of the gift's time.
 pub(crate) struct EvictedIds {
     /// `IDEMPOTENCY_FILTER_GENERATIONS` slots; generation `g` (gift time / span) lives in slot
-    /// `g % len`.
+    /// `g % IDEMPOTENCY_FILTER_GENERATIONS`.
     slots: RwLock<Vec<Option<Generation>>>,
     span_ms: u64,
     bits_per_generation: usize,
@@ -78,20 +81,22 @@ struct Generation {
 
 impl EvictedIds {
     pub(crate) fn new(filter_bytes: usize, retention_ms: u64) -> EvictedIds {
-        let generations = IDEMPOTENCY_FILTER_GENERATIONS;
-        // `generations - 1` whole spans cover the retention; the extra one is the current.
-        let span_ms = retention_ms.div_ceil(generations as u64 - 1).max(1);
-        let bits_per_generation = (filter_bytes * 8 / generations).max(64);
+        // `GENERATIONS - 1` whole spans cover the retention; the extra one is the current.
+        let span_ms = retention_ms.div_ceil(GENERATIONS - 1).max(1);
+        let bits_per_generation = (filter_bytes * 8 / IDEMPOTENCY_FILTER_GENERATIONS).max(64);
         EvictedIds {
-            slots: RwLock::new((0..generations).map(|_| None).collect()),
+            slots: RwLock::new((0..IDEMPOTENCY_FILTER_GENERATIONS).map(|_| None).collect()),
             span_ms,
             bits_per_generation,
         }
     }
 
     fn oldest_live(&self, now_ms: u64) -> u64 {
-        let len = self.slots.read().len() as u64;
-        (now_ms / self.span_ms).saturating_sub(len - 1)
+        (now_ms / self.span_ms).saturating_sub(GENERATIONS - 1)
+    }
+
+    fn slot_of(number: u64) -> usize {
+        (number % GENERATIONS) as usize
     }
 
     /// Remembers an evicted id of a gift made at `ts_ms`. An id older than the retention is
@@ -104,8 +109,7 @@ impl EvictedIds {
         let key = (user_id, gift_id);
         {
             let slots = self.slots.read();
-            let len = slots.len() as u64;
-            if let Some(g) = &slots[(number % len) as usize] {
+            if let Some(g) = &slots[Self::slot_of(number)] {
                 if g.number == number {
                     g.filter.insert(&key);
                     return;
@@ -117,8 +121,7 @@ impl EvictedIds {
             }
         }
         let mut slots = self.slots.write();
-        let len = slots.len() as u64;
-        let slot = &mut slots[(number % len) as usize];
+        let slot = &mut slots[Self::slot_of(number)];
         match slot {
             Some(g) if g.number == number => {}
             Some(g) if g.number > number => return,
@@ -160,7 +163,7 @@ pub(crate) struct Resident {
     /// 0: stored already (restored from the store at start).
     pub lsn: Lsn,
     pub ts_ms: u64,
-    /// `user_id`, NUL, `gift_id` (ids never hold a NUL: protocol and token checks).
+    /// `user_id`, NUL, `gift_id` (a gift id never holds a NUL: `protocol::valid_id`).
     key: Box<str>,
 }
 
@@ -179,7 +182,7 @@ impl Resident {
 
     /// (user_id, gift_id).
     pub(crate) fn ids(&self) -> (&str, &str) {
-        self.key.split_once('\0').expect("built with a NUL")
+        self.key.rsplit_once('\0').expect("built with a NUL")
     }
 }
 
