@@ -1,0 +1,174 @@
+//! How fast the store takes the flusher's batches, and whether that holds as the tables grow.
+//!
+//! ```text
+//! cargo bench --bench store_apply -- [--records N] [--batch N] [--window N] [--pg URL] [--dir DIR]
+//! ```
+//!
+//! Applies `--records` (default 2,000,000) gift records in `Store::apply_batch` calls of
+//! `--batch` (default 5,000, the flusher's default) to a fresh SQLite file in `--dir` (default
+//! the system temp dir) and, with `--pg`, to a fresh schema in that PostgreSQL database (dropped
+//! after). Gifts: 10,000 senders, 100 streams (9 in 10 of a sender's gifts in one), 4 stickers, random
+//! 128-bit gift ids (clients make UUIDs), a balance that falls. Prints, per `--window` records
+//! (default 250,000), the records/s of that window, so a slowdown as the gift table and its
+//! indexes outgrow the page cache shows up, then one summary row per backend.
+//!
+//! The figure to compare with is the journal's: the flusher must store as fast as gifts become
+//! durable, or the journal's backlog grows (docs/benchmarks.md, "The store").
+
+use giftcast::money::{Coins, Split};
+use giftcast::record::{GiftRecord, Lsn, Record};
+use giftcast::store::Store;
+use rand::{Rng, SeedableRng};
+use std::sync::Arc;
+use std::time::Instant;
+
+const USERS: u64 = 10_000;
+const STREAMS: u64 = 100;
+const STICKERS: [(&str, u64); 4] = [("rose", 1), ("heart", 5), ("rocket", 100), ("castle", 1000)];
+
+struct Opts {
+    records: u64,
+    batch: usize,
+    window: u64,
+    pg: Option<String>,
+    dir: std::path::PathBuf,
+}
+
+fn opts() -> Opts {
+    let mut o = Opts {
+        records: 2_000_000,
+        batch: 5_000,
+        window: 250_000,
+        pg: None,
+        dir: std::env::temp_dir(),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = || args.next().unwrap_or_else(|| panic!("{a} needs a value"));
+        match a.as_str() {
+            "--records" => o.records = value().parse().expect("--records N"),
+            "--batch" => o.batch = value().parse().expect("--batch N"),
+            "--window" => o.window = value().parse().expect("--window N"),
+            "--pg" => o.pg = Some(value()),
+            "--dir" => o.dir = value().into(),
+            "--bench" => {} // cargo bench passes it
+            other => panic!("unknown argument {other}; see the file's header"),
+        }
+    }
+    assert!(o.batch > 0 && o.window > 0 && o.records > 0);
+    o
+}
+
+/// Gift `n`, reproducible from the seed.
+fn gift(n: u64, rng: &mut rand::rngs::StdRng, split: &Split) -> GiftRecord {
+    let user = rng.random_range(0..USERS);
+    let (sticker, price) = STICKERS[rng.random_range(0..STICKERS.len())];
+    let count = 1 + rng.random_range(0..3u32);
+    let amount = price * u64::from(count);
+    GiftRecord {
+        user_id: format!("user-{user}"),
+        user_name: format!("User {user}"),
+        gift_id: format!("{:032x}", rng.random::<u128>()),
+        // A sender mostly gifts in the room they watch.
+        stream: format!(
+            "stream-{}",
+            if rng.random_range(0..10) == 0 {
+                rng.random_range(0..STREAMS)
+            } else {
+                user % STREAMS
+            }
+        ),
+        sticker: sticker.into(),
+        count,
+        price,
+        amount,
+        shares: split.shares(Coins(amount)).expect("amount in range"),
+        message: n.is_multiple_of(10).then(|| format!("question {n}?")),
+        balance_after: 1_000_000_000_000 - n,
+        ts_ms: 1_800_000_000_000 + n / 100,
+    }
+}
+
+async fn run(store: &Store, label: &str, o: &Opts) -> anyhow::Result<()> {
+    let split = Split::default();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut lsn: Lsn = 0;
+    let mut in_window = 0u64;
+    let mut window_secs = 0f64;
+    let mut total_secs = 0f64;
+    let mut slowest_batch = 0f64;
+    println!("\n{label}: {} records in batches of {}", o.records, o.batch);
+    println!("| records stored | window records/s | slowest batch in window (ms) |");
+    println!("|---|---|---|");
+    while lsn < o.records {
+        let n = (o.records - lsn).min(o.batch as u64);
+        let batch: Vec<(Lsn, Arc<Record>)> = (0..n)
+            .map(|_| {
+                lsn += 1;
+                (lsn, Arc::new(Record::Gift(gift(lsn, &mut rng, &split))))
+            })
+            .collect();
+        let started = Instant::now();
+        store.apply_batch(&batch).await?;
+        let secs = started.elapsed().as_secs_f64();
+        window_secs += secs;
+        total_secs += secs;
+        slowest_batch = slowest_batch.max(secs);
+        in_window += n;
+        if in_window >= o.window || lsn == o.records {
+            println!(
+                "| {lsn} | {:.0} | {:.1} |",
+                in_window as f64 / window_secs,
+                slowest_batch * 1e3
+            );
+            (in_window, window_secs, slowest_batch) = (0, 0.0, 0.0);
+        }
+    }
+    let snapshot = store.load(0).await?;
+    anyhow::ensure!(snapshot.checkpoint_lsn == o.records, "checkpoint moved");
+    anyhow::ensure!(
+        snapshot.gifts.len() as u64 == o.records,
+        "every gift stored once"
+    );
+    println!(
+        "\n**{label}: {:.0} records/s over {} records** ({:.2} s in apply_batch)",
+        o.records as f64 / total_secs,
+        o.records,
+        total_secs
+    );
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let o = opts();
+    let dir = tempfile::tempdir_in(&o.dir)?;
+    println!(
+        "store_apply: load average {}",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
+    let sqlite = Store::open(None, dir.path()).await?;
+    run(&sqlite, "sqlite", &o).await?;
+    if let Some(url) = &o.pg {
+        let schema = format!("store_apply_{}", std::process::id());
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!("CREATE SCHEMA {schema}"))
+            .await?;
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let scoped = format!("{url}{sep}options=-csearch_path%3D{schema}");
+        let result = async {
+            let pg = Store::open(Some(&scoped), dir.path()).await?;
+            run(&pg, "postgres", &o).await
+        }
+        .await;
+        client
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .await?;
+        result?;
+    }
+    Ok(())
+}
