@@ -5,7 +5,7 @@
 //! ```
 //!
 //! Applies `--records` (default 2,000,000) gift records in `Store::apply_batch` calls of
-//! `--batch` (default 5,000, the flusher's default) to a fresh SQLite file in `--dir` (default
+//! `--batch` (default the flusher's, `FLUSH_BATCH_RECORDS_MAX_DEFAULT`) to a fresh SQLite file in `--dir` (default
 //! the system temp dir) and, with `--pg`, to a fresh schema in that PostgreSQL database (dropped
 //! after). Gifts: 10,000 senders, 100 streams (9 in 10 of a sender's gifts in one), 4 stickers, random
 //! 128-bit gift ids (clients make UUIDs), a balance that falls. Prints, per `--window` records
@@ -13,8 +13,10 @@
 //! indexes outgrow the page cache shows up, then one summary row per backend.
 //!
 //! The figure to compare with is the journal's: the flusher must store as fast as gifts become
-//! durable, or the journal's backlog grows (docs/benchmarks.md, "The store").
+//! durable, or the journal's backlog grows (docs/benchmarks.md, "The store alone").
 
+use clap::Parser;
+use giftcast::flusher::FLUSH_BATCH_RECORDS_MAX_DEFAULT;
 use giftcast::money::{Coins, Split};
 use giftcast::record::{GiftRecord, Lsn, Record};
 use giftcast::store::Store;
@@ -26,37 +28,27 @@ const USERS: u64 = 10_000;
 const STREAMS: u64 = 100;
 const STICKERS: [(&str, u64); 4] = [("rose", 1), ("heart", 5), ("rocket", 100), ("castle", 1000)];
 
+/// `cargo bench --bench store_apply -- --help`
+#[derive(clap::Parser)]
 struct Opts {
+    /// Gift records to apply.
+    #[arg(long, default_value_t = 2_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     records: u64,
+    /// Records per `apply_batch` call.
+    #[arg(long, default_value_t = FLUSH_BATCH_RECORDS_MAX_DEFAULT, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     batch: usize,
+    /// Records per printed row.
+    #[arg(long, default_value_t = 250_000, value_parser = clap::value_parser!(u64).range(1..))]
     window: u64,
+    /// Also run on a fresh schema in this PostgreSQL database (dropped after).
+    #[arg(long)]
     pg: Option<String>,
+    /// Where the SQLite file goes (a temporary directory inside it).
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
     dir: std::path::PathBuf,
-}
-
-fn opts() -> Opts {
-    let mut o = Opts {
-        records: 2_000_000,
-        batch: 5_000,
-        window: 250_000,
-        pg: None,
-        dir: std::env::temp_dir(),
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut value = || args.next().unwrap_or_else(|| panic!("{a} needs a value"));
-        match a.as_str() {
-            "--records" => o.records = value().parse().expect("--records N"),
-            "--batch" => o.batch = value().parse().expect("--batch N"),
-            "--window" => o.window = value().parse().expect("--window N"),
-            "--pg" => o.pg = Some(value()),
-            "--dir" => o.dir = value().into(),
-            "--bench" => {} // cargo bench passes it
-            other => panic!("unknown argument {other}; see the file's header"),
-        }
-    }
-    assert!(o.batch > 0 && o.window > 0 && o.records > 0);
-    o
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
 /// Gift `n`, reproducible from the seed.
@@ -141,7 +133,7 @@ async fn run(store: &Store, label: &str, o: &Opts) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let o = opts();
+    let o = Opts::parse();
     let dir = tempfile::tempdir_in(&o.dir)?;
     println!(
         "store_apply: load average {}",
