@@ -15,7 +15,7 @@ pub use self::postgres::PgStore;
 pub use self::sqlite::SqliteStore;
 
 use crate::record::{CreditRecord, GiftRecord, Lsn, Record};
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -372,8 +372,9 @@ fn to_u64(value: i64, what: &str) -> Result<u64> {
 struct Deltas {
     credited: u64,
     gifted: u64,
-    /// Keyed by (stream, sticker, user_id).
-    revenue: HashMap<(String, String, String), RevenueRow>,
+    /// Keyed by (stream, sticker, user_id), the table's key: upserted in key order, each index
+    /// page is visited once per batch (docs/benchmarks.md, "The store alone").
+    revenue: BTreeMap<(String, String, String), RevenueRow>,
 }
 
 impl Deltas {
@@ -422,19 +423,12 @@ impl Deltas {
     }
 }
 
-/// Each touched wallet's balance after its last record in `records`, in first-touch order.
+/// Each touched wallet's balance after its last record in `records` (LSN order), in user order
+/// (the table's key order, as the revenue upserts).
 fn final_balances(records: &[(Lsn, Arc<Record>)]) -> Vec<(&str, u64)> {
-    let mut index: HashMap<&str, usize> = HashMap::new();
-    let mut balances: Vec<(&str, u64)> = Vec::new();
+    let mut balances: BTreeMap<&str, u64> = BTreeMap::new();
     for (_, record) in records {
-        let user = record.user_id();
-        match index.get(user) {
-            Some(&i) => balances[i].1 = record.balance_after(),
-            None => {
-                index.insert(user, balances.len());
-                balances.push((user, record.balance_after()));
-            }
-        }
+        balances.insert(record.user_id(), record.balance_after());
     }
-    balances
+    balances.into_iter().collect()
 }

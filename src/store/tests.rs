@@ -333,6 +333,70 @@ async fn a_duplicate_key_under_a_new_lsn_is_counted_once(backend: Backend) {
     assert_eq!(snapshot.credits.len(), 3);
 }
 
+/// SQLite stores a batch's gifts in gift-id order, not LSN order; what is stored must not show it:
+/// a gift id twice in one batch keeps its first (LSN) version, and a revenue row keeps the name of
+/// the sender's latest gift by LSN. Here the ids fall as the LSNs rise.
+async fn a_batch_keeps_lsn_order_semantics_whatever_its_key_order(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let split = Split::default();
+    let mut records = vec![(
+        1,
+        Arc::new(Record::Credit(CreditRecord {
+            user_id: "u".into(),
+            coins: 1_000,
+            reference: "welcome".into(),
+            balance_after: 1_000,
+            ts_ms: 1,
+        })),
+    )];
+    let mut balance = 1_000;
+    for (i, id) in ["z", "m", "a"].into_iter().enumerate() {
+        balance -= 10;
+        records.push((
+            i as u64 + 2,
+            Arc::new(Record::Gift(GiftRecord {
+                user_id: "u".into(),
+                user_name: format!("name {i}"),
+                gift_id: id.into(),
+                stream: "demo".into(),
+                sticker: "rose".into(),
+                count: 10,
+                price: 1,
+                amount: 10,
+                shares: split.shares(Coins(10)).unwrap(),
+                message: None,
+                balance_after: balance,
+                ts_ms: 10 + i as u64,
+            })),
+        ));
+    }
+    // "m" again under a later LSN with other contents: not stored, not counted.
+    let mut again = match &*records[2].1 {
+        Record::Gift(g) => g.clone(),
+        _ => unreachable!(),
+    };
+    again.user_name = "name 3".into();
+    again.message = Some("the second one".into());
+    records.push((5, Arc::new(Record::Gift(again))));
+    db.store.apply_batch(&records).await.unwrap();
+    let snapshot = db.store.load(0).await.unwrap();
+    assert_eq!(snapshot, model(&records, 0));
+    let m = snapshot.gifts.iter().find(|g| g.gift_id == "m").unwrap();
+    assert_eq!(
+        (m.user_name.as_str(), m.message.as_deref()),
+        ("name 1", None)
+    );
+    assert_eq!(snapshot.gifted_total, 30);
+    assert_eq!(snapshot.revenue.len(), 1);
+    // The latest counted gift by LSN is "a" (LSN 4), the first in key order: added up in key
+    // order the row would say "name 0" (gift "z").
+    assert_eq!(snapshot.revenue[0].user_name, "name 2");
+    assert_eq!(
+        (snapshot.revenue[0].gifts, snapshot.revenue[0].gross),
+        (3, 30)
+    );
+}
+
 /// Red packet records are stored whole and come back in order; the host cut is a gift.
 async fn packet_records_round_trip(backend: Backend) {
     use crate::record::{PacketCreateRecord, PacketGrabRecord, PacketRefundRecord};
@@ -471,7 +535,52 @@ both_backends!(
     a_duplicate_key_under_a_new_lsn_is_counted_once,
     packet_records_round_trip,
     gifts_load_split_by_the_resident_window_and_are_found_by_id,
+    a_batch_keeps_lsn_order_semantics_whatever_its_key_order,
 );
+
+fn pragma(path: &std::path::Path, name: &str) -> i64 {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get(0))
+        .unwrap()
+}
+
+/// A file the store creates gets its page size; its connection gets the page cache and FULL
+/// synchronous (a commit is on disk before the journal lets go of it).
+#[tokio::test]
+async fn sqlite_new_file_gets_the_page_size_cache_and_synchronous() {
+    use super::sqlite::{SQLITE_CACHE_MIB, SQLITE_PAGE_SIZE_BYTES};
+    let db = TestDb::new(Backend::Sqlite).await;
+    let path = db.dir.path().join(SQLITE_FILE_NAME);
+    assert_eq!(
+        pragma(&path, "page_size"),
+        i64::from(SQLITE_PAGE_SIZE_BYTES)
+    );
+    let Store::Sqlite(sqlite) = &db.store else {
+        unreachable!()
+    };
+    let (cache, synchronous, journal_mode) = sqlite.connection_settings().await.unwrap();
+    assert_eq!(cache, -i64::from(SQLITE_CACHE_MIB) * 1024);
+    assert_eq!(synchronous, 2, "FULL");
+    assert_eq!(journal_mode, "wal");
+}
+
+/// A file made with SQLite's default 4 KiB pages (an older giftcast) keeps them and works.
+#[tokio::test]
+async fn sqlite_an_existing_file_keeps_its_page_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(SQLITE_FILE_NAME);
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.pragma_update(None, "page_size", 4096).unwrap();
+        conn.execute_batch(SCHEMA_VERSION_DDL).unwrap();
+    }
+    let store = Store::open(None, dir.path()).await.unwrap();
+    let records = history(5, 5);
+    store.apply_batch(&records).await.unwrap();
+    assert_eq!(store.load(0).await.unwrap(), model(&records, 0));
+    drop(store);
+    assert_eq!(pragma(&path, "page_size"), 4096);
+}
 
 #[tokio::test]
 async fn sqlite_reopen_keeps_everything() {
