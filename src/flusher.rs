@@ -21,9 +21,15 @@ use tokio::task::JoinHandle;
 /// thousands of gifts per transaction at load.
 pub const FLUSH_INTERVAL_MS_DEFAULT: u64 = 200;
 
-/// Default records per store transaction: SQLite measured 105-160k gifts/s with 100-1000 per
-/// transaction; 5000 keeps one transaction under ~50 ms and its memory to a few MiB.
-pub const FLUSH_BATCH_RECORDS_MAX_DEFAULT: usize = 5_000;
+/// Default records per store transaction. A batch is whatever arrived within the interval, up to
+/// this: at a few thousand gifts/s batches stay small, and under load they grow to it. The store
+/// takes a large batch far faster per record (a commit writes every page the batch dirtied, and
+/// gift ids land at random in their index): cargo bench store_apply measured SQLite at ~35k
+/// records/s in batches of 5,000 and ~90k/s in batches of 50,000 (docs/benchmarks.md, "The store
+/// alone"). At 50,000 one transaction takes ~0.5 s; a store lookup of an evicted gift id waits
+/// behind it, well inside `IDEMPOTENCY_LOOKUP_TIMEOUT_MS`. The records are the journal's own
+/// (`Arc`s), so a batch costs no copy.
+pub const FLUSH_BATCH_RECORDS_MAX_DEFAULT: usize = 50_000;
 
 /// Default cap of the retry backoff while storage fails: a returning database is noticed within
 /// this, and a dead one is not hammered.
