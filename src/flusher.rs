@@ -69,10 +69,13 @@ pub struct FlushStatus {
     /// Milliseconds since the last successful store transaction (or since start), 0 when nothing
     /// is pending.
     pub behind_ms: u64,
+    /// Store transactions that succeeded since start (each at most `batch_records_max` records).
+    pub stored_batches: u64,
 }
 
 struct Shared {
     stored_lsn: AtomicU64,
+    stored_batches: AtomicU64,
     healthy: AtomicBool,
     last_error: Mutex<Option<String>>,
     last_success: Mutex<Instant>,
@@ -101,6 +104,7 @@ pub fn spawn(store: Store, journal: Journal, rx: DurableRx, cfg: FlushConfig) ->
     assert!(cfg.batch_records_max > 0 && cfg.interval_ms > 0);
     let shared = Arc::new(Shared {
         stored_lsn: AtomicU64::new(journal.stats().released_lsn),
+        stored_batches: AtomicU64::new(0),
         healthy: AtomicBool::new(true),
         last_error: Mutex::new(None),
         last_success: Mutex::new(Instant::now()),
@@ -141,6 +145,7 @@ impl FlusherHandle {
             } else {
                 self.shared.last_success.lock().elapsed().as_millis() as u64
             },
+            stored_batches: self.shared.stored_batches.load(Ordering::Acquire),
         }
     }
 
@@ -208,6 +213,7 @@ impl Flusher {
                     self.pending.drain(..count);
                     self.journal.release_upto(last);
                     self.shared.stored_lsn.store(last, Ordering::Release);
+                    self.shared.stored_batches.fetch_add(1, Ordering::AcqRel);
                     *self.shared.last_success.lock() = Instant::now();
                     if !self.shared.healthy.swap(true, Ordering::AcqRel) {
                         tracing::info!(
@@ -416,6 +422,29 @@ mod tests {
         );
         let flusher = spawn(store.clone(), journal.clone(), rx, fast());
         wait_for("tail stored", || flusher.status().stored_lsn == 168).await;
+        assert_eq!(store.load(0).await.unwrap(), model(&records, 0));
+        journal.shutdown().await;
+        flusher.drain(Duration::from_secs(5)).await.unwrap();
+    }
+
+    /// The batch bound at its edge: a backlog of 1,000 records already queued when the flusher
+    /// starts goes in exactly ceil(1000 / 64) = 16 transactions of at most 64 (and the last 40).
+    #[tokio::test]
+    async fn a_backlog_is_stored_in_batches_of_exactly_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let records = history(40, 24); // 1,000 records
+        assert_eq!(records.len(), 1_000);
+        {
+            let (journal, _, _rx) = Journal::open(journal_config(dir.path()), 0).unwrap();
+            submit_all(&journal, &records).await;
+            journal.shutdown().await;
+        }
+        let store = Store::open(None, dir.path()).await.unwrap();
+        let (journal, recovered, rx) = Journal::open(journal_config(dir.path()), 0).unwrap();
+        assert_eq!(recovered.records.len(), 1_000);
+        let flusher = spawn(store.clone(), journal.clone(), rx, fast());
+        wait_for("backlog stored", || flusher.status().stored_lsn == 1_000).await;
+        assert_eq!(flusher.status().stored_batches, 16);
         assert_eq!(store.load(0).await.unwrap(), model(&records, 0));
         journal.shutdown().await;
         flusher.drain(Duration::from_secs(5)).await.unwrap();
