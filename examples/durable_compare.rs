@@ -10,6 +10,8 @@
 //!
 //! ```text
 //! cargo run --release --example durable_compare -- [--quick] [--pg URL] [--dir DIR]
+//! cargo run --release --example durable_compare -- --sustain-secs S [--dir DIR]
+//!     (only the SQLite group-commit open loop at 100,000 gifts/s, for S seconds, at most 600)
 //! ```
 //!
 //! `--pg` defaults to `postgres://postgres@127.0.0.1:5432/test`; a fresh schema is created
@@ -121,6 +123,21 @@ impl Load {
     }
 }
 
+/// "store backlog max N; per quarter of the load a / b / c / d" (each quarter's largest sample):
+/// a store that keeps up shows flat quarters, one that trails shows them climbing.
+fn backlog_note(samples: &[u64]) -> String {
+    let max = samples.iter().copied().max().unwrap_or(0);
+    let quarter = samples.len().div_ceil(4).max(1);
+    let quarters: Vec<String> = samples
+        .chunks(quarter)
+        .map(|c| c.iter().max().unwrap().to_string())
+        .collect();
+    format!(
+        "store backlog max {max} records; per quarter of the load {}",
+        quarters.join(" / ")
+    )
+}
+
 async fn group_commit(
     dir: &Path,
     backend: &'static str,
@@ -141,13 +158,13 @@ async fn group_commit(
     ));
     // The store's backlog (durable, not yet stored) while the load runs, sampled every 100 ms:
     // bounded means the store keeps up; growing means it trails.
-    let backlog_max = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
     let sampler = {
-        let (flusher, backlog_max) = (flusher.clone(), backlog_max.clone());
+        let (flusher, samples) = (flusher.clone(), samples.clone());
         tokio::spawn(async move {
             loop {
                 let pending = flusher.status().pending_records;
-                backlog_max.fetch_max(pending, std::sync::atomic::Ordering::Relaxed);
+                samples.lock().unwrap().push(pending);
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         })
@@ -219,7 +236,7 @@ async fn group_commit(
     }
     let secs = started.elapsed().as_secs_f64();
     sampler.abort();
-    let backlog_max = backlog_max.load(std::sync::atomic::Ordering::Relaxed);
+    let backlog = backlog_note(&samples.lock().unwrap());
     let stats = journal.stats();
     let target = stats.durable_lsn;
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -242,7 +259,7 @@ async fn group_commit(
         lat_us,
         stored_secs: Some(stored_secs),
         fsyncs: Some(stats.fsyncs),
-        note: format!("store backlog ≤ {backlog_max} records during the load"),
+        note: backlog,
     })
 }
 
@@ -644,6 +661,29 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(std::env::temp_dir);
     let scale = if quick { 0.2 } else { 1.0 };
     let n = |x: f64| (x * scale) as u64;
+    if let Some(secs) = value("--sustain-secs") {
+        // Only the SQLite open loop at 100,000 gifts/s, for as long as asked.
+        let secs: f64 = secs.parse()?;
+        anyhow::ensure!(secs > 0.0 && secs <= 600.0, "--sustain-secs: 0 < S <= 600");
+        println!(
+            "cores: {}, disk: {}\n",
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            fsync_probe(&dir, 2000)?
+        );
+        header();
+        group_commit(
+            &dir,
+            "sqlite",
+            None,
+            Load::Open {
+                rate: 100_000,
+                secs,
+            },
+        )
+        .await?
+        .print();
+        return Ok(());
+    }
 
     let schema = format!("gc_bench_{}", std::process::id());
     let admin = pg_connect(&pg).await?;
