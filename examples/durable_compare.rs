@@ -138,6 +138,15 @@ fn backlog_note(samples: &[u64]) -> String {
     )
 }
 
+/// Group commit into SQLite, open loop at 100,000 gifts/s for `secs`.
+async fn sqlite_at_100k(dir: &Path, secs: f64) -> anyhow::Result<Row> {
+    let load = Load::Open {
+        rate: 100_000,
+        secs,
+    };
+    group_commit(dir, "sqlite", None, load).await
+}
+
 async fn group_commit(
     dir: &Path,
     backend: &'static str,
@@ -671,17 +680,7 @@ async fn main() -> anyhow::Result<()> {
             fsync_probe(&dir, 2000)?
         );
         header();
-        group_commit(
-            &dir,
-            "sqlite",
-            None,
-            Load::Open {
-                rate: 100_000,
-                secs,
-            },
-        )
-        .await?
-        .print();
+        sqlite_at_100k(&dir, secs).await?.print();
         return Ok(());
     }
 
@@ -720,17 +719,7 @@ async fn main() -> anyhow::Result<()> {
         group_commit(&dir, "sqlite", None, closed(n(1_000_000.0), 2000))
             .await?
             .print();
-        group_commit(
-            &dir,
-            "sqlite",
-            None,
-            Load::Open {
-                rate: 100_000,
-                secs: 10.0 * scale,
-            },
-        )
-        .await?
-        .print();
+        sqlite_at_100k(&dir, 10.0 * scale).await?.print();
         group_commit(&dir, "sqlite", None, open10k()).await?.print();
         sqlite_naive(&dir, closed(n(5_000.0), 1))?.print();
         sqlite_naive(&dir, open10k())?.print();
