@@ -89,6 +89,7 @@ async fn run(store: &Store, label: &str, o: &Opts) -> anyhow::Result<()> {
     let mut window_secs = 0f64;
     let mut total_secs = 0f64;
     let mut slowest_batch = 0f64;
+    let mut gross = 0u64;
     println!("\n{label}: {} records in batches of {}", o.records, o.batch);
     println!("| records stored | window records/s | slowest batch in window (ms) |");
     println!("|---|---|---|");
@@ -97,7 +98,9 @@ async fn run(store: &Store, label: &str, o: &Opts) -> anyhow::Result<()> {
         let batch: Vec<(Lsn, Arc<Record>)> = (0..n)
             .map(|_| {
                 lsn += 1;
-                (lsn, Arc::new(Record::Gift(gift(lsn, &mut rng, &split))))
+                let gift = gift(lsn, &mut rng, &split);
+                gross += gift.amount;
+                (lsn, Arc::new(Record::Gift(gift)))
             })
             .collect();
         let started = Instant::now();
@@ -116,12 +119,16 @@ async fn run(store: &Store, label: &str, o: &Opts) -> anyhow::Result<()> {
             (in_window, window_secs, slowest_batch) = (0, 0.0, 0.0);
         }
     }
-    let snapshot = store.load(0).await?;
+    // The totals, not every gift whole (that would hold them all in memory): the checkpoint, the
+    // revenue rows' gift count (one per stored gift) and the gifted total.
+    let snapshot = store.load(i64::MAX as u64).await?;
     anyhow::ensure!(snapshot.checkpoint_lsn == o.records, "checkpoint moved");
+    let stored: u64 = snapshot.revenue.iter().map(|row| row.gifts).sum();
     anyhow::ensure!(
-        snapshot.gifts.len() as u64 == o.records,
-        "every gift stored once"
+        stored == o.records,
+        "every gift stored once ({stored} counted)"
     );
+    anyhow::ensure!(snapshot.gifted_total == gross, "the gifted total is exact");
     println!(
         "\n**{label}: {:.0} records/s over {} records** ({:.2} s in apply_batch)",
         o.records as f64 / total_secs,
