@@ -10,8 +10,9 @@
 //!
 //! ```text
 //! cargo run --release --example durable_compare -- [--quick] [--pg URL] [--dir DIR]
-//! cargo run --release --example durable_compare -- --sustain-secs S [--dir DIR]
-//!     (only the SQLite group-commit open loop at 100,000 gifts/s, for S seconds, at most 600)
+//! cargo run --release --example durable_compare -- --sustain-secs S [--dir DIR] [--samples CSV]
+//!     (only the SQLite group-commit open loop at 100,000 gifts/s, for S seconds, at most 600;
+//!     `--samples` writes the store backlog every 100 ms until the store has every gift)
 //! ```
 //!
 //! `--pg` defaults to `postgres://postgres@127.0.0.1:5432/test`; a fresh schema is created
@@ -61,6 +62,9 @@ struct Row {
     stored_secs: Option<f64>,
     fsyncs: Option<u64>,
     note: String,
+    /// Group commit: (seconds since the load started, store backlog in records), every 100 ms
+    /// until the store had every record.
+    backlog: Vec<(f64, u64)>,
 }
 
 impl Row {
@@ -167,21 +171,23 @@ async fn group_commit(
     ));
     // The store's backlog (durable, not yet stored) while the load runs, sampled every 100 ms:
     // bounded means the store keeps up; growing means it trails.
-    let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
+    let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(f64, u64)>::new()));
+    let started = Instant::now();
     let sampler = {
         let (flusher, samples) = (flusher.clone(), samples.clone());
         tokio::spawn(async move {
             loop {
                 let pending = flusher.status().pending_records;
-                samples.lock().unwrap().push(pending);
+                let at = started.elapsed().as_secs_f64();
+                samples.lock().unwrap().push((at, pending));
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         })
     };
     let split = Split::default();
-    let started = Instant::now();
     let mut lat_us: Vec<u64> = Vec::new();
     let describe = load.describe();
+    let mut refused = 0u64;
     match load {
         Load::Closed { gifts, in_flight } => {
             let per_task = gifts / in_flight;
@@ -234,8 +240,13 @@ async fn group_commit(
                 let due = ((started.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
                 while n < due {
                     let scheduled = started + Duration::from_secs_f64(n as f64 / rate as f64);
-                    let ticket = journal.submit(Record::Gift(gift(n, &split)))?;
-                    tx.send((scheduled, ticket)).unwrap();
+                    match journal.submit(Record::Gift(gift(n, &split))) {
+                        Ok(ticket) => tx.send((scheduled, ticket)).unwrap(),
+                        // The store trails by the whole backlog bound: the server would answer
+                        // `unavailable`; the load goes on and the count is reported.
+                        Err(JournalError::Full(_)) => refused += 1,
+                        Err(e) => return Err(e.into()),
+                    }
                     n += 1;
                 }
             }
@@ -244,8 +255,13 @@ async fn group_commit(
         }
     }
     let secs = started.elapsed().as_secs_f64();
-    sampler.abort();
-    let backlog = backlog_note(&samples.lock().unwrap());
+    let during: Vec<u64> = samples.lock().unwrap().iter().map(|&(_, n)| n).collect();
+    let mut note = backlog_note(&during);
+    if refused > 0 {
+        note.push_str(&format!(
+            "; {refused} gifts refused: the journal's backlog bound was reached"
+        ));
+    }
     let stats = journal.stats();
     let target = stats.durable_lsn;
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -257,6 +273,8 @@ async fn group_commit(
         "store did not catch up"
     );
     let stored_secs = started.elapsed().as_secs_f64();
+    sampler.abort();
+    let backlog = std::mem::take(&mut *samples.lock().unwrap());
     journal.shutdown().await;
     flusher.drain(Duration::from_secs(10)).await?;
     Ok(Row {
@@ -268,7 +286,8 @@ async fn group_commit(
         lat_us,
         stored_secs: Some(stored_secs),
         fsyncs: Some(stats.fsyncs),
-        note: backlog,
+        note,
+        backlog,
     })
 }
 
@@ -421,6 +440,7 @@ fn sqlite_naive(dir: &Path, load: Load) -> anyhow::Result<Row> {
         stored_secs: None,
         fsyncs: None,
         note,
+        backlog: Vec::new(),
     })
 }
 
@@ -583,6 +603,7 @@ async fn pg_naive(url: &str, schema: &str, conns: usize, load: Load) -> anyhow::
         stored_secs: None,
         fsyncs: None,
         note,
+        backlog: Vec::new(),
     })
 }
 
@@ -680,7 +701,16 @@ async fn main() -> anyhow::Result<()> {
             fsync_probe(&dir, 2000)?
         );
         header();
-        sqlite_at_100k(&dir, secs).await?.print();
+        let mut row = sqlite_at_100k(&dir, secs).await?;
+        row.print();
+        if let Some(path) = value("--samples") {
+            let mut csv = String::from("secs,store_backlog_records\n");
+            for (at, n) in &row.backlog {
+                csv.push_str(&format!("{at:.2},{n}\n"));
+            }
+            std::fs::write(&path, csv)?;
+            println!("store backlog samples: {path}");
+        }
         return Ok(());
     }
 
