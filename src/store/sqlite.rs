@@ -139,14 +139,6 @@ impl SqliteStore {
     }
 }
 
-/// Where a plain gift goes in the gift-id index; `None` (sorted first) for every other record.
-fn index_key(record: &Record) -> Option<(&str, &str)> {
-    match record {
-        Record::Gift(g) => Some((&g.user_id, &g.gift_id)),
-        _ => None,
-    }
-}
-
 /// A row of `GIFT_COLUMNS`.
 fn gift_row(row: &rusqlite::Row<'_>) -> Result<GiftRecord> {
     Ok(GiftRecord {
@@ -227,12 +219,15 @@ fn apply(tx: &Transaction<'_>, node: &str, records: &[(Lsn, Arc<Record>)]) -> Re
         let mut insert_packet = tx.prepare_cached(
             "INSERT INTO packet_records (node_id, lsn, body) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
         )?;
-        // Gifts in the gift-id index's order (user, gift id), so a batch walks that index once
-        // from end to end instead of at random (clients' ids are random); credits and red packet
-        // records first. Stable: a gift id twice in one batch keeps its first (LSN order), as
-        // before. The totals are then added in LSN order (the revenue row keeps the latest name).
+        // Gifts (and red packets' host cuts, which are gifts too) in the gift-id index's order
+        // (user, gift id), so a batch walks that index once from end to end instead of at random
+        // (clients' ids are random); records without a gift part first. Stable: a gift id twice
+        // in one batch keeps its first (LSN order), as before. The totals are then added in LSN
+        // order (the revenue row keeps the latest name).
+        let parts: Vec<_> = records.iter().map(|(_, r)| super::gift_part(r)).collect();
+        let key = |i: usize| parts[i].as_deref().map(|g| (&g.user_id, &g.gift_id));
         let mut in_key_order: Vec<usize> = (0..records.len()).collect();
-        in_key_order.sort_by(|&a, &b| index_key(&records[a].1).cmp(&index_key(&records[b].1)));
+        in_key_order.sort_by(|&a, &b| key(a).cmp(&key(b)));
         let mut inserted = vec![false; records.len()];
         for i in in_key_order {
             let (lsn, record) = &records[i];
@@ -249,8 +244,7 @@ fn apply(tx: &Transaction<'_>, node: &str, records: &[(Lsn, Arc<Record>)]) -> Re
                     ])? == 1;
                 }
                 other => {
-                    if let Some(g) = super::gift_part(other) {
-                        let g: &GiftRecord = &g;
+                    if let Some(g) = parts[i].as_deref() {
                         inserted[i] = insert_gift.execute(params![
                             g.user_id,
                             g.gift_id,
@@ -275,14 +269,11 @@ fn apply(tx: &Transaction<'_>, node: &str, records: &[(Lsn, Arc<Record>)]) -> Re
                 }
             }
         }
-        for ((_, record), _) in records.iter().zip(&inserted).filter(|(_, &new)| new) {
-            match &**record {
-                Record::Credit(c) => deltas.add_credit(c)?,
-                other => {
-                    if let Some(g) = super::gift_part(other) {
-                        deltas.add_gift(&g)?;
-                    }
-                }
+        for (i, (_, record)) in records.iter().enumerate().filter(|&(i, _)| inserted[i]) {
+            match (&**record, parts[i].as_deref()) {
+                (Record::Credit(c), _) => deltas.add_credit(c)?,
+                (_, Some(g)) => deltas.add_gift(g)?,
+                _ => {}
             }
         }
         let mut upsert_wallet = tx.prepare_cached(
