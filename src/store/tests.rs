@@ -378,6 +378,34 @@ async fn a_batch_keeps_lsn_order_semantics_whatever_its_key_order(backend: Backe
     again.user_name = "name 3".into();
     again.message = Some("the second one".into());
     records.push((5, Arc::new(Record::Gift(again))));
+    // A plain gift whose id is the one a red packet's host cut gets ("rp:<packet>"), then that
+    // packet: the plain gift came first, so it is the one stored.
+    let mut plain = match &*records[3].1 {
+        Record::Gift(g) => g.clone(),
+        _ => unreachable!(),
+    };
+    plain.gift_id = "rp:p".into();
+    plain.balance_after = 960;
+    records.push((6, Arc::new(Record::Gift(plain))));
+    records.push((
+        7,
+        Arc::new(Record::PacketCreate(crate::record::PacketCreateRecord {
+            user_id: "u".into(),
+            user_name: "name 4".into(),
+            packet_id: "p".into(),
+            stream: "demo".into(),
+            coins: 10,
+            host_cut: 1,
+            host_shares: split.shares(Coins(1)).unwrap(),
+            amounts: vec![9],
+            random: false,
+            seed: 1,
+            message: None,
+            balance_after: 950,
+            ts_ms: 20,
+            expires_ms: 99,
+        })),
+    ));
     db.store.apply_batch(&records).await.unwrap();
     let snapshot = db.store.load(0).await.unwrap();
     assert_eq!(snapshot, model(&records, 0));
@@ -386,14 +414,16 @@ async fn a_batch_keeps_lsn_order_semantics_whatever_its_key_order(backend: Backe
         (m.user_name.as_str(), m.message.as_deref()),
         ("name 1", None)
     );
-    assert_eq!(snapshot.gifted_total, 30);
+    let rp = snapshot.gifts.iter().find(|g| g.gift_id == "rp:p").unwrap();
+    assert_eq!((rp.amount, rp.sticker.as_str()), (10, "rose"));
+    assert_eq!(snapshot.gifted_total, 40);
     assert_eq!(snapshot.revenue.len(), 1);
-    // The latest counted gift by LSN is "a" (LSN 4), the first in key order: added up in key
-    // order the row would say "name 0" (gift "z").
+    // The latest counted gift by LSN is "rp:p" (LSN 6, a copy of "a", LSN 4, so named "name 2"):
+    // "a" is the first in key order, so added up in key order the row would say "name 0" ("z").
     assert_eq!(snapshot.revenue[0].user_name, "name 2");
     assert_eq!(
         (snapshot.revenue[0].gifts, snapshot.revenue[0].gross),
-        (3, 30)
+        (4, 40)
     );
 }
 
