@@ -693,7 +693,9 @@ async fn main() -> anyhow::Result<()> {
     let n = |x: f64| (x * scale) as u64;
     if let Some(secs) = value("--sustain-secs") {
         // Only the SQLite open loop at 100,000 gifts/s, for as long as asked.
-        let secs: f64 = secs.parse()?;
+        let secs: f64 = secs
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--sustain-secs {secs:?}: {e}"))?;
         anyhow::ensure!(secs > 0.0 && secs <= 600.0, "--sustain-secs: 0 < S <= 600");
         println!(
             "cores: {}, disk: {}\n",

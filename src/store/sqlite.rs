@@ -101,24 +101,10 @@ impl SqliteStore {
     #[cfg(test)]
     pub(crate) async fn connection_settings(&self) -> Result<(i64, i64, String)> {
         self.with_conn(|conn, _| {
-            let get = |name: &str| {
-                conn.query_row(&format!("PRAGMA {name}"), [], |r| {
-                    r.get::<_, rusqlite::types::Value>(0)
-                })
-            };
-            let (cache, sync, mode) = (
-                get("cache_size")?,
-                get("synchronous")?,
-                get("journal_mode")?,
-            );
-            match (cache, sync, mode) {
-                (
-                    rusqlite::types::Value::Integer(c),
-                    rusqlite::types::Value::Integer(s),
-                    rusqlite::types::Value::Text(m),
-                ) => Ok((c, s, m)),
-                other => Err(StoreError::Range(format!("unexpected pragmas {other:?}"))),
-            }
+            let cache = conn.query_row("PRAGMA cache_size", [], |r| r.get(0))?;
+            let synchronous = conn.query_row("PRAGMA synchronous", [], |r| r.get(0))?;
+            let journal_mode = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+            Ok((cache, synchronous, journal_mode))
         })
         .await
     }
