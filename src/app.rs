@@ -9,7 +9,8 @@ use crate::hub::{Gate, Hub, QueuedGift, QueuedUser, Room};
 use crate::ledger::{CreditStart, GiftRequest, GiftStart, Ledger, SlotState};
 use crate::limits::{
     CHAT_CHARS_MAX, GIFT_COUNT_MAX, GIFT_ID_CHARS_MAX, GIFT_MESSAGE_CHARS_MAX,
-    IDEMPOTENCY_LOOKUP_TIMEOUT_MS, IDEMPOTENCY_LOOKUP_TRIES_MAX, THANKS_CHARS_MAX,
+    IDEMPOTENCY_LOOKUP_TIMEOUT_MS, IDEMPOTENCY_LOOKUP_TRIES_MAX, IDEMPOTENCY_SWEEP_CHUNK,
+    IDEMPOTENCY_SWEEP_MAX, IDEMPOTENCY_SWEEP_MS, THANKS_CHARS_MAX,
 };
 use crate::protocol::{self, clean_text, valid_id, UserRef};
 use crate::record::GiftRecord;
@@ -1046,6 +1047,30 @@ impl App {
                 balance: grab.slot.balance_after,
             },
             _ => GrabReply::Rejected("unavailable"),
+        }
+    }
+
+    /// Evicts stored (or old) gift ids from memory every `IDEMPOTENCY_SWEEP_MS`, so the
+    /// resident bound holds when no new gift arrives to evict them (after a restart's replay,
+    /// after a storage outage, in a quiet hour); runs until shutdown.
+    pub async fn run_idempotency_sweep(self: Arc<Self>) {
+        let mut stop = self.shutdown.subscribe();
+        let mut tick = tokio::time::interval(Duration::from_millis(IDEMPOTENCY_SWEEP_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let mut total = 0;
+            while total < IDEMPOTENCY_SWEEP_MAX {
+                let n = self.ledger.sweep_resident(IDEMPOTENCY_SWEEP_CHUNK);
+                total += n;
+                if n < IDEMPOTENCY_SWEEP_CHUNK {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
         }
     }
 

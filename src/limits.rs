@@ -102,6 +102,13 @@ pub const IDEMPOTENCY_LOOKUP_TIMEOUT_MS: u64 = 5_000;
 /// used only if the wallet evicted nothing meanwhile, and each try that sees an eviction goes
 /// round again.
 pub const IDEMPOTENCY_LOOKUP_TRIES_MAX: u32 = 3;
+/// How often stored (or old) gift ids are evicted when no gift arrives to do it.
+pub const IDEMPOTENCY_SWEEP_MS: u64 = 1_000;
+/// Ids one sweep goes through at most, in chunks of `IDEMPOTENCY_SWEEP_CHUNK` with a yield
+/// between them: ~100k/s drains a restart's replayed backlog in seconds without hogging a worker.
+pub const IDEMPOTENCY_SWEEP_MAX: usize = 100_000;
+/// Ids evicted between two yields of the sweep task.
+pub const IDEMPOTENCY_SWEEP_CHUNK: usize = 1_024;
 /// Time allowed, on SIGTERM, for connections to close and money to become durable and stored.
 pub const SHUTDOWN_DRAIN_MS: u64 = 10_000;
 

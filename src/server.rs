@@ -82,6 +82,7 @@ pub async fn build(config: Config) -> anyhow::Result<Arc<App>> {
     }
     tokio::spawn(hub.run_viewer_counts(app.shutdown.subscribe()));
     tokio::spawn(app.clone().run_packet_expiry());
+    tokio::spawn(app.clone().run_idempotency_sweep());
     Ok(app)
 }
 

@@ -479,19 +479,40 @@ impl Ledger {
     /// and old or beyond `resident_max`). Evicts what may go, a bounded number per call.
     pub fn remember(&self, record: &GiftRecord, lsn: Lsn) {
         self.resident.push(Resident::new(lsn, record));
-        self.evict(crate::now_ms());
+        self.evict(crate::now_ms(), EVICTIONS_PER_CALL_MAX);
     }
 
-    fn evict(&self, now_ms: u64) {
+    /// Evicts, in chunks of `EVICTIONS_PER_CALL_MAX`, what may go now, at most `max` ids; returns
+    /// how many went. The app calls it every `IDEMPOTENCY_SWEEP_MS`, so ids that became stored
+    /// (or old) while no gift arrived leave memory too: without it, a burst replayed from the
+    /// journal after a restart stayed resident until as many new gifts came.
+    pub fn sweep_resident(&self, max: usize) -> usize {
+        let mut total = 0;
+        while total < max {
+            let want = (max - total).min(EVICTIONS_PER_CALL_MAX);
+            let evicted = self.evict(crate::now_ms(), want);
+            total += evicted;
+            if evicted < want {
+                break;
+            }
+        }
+        self.metrics.resident.set(self.resident.len() as f64);
+        total
+    }
+
+    /// Evicts at most `limit` ids; returns how many it went through (evicted, or already gone
+    /// from their wallet).
+    fn evict(&self, now_ms: u64, limit: usize) -> usize {
         let stored = self.sink.stored_lsn();
-        let mut evicted = 0;
-        for _ in 0..EVICTIONS_PER_CALL_MAX {
+        let (mut evicted, mut popped) = (0, 0);
+        for _ in 0..limit {
             let Some(resident) = self
                 .resident
                 .pop_evictable(&self.idempotency, stored, now_ms)
             else {
                 break;
             };
+            popped += 1;
             let (user_id, gift_id) = resident.ids();
             let Some(mut wallet) = self.wallets.get_mut(user_id) else {
                 continue;
@@ -501,6 +522,7 @@ impl Ledger {
                     // Not settled yet (cannot happen for a remembered gift; kept for safety).
                     drop(wallet);
                     self.resident.push_front(resident);
+                    popped -= 1;
                     break;
                 }
                 Some(_) => {
@@ -519,6 +541,7 @@ impl Ledger {
             self.metrics.evicted.increment(evicted);
             self.metrics.resident.set(self.resident.len() as f64);
         }
+        popped
     }
 
     /// Resident ids of durable gifts (what `resident_max` bounds once they are stored).

@@ -463,6 +463,34 @@ fn ids_leave_memory_only_once_stored_and_then_need_a_store_lookup() {
 }
 
 #[test]
+fn a_sweep_evicts_what_the_store_caught_up_on_without_a_new_gift_and_at_most_its_bound() {
+    let (l, sink) = bounded(10, 3_600_000);
+    credit(&l, "a", 1000, "r");
+    for i in 1..=200 {
+        assert_eq!(start(&l, &gift_now("a", &format!("g{i}"))), "new");
+    }
+    sink.settle_all();
+    assert_eq!(l.resident_gifts(), 200, "none stored yet: all resident");
+    assert_eq!(l.sweep_resident(usize::MAX), 0, "nothing stored: nothing to evict");
+    // The store catches up; no gift arrives to evict, the sweep does, bounded per call (not a
+    // multiple of the chunk, to test the edge inside one).
+    sink.set_stored(u64::MAX);
+    assert_eq!(l.sweep_resident(100), 100);
+    assert_eq!(l.resident_gifts(), 100);
+    assert_eq!(l.sweep_resident(usize::MAX), 90, "down to resident_max");
+    assert_eq!(l.resident_gifts(), 10);
+    assert_eq!(l.sweep_resident(usize::MAX), 0);
+    for i in 1..=190 {
+        assert_eq!(start(&l, &gift_now("a", &format!("g{i}"))), "lookup", "g{i}");
+    }
+    for i in 191..=200 {
+        assert_eq!(start(&l, &gift_now("a", &format!("g{i}"))), "retry", "g{i}");
+    }
+    assert_eq!(l.balance("a"), 800);
+    assert!(l.audit().ok);
+}
+
+#[test]
 fn old_stored_ids_leave_memory_after_the_resident_time() {
     let (l, sink) = bounded(1000, 60_000);
     credit(&l, "a", 100, "r");
