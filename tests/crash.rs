@@ -1097,7 +1097,10 @@ async fn crash_loop(opts: Opts, rounds: usize) {
             server.metric("giftcast_idempotency_resident").await,
             Some(r) if r <= resident_max as f64
         ) {
-            assert!(Instant::now() < deadline, "never evicted down to {resident_max}");
+            assert!(
+                Instant::now() < deadline,
+                "never evicted down to {resident_max}"
+            );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }

@@ -471,7 +471,11 @@ fn a_sweep_evicts_what_the_store_caught_up_on_without_a_new_gift_and_at_most_its
     }
     sink.settle_all();
     assert_eq!(l.resident_gifts(), 200, "none stored yet: all resident");
-    assert_eq!(l.sweep_resident(usize::MAX), 0, "nothing stored: nothing to evict");
+    assert_eq!(
+        l.sweep_resident(usize::MAX),
+        0,
+        "nothing stored: nothing to evict"
+    );
     // The store catches up; no gift arrives to evict, the sweep does, bounded per call (not a
     // multiple of the chunk, to test the edge inside one).
     sink.set_stored(u64::MAX);
@@ -481,7 +485,11 @@ fn a_sweep_evicts_what_the_store_caught_up_on_without_a_new_gift_and_at_most_its
     assert_eq!(l.resident_gifts(), 10);
     assert_eq!(l.sweep_resident(usize::MAX), 0);
     for i in 1..=190 {
-        assert_eq!(start(&l, &gift_now("a", &format!("g{i}"))), "lookup", "g{i}");
+        assert_eq!(
+            start(&l, &gift_now("a", &format!("g{i}"))),
+            "lookup",
+            "g{i}"
+        );
     }
     for i in 191..=200 {
         assert_eq!(start(&l, &gift_now("a", &format!("g{i}"))), "retry", "g{i}");
