@@ -27,15 +27,41 @@ pub const SQLITE_PAGE_SIZE_BYTES: u32 = 16 * 1024;
 /// transaction does not spill them to the WAL half-way (SQLite's default is 2 MiB).
 pub const SQLITE_CACHE_MIB: u32 = 64;
 
+/// The gift-id key of a gift: 64 bits of XXH3 over the sender and the gift id. The gift table's
+/// unique index is on `(key_hash, key_salt)`, not on the two strings: ~15 bytes an entry
+/// instead of ~45, so a batch of random client ids dirties a third as many index pages. Two
+/// different gifts with one hash (about one pair in 2^64) get salts 0, 1, ...; a gift is the
+/// same one only if its sender and id are equal (see `insert_gift`). Never change this function:
+/// stored keys depend on it.
+pub fn gift_key_hash(user_id: &str, gift_id: &str) -> i64 {
+    let mut bytes = Vec::with_capacity(4 + user_id.len() + gift_id.len());
+    bytes.extend_from_slice(&(user_id.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(user_id.as_bytes());
+    bytes.extend_from_slice(gift_id.as_bytes());
+    xxhash_rust::xxh3::xxh3_64(&bytes) as i64
+}
+
+/// How a gift's key is hashed: `gift_key_hash`, or in tests one that collides.
+pub(crate) type KeyHash = fn(&str, &str) -> i64;
+
 #[derive(Clone)]
 pub struct SqliteStore {
     /// The lock is only taken inside `spawn_blocking` closures, never across an `.await`.
     conn: Arc<Mutex<Connection>>,
     node_id: Arc<str>,
+    key_hash: KeyHash,
 }
 
 impl SqliteStore {
     pub async fn open(path: &Path, node_id: &str) -> Result<SqliteStore> {
+        Self::open_with_key_hash(path, node_id, gift_key_hash).await
+    }
+
+    pub(crate) async fn open_with_key_hash(
+        path: &Path,
+        node_id: &str,
+        key_hash: KeyHash,
+    ) -> Result<SqliteStore> {
         let path = path.to_path_buf();
         let node = node_id.to_string();
         let conn = blocking(move || {
@@ -52,13 +78,14 @@ impl SqliteStore {
             // batch that no journal holds any more). One fsync per batch of up to 50,000 records.
             conn.pragma_update(None, "journal_mode", "WAL")?;
             conn.pragma_update(None, "synchronous", "FULL")?;
-            migrate(&mut conn, &node)?;
+            migrate(&mut conn, &node, key_hash)?;
             Ok(conn)
         })
         .await?;
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
             node_id: node_id.into(),
+            key_hash,
         })
     }
 
@@ -78,9 +105,10 @@ impl SqliteStore {
 
     pub async fn apply_batch(&self, records: &[(Lsn, Arc<Record>)]) -> Result<()> {
         let records = records.to_vec();
+        let key_hash = self.key_hash;
         self.with_conn(move |conn, node| {
             let tx = conn.transaction()?;
-            apply(&tx, node, &records)?;
+            apply(&tx, node, &records, key_hash)?;
             tx.commit()?;
             Ok(())
         })
@@ -111,11 +139,13 @@ impl SqliteStore {
 
     pub async fn find_gift(&self, user_id: &str, gift_id: &str) -> Result<Option<GiftRecord>> {
         let (user_id, gift_id) = (user_id.to_string(), gift_id.to_string());
+        let hash = (self.key_hash)(&user_id, &gift_id);
         self.with_conn(move |conn, _| {
-            let sql =
-                format!("SELECT {GIFT_COLUMNS} FROM gifts WHERE user_id = ?1 AND gift_id = ?2");
+            let sql = format!(
+                "SELECT {GIFT_COLUMNS} FROM gifts WHERE key_hash = ?1 AND user_id = ?2 AND gift_id = ?3"
+            );
             let mut stmt = conn.prepare_cached(&sql)?;
-            let mut rows = stmt.query(params![user_id, gift_id])?;
+            let mut rows = stmt.query(params![hash, user_id, gift_id])?;
             match rows.next()? {
                 Some(row) => Ok(Some(gift_row(row)?)),
                 None => Ok(None),
@@ -154,7 +184,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .map_err(|e| StoreError::Task(e.to_string()))?
 }
 
-fn migrate(conn: &mut Connection, node: &str) -> Result<()> {
+fn migrate(conn: &mut Connection, node: &str, key_hash: KeyHash) -> Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     tx.execute_batch(SCHEMA_VERSION_DDL)?;
     let version: i64 = tx.query_row(
@@ -174,11 +204,157 @@ fn migrate(conn: &mut Connection, node: &str) -> Result<()> {
          ON CONFLICT (node_id) DO NOTHING",
         [node],
     )?;
+    key_gifts_by_hash(&tx, key_hash)?;
     tx.commit()?;
     Ok(())
 }
 
-fn apply(tx: &Transaction<'_>, node: &str, records: &[(Lsn, Arc<Record>)]) -> Result<()> {
+/// SQLite only (PostgreSQL keeps its `(user_id, gift_id)` key): the shared schema makes `gifts`
+/// keyed by the two strings; this rebuilds it keyed by `(key_hash, key_salt)` (see
+/// `gift_key_hash`), once, copying any gifts a file of an older giftcast holds, in LSN order.
+fn key_gifts_by_hash(tx: &Transaction<'_>, key_hash: KeyHash) -> Result<()> {
+    let keyed: i64 = tx.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('gifts') WHERE name = 'key_hash'",
+        [],
+        |r| r.get(0),
+    )?;
+    if keyed > 0 {
+        return Ok(());
+    }
+    tx.execute_batch(
+        "CREATE TABLE gifts_by_hash (
+            user_id TEXT NOT NULL,
+            gift_id TEXT NOT NULL,
+            user_name TEXT NOT NULL,
+            stream TEXT NOT NULL,
+            sticker TEXT NOT NULL,
+            count BIGINT NOT NULL,
+            price BIGINT NOT NULL,
+            amount BIGINT NOT NULL CHECK (amount >= 0),
+            store_share BIGINT NOT NULL,
+            streamer_share BIGINT NOT NULL,
+            platform_share BIGINT NOT NULL,
+            message TEXT,
+            balance_after BIGINT NOT NULL,
+            ts_ms BIGINT NOT NULL,
+            lsn BIGINT NOT NULL,
+            key_hash INTEGER NOT NULL,
+            key_salt INTEGER NOT NULL
+        );
+        CREATE UNIQUE INDEX gifts_by_hash_key ON gifts_by_hash (key_hash, key_salt);",
+    )?;
+    let copied = {
+        let mut insert = GiftInsert::prepare(tx, "gifts_by_hash")?;
+        let mut stmt = tx.prepare(&format!(
+            "SELECT {GIFT_COLUMNS}, lsn FROM gifts ORDER BY lsn"
+        ))?;
+        let mut rows = stmt.query([])?;
+        let mut copied = 0u64;
+        while let Some(row) = rows.next()? {
+            let gift = gift_row(row)?;
+            let lsn: i64 = row.get(14)?;
+            let hash = key_hash(&gift.user_id, &gift.gift_id);
+            if !insert.insert(&gift, lsn, hash)? {
+                return Err(StoreError::Range(format!(
+                    "gift {} of {} is stored twice",
+                    gift.gift_id, gift.user_id
+                )));
+            }
+            copied += 1;
+        }
+        copied
+    };
+    tx.execute_batch(
+        "DROP TABLE gifts;
+         ALTER TABLE gifts_by_hash RENAME TO gifts;
+         CREATE INDEX gifts_ts_ms ON gifts (ts_ms);",
+    )?;
+    if copied > 0 {
+        tracing::info!(
+            copied,
+            "sqlite: the gift table is now keyed by gift-id hash"
+        );
+    }
+    Ok(())
+}
+
+/// The gift insert of the hash-keyed table: a gift whose sender and id are stored already is
+/// not inserted again (the first stays); a different gift with the same hash gets the next salt.
+struct GiftInsert<'t> {
+    insert: rusqlite::CachedStatement<'t>,
+    same_hash: rusqlite::CachedStatement<'t>,
+}
+
+impl<'t> GiftInsert<'t> {
+    fn prepare(tx: &'t Transaction<'_>, table: &str) -> Result<GiftInsert<'t>> {
+        Ok(GiftInsert {
+            insert: tx.prepare_cached(&format!(
+                "INSERT INTO {table} (user_id, gift_id, user_name, stream, sticker, count, price,
+                     amount, store_share, streamer_share, platform_share, message, balance_after,
+                     ts_ms, lsn, key_hash, key_salt)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
+                 ON CONFLICT DO NOTHING"
+            ))?,
+            same_hash: tx.prepare_cached(&format!(
+                "SELECT user_id, gift_id, key_salt FROM {table} WHERE key_hash = ?1"
+            ))?,
+        })
+    }
+
+    /// Whether the gift was inserted (false: this sender's gift id is stored already).
+    fn insert(&mut self, g: &GiftRecord, lsn: i64, hash: i64) -> Result<bool> {
+        if self.insert_salted(g, lsn, hash, 0)? {
+            return Ok(true);
+        }
+        // Salt 0 is taken: by this very gift (a duplicate id) or by another with the same hash.
+        let mut salt_max = 0i64;
+        let mut rows = self.same_hash.query([hash])?;
+        while let Some(row) = rows.next()? {
+            let (user_id, gift_id): (String, String) = (row.get(0)?, row.get(1)?);
+            if user_id == g.user_id && gift_id == g.gift_id {
+                return Ok(false);
+            }
+            salt_max = salt_max.max(row.get(2)?);
+        }
+        drop(rows);
+        let salt = salt_max + 1;
+        if !self.insert_salted(g, lsn, hash, salt)? {
+            return Err(StoreError::Range(format!(
+                "gift key hash {hash}: salt {salt} taken"
+            )));
+        }
+        Ok(true)
+    }
+
+    fn insert_salted(&mut self, g: &GiftRecord, lsn: i64, hash: i64, salt: i64) -> Result<bool> {
+        Ok(self.insert.execute(params![
+            g.user_id,
+            g.gift_id,
+            g.user_name,
+            g.stream,
+            g.sticker,
+            i64::from(g.count),
+            to_i64(g.price, "price")?,
+            to_i64(g.amount, "amount")?,
+            to_i64(g.shares.store, "store share")?,
+            to_i64(g.shares.streamer, "streamer share")?,
+            to_i64(g.shares.platform, "platform share")?,
+            g.message,
+            to_i64(g.balance_after, "balance_after")?,
+            to_i64(g.ts_ms, "ts_ms")?,
+            lsn,
+            hash,
+            salt,
+        ])? == 1)
+    }
+}
+
+fn apply(
+    tx: &Transaction<'_>,
+    node: &str,
+    records: &[(Lsn, Arc<Record>)],
+    key_hash: KeyHash,
+) -> Result<()> {
     let checkpoint: i64 = tx.query_row(
         "SELECT lsn FROM checkpoints WHERE node_id = ?1",
         [node],
@@ -196,24 +372,22 @@ fn apply(tx: &Transaction<'_>, node: &str, records: &[(Lsn, Arc<Record>)]) -> Re
             "INSERT INTO credits (reference, user_id, coins, balance_after, ts_ms, lsn)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
         )?;
-        let mut insert_gift = tx.prepare_cached(
-            "INSERT INTO gifts (user_id, gift_id, user_name, stream, sticker, count, price, amount,
-                 store_share, streamer_share, platform_share, message, balance_after, ts_ms, lsn)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
-             ON CONFLICT DO NOTHING",
-        )?;
+        let mut insert_gift = GiftInsert::prepare(tx, "gifts")?;
         let mut insert_packet = tx.prepare_cached(
             "INSERT INTO packet_records (node_id, lsn, body) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
         )?;
-        // Gifts (and red packets' host cuts, which are gifts too) in the gift-id index's order
-        // (user, gift id), so a batch walks that index once from end to end instead of at random
-        // (clients' ids are random); records without a gift part first. Stable: a gift id twice
-        // in one batch keeps its first (LSN order), as before. The totals are then added in LSN
-        // order (the revenue row keeps the latest name).
+        // Gifts (and red packets' host cuts, which are gifts too) in the gift-key index's order
+        // (`gift_key_hash`), so a batch walks that index once from end to end instead of at
+        // random (clients' ids are random); records without a gift part first. Stable: a gift id
+        // twice in one batch keeps its first (LSN order), as before. The totals are then added
+        // in LSN order (the revenue row keeps the latest name).
         let parts: Vec<_> = records.iter().map(|(_, r)| super::gift_part(r)).collect();
-        let key = |i: usize| parts[i].as_deref().map(|g| (&g.user_id, &g.gift_id));
+        let hashes: Vec<Option<i64>> = parts
+            .iter()
+            .map(|p| p.as_deref().map(|g| key_hash(&g.user_id, &g.gift_id)))
+            .collect();
         let mut in_key_order: Vec<usize> = (0..records.len()).collect();
-        in_key_order.sort_by(|&a, &b| key(a).cmp(&key(b)));
+        in_key_order.sort_by_key(|&i| hashes[i]);
         let mut inserted = vec![false; records.len()];
         for i in in_key_order {
             let (lsn, record) = &records[i];
@@ -230,24 +404,8 @@ fn apply(tx: &Transaction<'_>, node: &str, records: &[(Lsn, Arc<Record>)]) -> Re
                     ])? == 1;
                 }
                 other => {
-                    if let Some(g) = parts[i].as_deref() {
-                        inserted[i] = insert_gift.execute(params![
-                            g.user_id,
-                            g.gift_id,
-                            g.user_name,
-                            g.stream,
-                            g.sticker,
-                            i64::from(g.count),
-                            to_i64(g.price, "price")?,
-                            to_i64(g.amount, "amount")?,
-                            to_i64(g.shares.store, "store share")?,
-                            to_i64(g.shares.streamer, "streamer share")?,
-                            to_i64(g.shares.platform, "platform share")?,
-                            g.message,
-                            to_i64(g.balance_after, "balance_after")?,
-                            to_i64(g.ts_ms, "ts_ms")?,
-                            lsn,
-                        ])? == 1;
+                    if let (Some(g), Some(hash)) = (parts[i].as_deref(), hashes[i]) {
+                        inserted[i] = insert_gift.insert(g, lsn, hash)?;
                     }
                     if super::is_packet(other) {
                         insert_packet.execute(params![node, lsn, super::encode_packet(other)])?;

@@ -13,6 +13,14 @@ pub(crate) const PG_ADMIN: &str = "host=127.0.0.1 port=5432 user=postgres dbname
 pub(crate) enum Backend {
     Sqlite,
     Postgres,
+    /// SQLite whose gift-key hash takes only 3 values: nearly every gift shares its hash with
+    /// others, so every test also runs through the salted-collision path.
+    SqliteCollidingKeys,
+}
+
+/// The key hash of `Backend::SqliteCollidingKeys`.
+fn colliding_key_hash(user_id: &str, gift_id: &str) -> i64 {
+    ((user_id.len() + gift_id.len()) % 3) as i64
 }
 
 /// A store in a fresh tempdir or a fresh PostgreSQL schema (dropped on drop).
@@ -56,6 +64,21 @@ impl TestDb {
                 assert_eq!(store.backend(), "sqlite");
                 TestDb {
                     store,
+                    dir,
+                    schema: None,
+                }
+            }
+            Backend::SqliteCollidingKeys => {
+                let path = dir.path().join(SQLITE_FILE_NAME);
+                let store = sqlite::SqliteStore::open_with_key_hash(
+                    &path,
+                    NODE_ID_DEFAULT,
+                    colliding_key_hash,
+                )
+                .await
+                .unwrap();
+                TestDb {
+                    store: Store::Sqlite(store),
                     dir,
                     schema: None,
                 }
@@ -554,6 +577,9 @@ macro_rules! both_backends {
         mod postgres_backend {
             $(#[tokio::test] async fn $name() { super::$name(super::Backend::Postgres).await })*
         }
+        mod sqlite_colliding_keys {
+            $(#[tokio::test] async fn $name() { super::$name(super::Backend::SqliteCollidingKeys).await })*
+        }
     };
 }
 
@@ -619,6 +645,96 @@ async fn sqlite_reopen_keeps_everything() {
     db.store.apply_batch(&records).await.unwrap();
     let store = Store::open(None, db.dir.path()).await.unwrap();
     assert_eq!(store.load(0).await.unwrap(), model(&records, 0));
+}
+
+/// A file from a giftcast before the hash key (its `gifts` keyed by `(user_id, gift_id)`, the
+/// shared schema's table) is rebuilt once at open: every gift kept, found by id, a retried id
+/// still not stored twice, and the next open leaves it alone.
+#[tokio::test]
+async fn sqlite_a_file_keyed_by_the_id_strings_is_rebuilt_keyed_by_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(None, dir.path()).await.unwrap();
+    let records = history(6, 5);
+    let (first, rest) = records.split_at(20);
+    store.apply_batch(first).await.unwrap();
+    drop(store);
+    let path = dir.path().join(SQLITE_FILE_NAME);
+    {
+        // Back to the old shape: the table exactly as the shared schema makes it.
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(&format!(
+            "ALTER TABLE gifts RENAME TO gifts_keyed;
+             DROP INDEX gifts_ts_ms;
+             {}
+             INSERT INTO gifts SELECT user_id, gift_id, user_name, stream, sticker, count, price,
+                 amount, store_share, streamer_share, platform_share, message, balance_after,
+                 ts_ms, lsn FROM gifts_keyed;
+             DROP TABLE gifts_keyed;",
+            &MIGRATIONS[0][MIGRATIONS[0]
+                .find("CREATE TABLE IF NOT EXISTS gifts (")
+                .unwrap()
+                ..MIGRATIONS[0]
+                    .find("CREATE TABLE IF NOT EXISTS revenue")
+                    .unwrap()]
+        ))
+        .unwrap();
+        let key_columns: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('gifts') WHERE name LIKE 'key_%'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(key_columns, 0, "the old shape");
+    }
+    let store = Store::open(None, dir.path()).await.unwrap();
+    assert_eq!(store.load(0).await.unwrap(), model(first, 0));
+    for (_, record) in first {
+        if let Record::Gift(g) = &**record {
+            assert_eq!(
+                store
+                    .find_gift(&g.user_id, &g.gift_id)
+                    .await
+                    .unwrap()
+                    .as_ref(),
+                Some(g)
+            );
+        }
+    }
+    store.apply_batch(rest).await.unwrap();
+    let all = model(&records, 0);
+    assert_eq!(store.load(0).await.unwrap(), all);
+    // A stored id again, under a new LSN with other contents: not stored, not counted.
+    let Record::Gift(original) = &*first[first.len() - 1].1 else {
+        panic!("history ends its first part with a gift")
+    };
+    let mut again = original.clone();
+    again.message = Some("other".into());
+    let last = records.last().unwrap().0;
+    store
+        .apply_batch(&[(last + 1, Arc::new(Record::Gift(again)))])
+        .await
+        .unwrap();
+    let after = store.load(0).await.unwrap();
+    assert_eq!(
+        (after.gifts, after.gifted_total),
+        (all.gifts.clone(), all.gifted_total)
+    );
+    assert_eq!(
+        store
+            .find_gift(&original.user_id, &original.gift_id)
+            .await
+            .unwrap()
+            .as_ref(),
+        Some(original)
+    );
+    drop(store);
+    let store = Store::open(None, dir.path()).await.unwrap();
+    assert_eq!(
+        store.load(0).await.unwrap().gifts,
+        all.gifts,
+        "a second open changes nothing"
+    );
 }
 
 #[tokio::test]
