@@ -44,6 +44,9 @@ pub fn gift_key_hash(user_id: &str, gift_id: &str) -> i64 {
 /// How a gift's key is hashed: `gift_key_hash`, or in tests one that collides.
 pub(crate) type KeyHash = fn(&str, &str) -> i64;
 
+/// Rows between two progress lines while an older file's gift table is re-keyed at open.
+const REKEY_PROGRESS_ROWS: u64 = 1_000_000;
+
 #[derive(Clone)]
 pub struct SqliteStore {
     /// The lock is only taken inside `spawn_blocking` closures, never across an `.await`.
@@ -243,6 +246,13 @@ fn key_gifts_by_hash(tx: &Transaction<'_>, key_hash: KeyHash) -> Result<()> {
         );
         CREATE UNIQUE INDEX gifts_by_hash_key ON gifts_by_hash (key_hash, key_salt);",
     )?;
+    let total: i64 = tx.query_row("SELECT COUNT(*) FROM gifts", [], |r| r.get(0))?;
+    if total > 0 {
+        tracing::info!(
+            total,
+            "sqlite: keying the gift table by gift-id hash (once)"
+        );
+    }
     let copied = {
         let mut insert = GiftInsert::prepare(tx, "gifts_by_hash")?;
         let mut stmt = tx.prepare(&format!(
@@ -261,6 +271,13 @@ fn key_gifts_by_hash(tx: &Transaction<'_>, key_hash: KeyHash) -> Result<()> {
                 )));
             }
             copied += 1;
+            if copied.is_multiple_of(REKEY_PROGRESS_ROWS) {
+                tracing::info!(
+                    copied,
+                    total,
+                    "sqlite: keying the gift table by gift-id hash"
+                );
+            }
         }
         copied
     };
