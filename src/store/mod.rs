@@ -244,8 +244,34 @@ impl Store {
 
 /// The schema, shared by both backends (SQLite accepts the PostgreSQL types). Append-only:
 /// migration N is applied once, when the stored version is below N.
+/// The gift table's columns, without its key: the shared schema's `gifts` (keyed by the two id
+/// strings) and SQLite's re-keyed one (`sqlite::key_gifts_by_hash`) are made from this one list.
+/// A later migration that changes `gifts` must change the re-keying too.
+macro_rules! gift_column_defs {
+    () => {
+        "    user_id TEXT NOT NULL,
+    gift_id TEXT NOT NULL,
+    user_name TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    sticker TEXT NOT NULL,
+    count BIGINT NOT NULL,
+    price BIGINT NOT NULL,
+    amount BIGINT NOT NULL CHECK (amount >= 0),
+    store_share BIGINT NOT NULL,
+    streamer_share BIGINT NOT NULL,
+    platform_share BIGINT NOT NULL,
+    message TEXT,
+    balance_after BIGINT NOT NULL,
+    ts_ms BIGINT NOT NULL,
+    lsn BIGINT NOT NULL,
+"
+    };
+}
+pub(crate) use gift_column_defs;
+
 const MIGRATIONS: &[&str] = &[
-    r#"
+    concat!(
+        r#"
 CREATE TABLE IF NOT EXISTS checkpoints (
     node_id TEXT PRIMARY KEY,
     lsn BIGINT NOT NULL,
@@ -265,22 +291,9 @@ CREATE TABLE IF NOT EXISTS credits (
     lsn BIGINT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS gifts (
-    user_id TEXT NOT NULL,
-    gift_id TEXT NOT NULL,
-    user_name TEXT NOT NULL,
-    stream TEXT NOT NULL,
-    sticker TEXT NOT NULL,
-    count BIGINT NOT NULL,
-    price BIGINT NOT NULL,
-    amount BIGINT NOT NULL CHECK (amount >= 0),
-    store_share BIGINT NOT NULL,
-    streamer_share BIGINT NOT NULL,
-    platform_share BIGINT NOT NULL,
-    message TEXT,
-    balance_after BIGINT NOT NULL,
-    ts_ms BIGINT NOT NULL,
-    lsn BIGINT NOT NULL,
-    PRIMARY KEY (user_id, gift_id)
+"#,
+        gift_column_defs!(),
+        r#"    PRIMARY KEY (user_id, gift_id)
 );
 CREATE INDEX IF NOT EXISTS gifts_ts_ms ON gifts (ts_ms);
 CREATE TABLE IF NOT EXISTS revenue (
@@ -296,7 +309,8 @@ CREATE TABLE IF NOT EXISTS revenue (
     platform_share BIGINT NOT NULL,
     PRIMARY KEY (stream, sticker, user_id)
 );
-"#,
+"#
+    ),
     r#"
 CREATE TABLE IF NOT EXISTS packet_records (
     node_id TEXT NOT NULL,

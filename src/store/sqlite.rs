@@ -224,28 +224,14 @@ fn key_gifts_by_hash(tx: &Transaction<'_>, key_hash: KeyHash) -> Result<()> {
     if keyed > 0 {
         return Ok(());
     }
-    tx.execute_batch(
-        "CREATE TABLE gifts_by_hash (
-            user_id TEXT NOT NULL,
-            gift_id TEXT NOT NULL,
-            user_name TEXT NOT NULL,
-            stream TEXT NOT NULL,
-            sticker TEXT NOT NULL,
-            count BIGINT NOT NULL,
-            price BIGINT NOT NULL,
-            amount BIGINT NOT NULL CHECK (amount >= 0),
-            store_share BIGINT NOT NULL,
-            streamer_share BIGINT NOT NULL,
-            platform_share BIGINT NOT NULL,
-            message TEXT,
-            balance_after BIGINT NOT NULL,
-            ts_ms BIGINT NOT NULL,
-            lsn BIGINT NOT NULL,
-            key_hash INTEGER NOT NULL,
-            key_salt INTEGER NOT NULL
-        );
-        CREATE UNIQUE INDEX gifts_by_hash_key ON gifts_by_hash (key_hash, key_salt);",
-    )?;
+    tx.execute_batch(concat!(
+        "CREATE TABLE gifts_by_hash (\n",
+        super::gift_column_defs!(),
+        "    key_hash INTEGER NOT NULL,
+    key_salt INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX gifts_by_hash_key ON gifts_by_hash (key_hash, key_salt);",
+    ))?;
     let total: i64 = tx.query_row("SELECT COUNT(*) FROM gifts", [], |r| r.get(0))?;
     if total > 0 {
         tracing::info!(
