@@ -31,8 +31,8 @@ pub const SQLITE_CACHE_MIB: u32 = 64;
 /// unique index is on `(key_hash, key_salt)`, not on the two strings: ~15 bytes an entry
 /// instead of ~45, so a batch of random client ids dirties a third as many index pages. Two
 /// different gifts with one hash (about one pair in 2^64) get salts 0, 1, ...; a gift is the
-/// same one only if its sender and id are equal (see `insert_gift`). Never change this function:
-/// stored keys depend on it.
+/// same one only if its sender and id are equal (see `GiftInsert::insert`). Never change this
+/// function: stored keys depend on it (`store::tests::the_gift_key_hash_never_changes`).
 pub fn gift_key_hash(user_id: &str, gift_id: &str) -> i64 {
     let mut bytes = Vec::with_capacity(4 + user_id.len() + gift_id.len());
     bytes.extend_from_slice(&(user_id.len() as u32).to_le_bytes());

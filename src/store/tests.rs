@@ -782,3 +782,18 @@ async fn a_bad_url_is_refused() {
             .is_err()
     );
 }
+
+/// Stored SQLite keys depend on `gift_key_hash`: these values were computed when the key was made
+/// (2026-12-03), and the reference C xxHash (Python's `xxhash.xxh3_64_intdigest` over the same
+/// bytes) gives the same. A change of the function or of the XXH3 crate fails here, not in a file.
+#[test]
+fn the_gift_key_hash_never_changes() {
+    let h = sqlite::gift_key_hash;
+    assert_eq!(h("u", "g"), 7313902335436326085);
+    assert_eq!(
+        h("user-1", "0b9e4c6a-7d35-4f0e-9a61-2c8d5e3f1a77"),
+        3175733964283770317
+    );
+    // The sender's length is hashed too: moving a character across the boundary is another key.
+    assert_ne!(h("ab", "c"), h("a", "bc"));
+}
