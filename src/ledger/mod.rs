@@ -483,7 +483,7 @@ impl Ledger {
     }
 
     /// Evicts, in chunks of `EVICTIONS_PER_CALL_MAX`, what may go now, at most `max` ids; returns
-    /// how many went. The app calls it every `IDEMPOTENCY_SWEEP_MS`, so ids that became stored
+    /// how many left the resident queue (evicted, or already gone from their wallet). The app calls it every `IDEMPOTENCY_SWEEP_MS`, so ids that became stored
     /// (or old) while no gift arrived leave memory too: without it, a burst replayed from the
     /// journal after a restart stayed resident until as many new gifts came.
     pub fn sweep_resident(&self, max: usize) -> usize {
