@@ -367,7 +367,7 @@ async fn apply(conn: &PgConn, node: &str, records: &[(Lsn, Arc<Record>)]) -> Res
             .await?;
     }
 
-    let revenue: Vec<&RevenueRow> = deltas.revenue.values().collect();
+    let revenue: Vec<&RevenueRow> = deltas.revenue_in_key_order();
     for chunk in revenue.chunks(PG_ROWS_PER_STATEMENT_MAX) {
         let mut text: [Vec<&str>; 4] = Default::default();
         let mut numbers: [Vec<i64>; 6] = Default::default();

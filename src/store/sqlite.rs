@@ -369,6 +369,8 @@ fn apply(
     let Some((last_lsn, _)) = records.last() else {
         return Ok(()); // a replay of what is stored already
     };
+    // Each record's gift part (a gift, or a red packet's host cut), computed once.
+    let parts: Vec<_> = records.iter().map(|(_, r)| super::gift_part(r)).collect();
     let mut deltas = Deltas::default();
     {
         let mut insert_credit = tx.prepare_cached(
@@ -384,7 +386,6 @@ fn apply(
         // random (clients' ids are random); records without a gift part first. Stable: a gift id
         // twice in one batch keeps its first (LSN order), as before. The totals are then added
         // in LSN order (the revenue row keeps the latest name).
-        let parts: Vec<_> = records.iter().map(|(_, r)| super::gift_part(r)).collect();
         let hashes: Vec<Option<i64>> = parts
             .iter()
             .map(|p| p.as_deref().map(|g| key_hash(&g.user_id, &g.gift_id)))
@@ -443,7 +444,7 @@ fn apply(
                  streamer_share = revenue.streamer_share + excluded.streamer_share,
                  platform_share = revenue.platform_share + excluded.platform_share",
         )?;
-        for row in deltas.revenue.values() {
+        for row in deltas.revenue_in_key_order() {
             upsert_revenue.execute(params![
                 row.stream,
                 row.sticker,
