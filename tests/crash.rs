@@ -1092,17 +1092,13 @@ async fn crash_loop(opts: Opts, rounds: usize) {
         // down to the bound, so that the retries below go the evicted way (else this loop
         // proves nothing new). Under load a kill can come before any batch was stored.
         wait_metric(&server, "giftcast_flusher_pending_records", 0.0).await;
-        let deadline = Instant::now() + WAIT;
-        while !matches!(
-            server.metric("giftcast_idempotency_resident").await,
-            Some(r) if r <= resident_max as f64
-        ) {
-            assert!(
-                Instant::now() < deadline,
-                "never evicted down to {resident_max}"
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        wait_metric_until(
+            &server,
+            "giftcast_idempotency_resident",
+            &format!("<= {resident_max}"),
+            |r| r <= resident_max as f64,
+        )
+        .await;
     }
     let hits_before = server
         .metric("giftcast_idempotency_lookup_hits_total")
@@ -1396,9 +1392,14 @@ async fn gift_once(
 
 /// Polls a metric until it has `want` (30 s at most).
 async fn wait_metric(server: &Server, name: &str, want: f64) {
+    wait_metric_until(server, name, &format!("== {want}"), |v| v == want).await;
+}
+
+/// Waits until metric `name` is present and `ok`; `what` names the wait in the failure.
+async fn wait_metric_until(server: &Server, name: &str, what: &str, ok: impl Fn(f64) -> bool) {
     let deadline = Instant::now() + WAIT;
-    while server.metric(name).await != Some(want) {
-        assert!(Instant::now() < deadline, "{name} never became {want}");
+    while !server.metric(name).await.is_some_and(&ok) {
+        assert!(Instant::now() < deadline, "{name} never became {what}");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }

@@ -482,22 +482,15 @@ impl Ledger {
         self.evict(crate::now_ms(), EVICTIONS_PER_CALL_MAX);
     }
 
-    /// Evicts, in chunks of `EVICTIONS_PER_CALL_MAX`, what may go now, at most `max` ids; returns
-    /// how many left the resident queue (evicted, or already gone from their wallet). The app calls it every `IDEMPOTENCY_SWEEP_MS`, so ids that became stored
-    /// (or old) while no gift arrived leave memory too: without it, a burst replayed from the
-    /// journal after a restart stayed resident until as many new gifts came.
+    /// Evicts what may go now, at most `max` ids; returns how many left the resident queue
+    /// (evicted, or already gone from their wallet). The app calls it every
+    /// `IDEMPOTENCY_SWEEP_MS`, so ids that became stored (or old) while no gift arrived leave
+    /// memory too: without it, a burst replayed from the journal after a restart stayed resident
+    /// until as many new gifts came.
     pub fn sweep_resident(&self, max: usize) -> usize {
-        let mut total = 0;
-        while total < max {
-            let want = (max - total).min(EVICTIONS_PER_CALL_MAX);
-            let evicted = self.evict(crate::now_ms(), want);
-            total += evicted;
-            if evicted < want {
-                break;
-            }
-        }
+        let swept = self.evict(crate::now_ms(), max);
         self.metrics.resident.set(self.resident.len() as f64);
-        total
+        swept
     }
 
     /// Evicts at most `limit` ids; returns how many it went through (evicted, or already gone

@@ -476,8 +476,8 @@ fn a_sweep_evicts_what_the_store_caught_up_on_without_a_new_gift_and_at_most_its
         0,
         "nothing stored: nothing to evict"
     );
-    // The store catches up; no gift arrives to evict, the sweep does, bounded per call (not a
-    // multiple of the chunk, to test the edge inside one).
+    // The store catches up; no gift arrives to evict, the sweep does, at most its bound per call
+    // (100: neither 64, what a gift's completion evicts, nor a multiple of it).
     sink.set_stored(u64::MAX);
     assert_eq!(l.sweep_resident(100), 100);
     assert_eq!(l.resident_gifts(), 100);

@@ -252,7 +252,8 @@ CREATE UNIQUE INDEX gifts_by_hash_key ON gifts_by_hash (key_hash, key_salt);",
             let hash = key_hash(&gift.user_id, &gift.gift_id);
             if !insert.insert(&gift, lsn, hash)? {
                 return Err(StoreError::Range(format!(
-                    "gift {} of {} is stored twice",
+                    "re-keying the gift table: gift {} of {} is in it twice (the file is damaged; \
+                     nothing was changed)",
                     gift.gift_id, gift.user_id
                 )));
             }
@@ -323,7 +324,9 @@ impl<'t> GiftInsert<'t> {
         let salt = salt_max + 1;
         if !self.insert_salted(g, lsn, hash, salt)? {
             return Err(StoreError::Range(format!(
-                "gift key hash {hash}: salt {salt} taken"
+                "gift {} of {}: key ({hash}, {salt}) is taken though no gift with that hash has \
+                 it (the file is damaged; the batch is not stored)",
+                g.gift_id, g.user_id
             )));
         }
         Ok(true)

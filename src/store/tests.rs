@@ -649,16 +649,23 @@ async fn sqlite_reopen_keeps_everything() {
 
 /// A file from a giftcast before the hash key (its `gifts` keyed by `(user_id, gift_id)`, the
 /// shared schema's table) is rebuilt once at open: every gift kept, found by id, a retried id
-/// still not stored twice, and the next open leaves it alone.
-#[tokio::test]
-async fn sqlite_a_file_keyed_by_the_id_strings_is_rebuilt_keyed_by_hash() {
+/// still not stored twice, and the next open leaves it alone. Run with the real hash and with
+/// the colliding one, so the copy goes through the salts too.
+async fn a_file_keyed_by_the_id_strings_is_rebuilt_keyed_by(key_hash: sqlite::KeyHash) {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(None, dir.path()).await.unwrap();
+    let path = dir.path().join(SQLITE_FILE_NAME);
+    let open = || async {
+        Store::Sqlite(
+            sqlite::SqliteStore::open_with_key_hash(&path, NODE_ID_DEFAULT, key_hash)
+                .await
+                .unwrap(),
+        )
+    };
+    let store = open().await;
     let records = history(6, 5);
     let (first, rest) = records.split_at(20);
     store.apply_batch(first).await.unwrap();
     drop(store);
-    let path = dir.path().join(SQLITE_FILE_NAME);
     {
         // Back to the old shape: the table exactly as the shared schema makes it.
         let conn = rusqlite::Connection::open(&path).unwrap();
@@ -687,7 +694,7 @@ async fn sqlite_a_file_keyed_by_the_id_strings_is_rebuilt_keyed_by_hash() {
             .unwrap();
         assert_eq!(key_columns, 0, "the old shape");
     }
-    let store = Store::open(None, dir.path()).await.unwrap();
+    let store = open().await;
     assert_eq!(store.load(0).await.unwrap(), model(first, 0));
     for (_, record) in first {
         if let Record::Gift(g) = &**record {
@@ -729,12 +736,22 @@ async fn sqlite_a_file_keyed_by_the_id_strings_is_rebuilt_keyed_by_hash() {
         Some(original)
     );
     drop(store);
-    let store = Store::open(None, dir.path()).await.unwrap();
+    let store = open().await;
     assert_eq!(
         store.load(0).await.unwrap().gifts,
         all.gifts,
         "a second open changes nothing"
     );
+}
+
+#[tokio::test]
+async fn sqlite_a_file_keyed_by_the_id_strings_is_rebuilt_keyed_by_hash() {
+    a_file_keyed_by_the_id_strings_is_rebuilt_keyed_by(sqlite::gift_key_hash).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_file_keyed_by_the_id_strings_is_rebuilt_keyed_by_a_colliding_hash() {
+    a_file_keyed_by_the_id_strings_is_rebuilt_keyed_by(colliding_key_hash).await;
 }
 
 #[tokio::test]
