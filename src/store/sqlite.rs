@@ -7,7 +7,7 @@ use super::{
 use crate::money::Shares;
 use crate::record::{CreditRecord, GiftRecord, Lsn, Record};
 use parking_lot::Mutex;
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,8 +49,15 @@ const REKEY_PROGRESS_ROWS: u64 = 1_000_000;
 
 #[derive(Clone)]
 pub struct SqliteStore {
-    /// The lock is only taken inside `spawn_blocking` closures, never across an `.await`.
+    /// The writer: migrations, `apply_batch`, `load`. The lock is only taken inside
+    /// `spawn_blocking` closures, never across an `.await`.
     conn: Arc<Mutex<Connection>>,
+    /// A second, read-only connection for the reads that run while the server takes money
+    /// (`find_gift`, `ping`). In WAL mode a reader never waits for the writer, so a lookup of an
+    /// evicted gift id does not queue behind a flusher batch that may hold the writer for a
+    /// second or more; it sees every batch committed before it starts (the ledger evicts an id
+    /// only after its batch committed).
+    reader: Arc<Mutex<Connection>>,
     node_id: Arc<str>,
     key_hash: KeyHash,
 }
@@ -81,12 +88,20 @@ impl SqliteStore {
             // batch that no journal holds any more). One fsync per batch of up to 50,000 records.
             conn.pragma_update(None, "journal_mode", "WAL")?;
             conn.pragma_update(None, "synchronous", "FULL")?;
+            refuse_memory_database(&conn)?;
             migrate(&mut conn, &node, key_hash)?;
-            Ok(conn)
+            let reader = Connection::open_with_flags(
+                &path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            reader.busy_timeout(Duration::from_millis(SQLITE_BUSY_TIMEOUT_MS))?;
+            Ok((conn, reader))
         })
         .await?;
+        let (conn, reader) = conn;
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
+            reader: Arc::new(Mutex::new(reader)),
             node_id: node_id.into(),
             key_hash,
         })
@@ -101,9 +116,22 @@ impl SqliteStore {
         blocking(move || f(&mut conn.lock(), &node)).await
     }
 
+    /// As `with_conn`, on the read-only connection.
+    async fn with_reader<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let reader = self.reader.clone();
+        blocking(move || f(&reader.lock())).await
+    }
+
+    /// Reads the file through the reader (`checkpoints` exists in every migrated file), so a
+    /// file that went away or became unreadable is reported, without waiting for a batch.
     pub async fn ping(&self) -> Result<()> {
-        self.with_conn(|conn, _| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?))
-            .await
+        self.with_reader(|conn| {
+            Ok(conn.query_row("SELECT count(*) FROM checkpoints", [], |_| Ok(()))?)
+        })
+        .await
     }
 
     pub async fn apply_batch(&self, records: &[(Lsn, Arc<Record>)]) -> Result<()> {
@@ -140,10 +168,29 @@ impl SqliteStore {
         .await
     }
 
+    /// FOR TESTS: holds the writer inside an open write transaction (as a long flusher batch
+    /// does) from `held` until `release`, then rolls it back.
+    #[cfg(test)]
+    pub(crate) async fn hold_writer(
+        &self,
+        held: tokio::sync::oneshot::Sender<()>,
+        release: std::sync::mpsc::Receiver<()>,
+    ) -> Result<()> {
+        self.with_conn(move |conn, _| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            tx.execute("UPDATE checkpoints SET lsn = lsn", [])?;
+            let _ = held.send(());
+            let _ = release.recv();
+            tx.rollback()?;
+            Ok(())
+        })
+        .await
+    }
+
     pub async fn find_gift(&self, user_id: &str, gift_id: &str) -> Result<Option<GiftRecord>> {
         let (user_id, gift_id) = (user_id.to_string(), gift_id.to_string());
         let hash = (self.key_hash)(&user_id, &gift_id);
-        self.with_conn(move |conn, _| {
+        self.with_reader(move |conn| {
             let sql = format!(
                 "SELECT {GIFT_COLUMNS} FROM gifts WHERE key_hash = ?1 AND user_id = ?2 AND gift_id = ?3"
             );
@@ -185,6 +232,25 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| StoreError::Task(e.to_string()))?
+}
+
+/// The store holds money across restarts, and its lookups run on a second connection to the
+/// same file: an in-memory or temporary database (`:memory:`, `file::memory:`, an empty path)
+/// would do neither, so it is refused with a clear error.
+fn refuse_memory_database(conn: &Connection) -> Result<()> {
+    let file: String = conn.query_row(
+        "SELECT file FROM pragma_database_list WHERE name = 'main'",
+        [],
+        |r| r.get(0),
+    )?;
+    if file.is_empty() {
+        return Err(StoreError::Url(
+            "an in-memory or temporary SQLite database cannot hold money across restarts: give \
+             the store a file path (sqlite:<path>, or no URL for <data_dir>/giftcast.db)"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 fn migrate(conn: &mut Connection, node: &str, key_hash: KeyHash) -> Result<()> {

@@ -6,6 +6,7 @@ use super::*;
 use crate::money::{Coins, Split};
 use crate::record::{CreditRecord, GiftRecord};
 use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
 
 pub(crate) const PG_ADMIN: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test";
 
@@ -636,6 +637,59 @@ async fn sqlite_an_existing_file_keeps_its_page_size() {
     assert_eq!(store.load(0).await.unwrap(), model(&records, 0));
     drop(store);
     assert_eq!(pragma(&path, "page_size"), 4096);
+}
+
+/// A lookup of a stored gift (and the readiness ping) answers while the writer is inside a
+/// long transaction, as under a large flusher batch: they run on the store's reader connection,
+/// which in WAL mode never waits for the writer. Had they gone through the writer, the lookup
+/// would wait until `release`, which is sent only after it returned: the timeout fails the test.
+#[tokio::test]
+async fn sqlite_a_lookup_does_not_wait_for_the_writer() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let records = history(3, 3);
+    db.store.apply_batch(&records).await.unwrap();
+    let Store::Sqlite(sqlite) = &db.store else {
+        unreachable!()
+    };
+    let (held_tx, held_rx) = tokio::sync::oneshot::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel();
+    let writer = tokio::spawn({
+        let sqlite = sqlite.clone();
+        async move { sqlite.hold_writer(held_tx, release_rx).await }
+    });
+    held_rx.await.unwrap();
+    let wait = Duration::from_secs(10);
+    for (_, record) in &records {
+        if let Record::Gift(g) = &**record {
+            let found = tokio::time::timeout(wait, db.store.find_gift(&g.user_id, &g.gift_id))
+                .await
+                .expect("find_gift waited for the writer")
+                .unwrap();
+            assert_eq!(found.as_ref(), Some(g));
+        }
+    }
+    tokio::time::timeout(wait, db.store.ping())
+        .await
+        .expect("ping waited for the writer")
+        .unwrap();
+    release_tx.send(()).unwrap();
+    writer.await.unwrap().unwrap();
+    // What the writer held changed nothing, and it is free again.
+    assert_eq!(db.store.load(0).await.unwrap(), model(&records, 0));
+}
+
+/// An in-memory SQLite database would lose every coin on restart (and the reader connection
+/// would see another, empty database): refused with an error that says so.
+#[tokio::test]
+async fn sqlite_an_in_memory_database_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for url in ["sqlite::memory:", "sqlite:file::memory:", "sqlite:"] {
+        let error = match Store::open(Some(url), dir.path()).await {
+            Ok(_) => panic!("{url} was accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(error.contains("in-memory or temporary"), "{url}: {error}");
+    }
 }
 
 #[tokio::test]
