@@ -11,8 +11,10 @@
 //! ```text
 //! cargo run --release --example durable_compare -- [--quick] [--pg URL] [--dir DIR]
 //! cargo run --release --example durable_compare -- --sustain-secs S [--dir DIR] [--samples CSV]
+//!     [--flush-batch N]
 //!     (only the SQLite group-commit open loop at 100,000 gifts/s, for S seconds, at most 600;
-//!     `--samples` writes the store backlog every 100 ms until the store has every gift)
+//!     `--samples` writes the store backlog every 100 ms until the store has every gift;
+//!     `--flush-batch` sets the flusher's records per store transaction, default the server's)
 //! ```
 //!
 //! `--pg` defaults to `postgres://postgres@127.0.0.1:5432/test`; a fresh schema is created
@@ -143,12 +145,12 @@ fn backlog_note(samples: &[u64]) -> String {
 }
 
 /// Group commit into SQLite, open loop at 100,000 gifts/s for `secs`.
-async fn sqlite_at_100k(dir: &Path, secs: f64) -> anyhow::Result<Row> {
+async fn sqlite_at_100k(dir: &Path, secs: f64, flush: FlushConfig) -> anyhow::Result<Row> {
     let load = Load::Open {
         rate: 100_000,
         secs,
     };
-    group_commit(dir, "sqlite", None, load).await
+    group_commit_with(dir, "sqlite", None, load, flush).await
 }
 
 async fn group_commit(
@@ -157,18 +159,23 @@ async fn group_commit(
     pg_url: Option<&str>,
     load: Load,
 ) -> anyhow::Result<Row> {
+    group_commit_with(dir, backend, pg_url, load, FlushConfig::default()).await
+}
+
+async fn group_commit_with(
+    dir: &Path,
+    backend: &'static str,
+    pg_url: Option<&str>,
+    load: Load,
+    flush: FlushConfig,
+) -> anyhow::Result<Row> {
     let dir = tempfile::Builder::new()
         .prefix("gc-bench")
         .tempdir_in(dir)?;
     let store = Store::open(pg_url, dir.path()).await?;
     let checkpoint = store.load(0).await?.checkpoint_lsn;
     let (journal, _, rx) = Journal::open(JournalConfig::new(dir.path()), checkpoint)?;
-    let flusher = std::sync::Arc::new(flusher::spawn(
-        store,
-        journal.clone(),
-        rx,
-        FlushConfig::default(),
-    ));
+    let flusher = std::sync::Arc::new(flusher::spawn(store, journal.clone(), rx, flush));
     // The store's backlog (durable, not yet stored) while the load runs, sampled every 100 ms:
     // bounded means the store keeps up; growing means it trails.
     let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(f64, u64)>::new()));
@@ -676,9 +683,18 @@ fn fsync_probe(dir: &Path, n: usize) -> anyhow::Result<String> {
 
 // ------------------------------------------------------------------------------------------
 
+const USAGE: &str = "\
+durable_compare [--quick] [--pg URL] [--dir DIR]
+durable_compare --sustain-secs S [--dir DIR] [--samples CSV] [--flush-batch N]
+(see the header of examples/durable_compare.rs for what each run measures)";
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return Ok(());
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let value = |flag: &str| {
         args.iter()
@@ -703,7 +719,18 @@ async fn main() -> anyhow::Result<()> {
             fsync_probe(&dir, 2000)?
         );
         header();
-        let mut row = sqlite_at_100k(&dir, secs).await?;
+        let mut flush = FlushConfig::default();
+        if let Some(n) = value("--flush-batch") {
+            flush.batch_records_max = n
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--flush-batch {n:?}: {e}"))?;
+            anyhow::ensure!(flush.batch_records_max > 0, "--flush-batch: at least 1");
+        }
+        println!(
+            "flusher batch: at most {} records\n",
+            flush.batch_records_max
+        );
+        let mut row = sqlite_at_100k(&dir, secs, flush).await?;
         row.print();
         if let Some(path) = value("--samples") {
             let mut csv = String::from("secs,store_backlog_records\n");
@@ -751,7 +778,9 @@ async fn main() -> anyhow::Result<()> {
         group_commit(&dir, "sqlite", None, closed(n(1_000_000.0), 2000))
             .await?
             .print();
-        sqlite_at_100k(&dir, 10.0 * scale).await?.print();
+        sqlite_at_100k(&dir, 10.0 * scale, FlushConfig::default())
+            .await?
+            .print();
         group_commit(&dir, "sqlite", None, open10k()).await?.print();
         sqlite_naive(&dir, closed(n(5_000.0), 1))?.print();
         sqlite_naive(&dir, open10k())?.print();
