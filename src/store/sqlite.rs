@@ -74,7 +74,7 @@ impl SqliteStore {
     ) -> Result<SqliteStore> {
         let path = path.to_path_buf();
         let node = node_id.to_string();
-        let conn = blocking(move || {
+        let (conn, reader) = blocking(move || {
             let mut conn = Connection::open(&path)?;
             conn.busy_timeout(Duration::from_millis(SQLITE_BUSY_TIMEOUT_MS))?;
             // Before the first table (and before WAL, which fixes the size too); a no-op on a
@@ -90,15 +90,18 @@ impl SqliteStore {
             conn.pragma_update(None, "synchronous", "FULL")?;
             refuse_memory_database(&conn)?;
             migrate(&mut conn, &node, key_hash)?;
+            // URI as for the writer (`Connection::open`'s flags have it), so `file:` names
+            // open the same file.
             let reader = Connection::open_with_flags(
                 &path,
-                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                OpenFlags::SQLITE_OPEN_READ_ONLY
+                    | OpenFlags::SQLITE_OPEN_URI
+                    | OpenFlags::SQLITE_OPEN_NO_MUTEX,
             )?;
             reader.busy_timeout(Duration::from_millis(SQLITE_BUSY_TIMEOUT_MS))?;
             Ok((conn, reader))
         })
         .await?;
-        let (conn, reader) = conn;
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
             reader: Arc::new(Mutex::new(reader)),
