@@ -27,8 +27,10 @@ pub const FLUSH_INTERVAL_MS_DEFAULT: u64 = 200;
 /// gift ids land at random in their index): cargo bench store_apply measured SQLite at ~35k
 /// records/s in batches of 5,000 and ~90k/s in batches of 50,000 (docs/benchmarks.md, "The store
 /// alone"). At 50,000 one transaction takes ~0.5 s (up to ~1.3 s at 6M stored gifts). A store
-/// lookup of an evicted gift id does not wait behind it in SQLite (its own reader connection) and
-/// runs beside it in PostgreSQL. 200,000 was tried on 2026-12-04: 1.9× the store alone at 6M
+/// lookup of an evicted gift id does not wait behind it: in SQLite it has its own reader
+/// connection; in PostgreSQL it is pipelined on the one connection between the batch's
+/// statements (inside the open transaction, so it may see the batch's own gifts: every one of
+/// them is durable in the journal already, so answering from them is right). 200,000 was tried on 2026-12-04: 1.9× the store alone at 6M
 /// stored gifts, but no gain end to end in one 60 s pair at 100k/s (docs/benchmarks.md, "Larger
 /// flusher batches"), so the default stays. The records are the journal's own (`Arc`s), so a
 /// batch costs no copy.
