@@ -150,19 +150,10 @@ async fn sqlite_at_100k(dir: &Path, secs: f64, flush: FlushConfig) -> anyhow::Re
         rate: 100_000,
         secs,
     };
-    group_commit_with(dir, "sqlite", None, load, flush).await
+    group_commit(dir, "sqlite", None, load, flush).await
 }
 
 async fn group_commit(
-    dir: &Path,
-    backend: &'static str,
-    pg_url: Option<&str>,
-    load: Load,
-) -> anyhow::Result<Row> {
-    group_commit_with(dir, backend, pg_url, load, FlushConfig::default()).await
-}
-
-async fn group_commit_with(
     dir: &Path,
     backend: &'static str,
     pg_url: Option<&str>,
@@ -775,13 +766,21 @@ async fn main() -> anyhow::Result<()> {
             secs: 5.0 * scale.max(0.4),
         };
         // SQLite
-        group_commit(&dir, "sqlite", None, closed(n(1_000_000.0), 2000))
-            .await?
-            .print();
+        group_commit(
+            &dir,
+            "sqlite",
+            None,
+            closed(n(1_000_000.0), 2000),
+            FlushConfig::default(),
+        )
+        .await?
+        .print();
         sqlite_at_100k(&dir, 10.0 * scale, FlushConfig::default())
             .await?
             .print();
-        group_commit(&dir, "sqlite", None, open10k()).await?.print();
+        group_commit(&dir, "sqlite", None, open10k(), FlushConfig::default())
+            .await?
+            .print();
         sqlite_naive(&dir, closed(n(5_000.0), 1))?.print();
         sqlite_naive(&dir, open10k())?.print();
         // PostgreSQL
@@ -790,12 +789,19 @@ async fn main() -> anyhow::Result<()> {
             "postgres",
             Some(&store_url(1)),
             closed(n(1_000_000.0), 2000),
+            FlushConfig::default(),
         )
         .await?
         .print();
-        group_commit(&dir, "postgres", Some(&store_url(2)), open10k())
-            .await?
-            .print();
+        group_commit(
+            &dir,
+            "postgres",
+            Some(&store_url(2)),
+            open10k(),
+            FlushConfig::default(),
+        )
+        .await?
+        .print();
         pg_naive(&pg, &pg_naive_schema, 1, closed(n(5_000.0), 1))
             .await?
             .print();

@@ -76,6 +76,7 @@ impl SqliteStore {
         let node = node_id.to_string();
         let (conn, reader) = blocking(move || {
             let mut conn = Connection::open(&path)?;
+            refuse_memory_database(&conn)?;
             conn.busy_timeout(Duration::from_millis(SQLITE_BUSY_TIMEOUT_MS))?;
             // Before the first table (and before WAL, which fixes the size too); a no-op on a
             // file that has tables already.
@@ -88,7 +89,6 @@ impl SqliteStore {
             // batch that no journal holds any more). One fsync per batch of up to 50,000 records.
             conn.pragma_update(None, "journal_mode", "WAL")?;
             conn.pragma_update(None, "synchronous", "FULL")?;
-            refuse_memory_database(&conn)?;
             migrate(&mut conn, &node, key_hash)?;
             // URI as for the writer (`Connection::open`'s flags have it), so `file:` names
             // open the same file.
