@@ -125,6 +125,14 @@ pub struct ServeArgs {
     /// socket writes and less CPU; shorter: lower latency on a machine with cores to spare.
     #[arg(long, env = "GIFTCAST_FANOUT_TICK_MS", default_value_t = crate::limits::FANOUT_TICK_MS_DEFAULT)]
     pub fanout_tick_ms: u64,
+    /// Journal segment size (1-1024 MiB). Segments are deleted whole once stored, and recovery
+    /// reads one at a time into memory; with preallocation each is zero-filled ahead of time.
+    #[arg(long, env = "GIFTCAST_JOURNAL_SEGMENT_MIB", default_value_t = crate::journal::SEGMENT_BYTES_MAX_DEFAULT >> 20)]
+    pub journal_segment_mib: u64,
+    /// Append to journal segments instead of writing into ones zero-filled ahead of time (for
+    /// copy-on-write filesystems such as btrfs or ZFS, where preallocation does not help).
+    #[arg(long, env = "GIFTCAST_NO_JOURNAL_PREALLOCATE")]
+    pub no_journal_preallocate: bool,
     /// Extra Origins allowed to open /ws, comma separated (same origin and loopback always are).
     #[arg(long, env = "GIFTCAST_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
@@ -165,6 +173,9 @@ pub const RED_PACKET_TTL_SECS_MAX: u64 = 86_400;
 
 /// `--idempotency-filter-mib` at most (4 GiB of filter holds ~430M ids a day at 1%).
 pub const IDEMPOTENCY_FILTER_MIB_MAX: usize = 4096;
+/// `--journal-segment-mib` at least and at most (recovery holds one segment in memory).
+pub const JOURNAL_SEGMENT_MIB_MIN: u64 = 1;
+pub const JOURNAL_SEGMENT_MIB_MAX: u64 = 1024;
 /// `--idempotency-resident-secs` at most: longer keeps ids in memory for no retry pattern.
 pub const IDEMPOTENCY_RESIDENT_SECS_MAX: u64 = 24 * 3600;
 
@@ -196,8 +207,8 @@ pub struct Config {
     /// A client that takes no byte for this long while frames wait closes (`WRITE_TIMEOUT_MS`; tests
     /// lengthen it).
     pub write_timeout_ms: u64,
-    /// FOR TESTS: every journal fsync first waits this long (`JournalConfig::sync_delay_ms`); 0.
-    pub journal_sync_delay_ms: u64,
+    /// The journal's segment size, preallocation and test delay.
+    pub journal: crate::durable::JournalSettings,
     /// WebSocket Ping interval (`HEARTBEAT_INTERVAL_MS`; tests shorten it).
     pub heartbeat_interval_ms: u64,
     /// Silence after which a WebSocket is closed as half-open (`HEARTBEAT_TIMEOUT_MS`).
@@ -263,6 +274,12 @@ impl ServeArgs {
             return Err(format!(
                 "--fanout-tick-ms must be 1 to {}",
                 crate::limits::FANOUT_TICK_MS_MAX
+            ));
+        }
+        if !(JOURNAL_SEGMENT_MIB_MIN..=JOURNAL_SEGMENT_MIB_MAX).contains(&self.journal_segment_mib)
+        {
+            return Err(format!(
+                "--journal-segment-mib must be {JOURNAL_SEGMENT_MIB_MIN} to {JOURNAL_SEGMENT_MIB_MAX}"
             ));
         }
         if !(1..=IDEMPOTENCY_FILTER_MIB_MAX).contains(&self.idempotency_filter_mib) {
@@ -346,7 +363,11 @@ impl ServeArgs {
             fanout_tick_ms: self.fanout_tick_ms,
             heartbeat_interval_ms: crate::limits::HEARTBEAT_INTERVAL_MS,
             write_timeout_ms: crate::limits::WRITE_TIMEOUT_MS,
-            journal_sync_delay_ms: 0,
+            journal: crate::durable::JournalSettings {
+                segment_bytes: self.journal_segment_mib << 20,
+                preallocate: !self.no_journal_preallocate,
+                sync_delay_ms: 0,
+            },
             heartbeat_timeout_ms: crate::limits::HEARTBEAT_TIMEOUT_MS,
             http_header_read_timeout_ms: crate::limits::HTTP_HEADER_READ_TIMEOUT_MS,
             unsafe_ack_before_durable: self.unsafe_ack_before_durable,
@@ -363,6 +384,9 @@ impl Config {
         let args = Cli::parse_from(["giftcast", "--listen", "127.0.0.1:0"]).serve;
         let mut c = args.into_config().expect("default config is valid");
         c.data_dir = data_dir;
+        // The smallest segments: every test server would otherwise zero-fill 64 MiB ahead of
+        // time. The preallocating path is the same at any size.
+        c.journal.segment_bytes = JOURNAL_SEGMENT_MIB_MIN << 20;
         c
     }
 }
@@ -425,6 +449,36 @@ mod tests {
         let e = cfg(&["--listen", "nowhere"]).unwrap_err();
         assert!(e.contains("--listen"), "{e}");
         assert!(cfg(&["--database-url", "mysql://x"]).is_err());
+    }
+
+    #[test]
+    fn journal_segment_edges() {
+        let c = cfg(&[]).unwrap().journal;
+        assert_eq!(c.segment_bytes, crate::journal::SEGMENT_BYTES_MAX_DEFAULT);
+        assert!(c.preallocate, "preallocated segments by default");
+        assert!(
+            !cfg(&["--no-journal-preallocate"])
+                .unwrap()
+                .journal
+                .preallocate
+        );
+        for (mib, ok) in [
+            (JOURNAL_SEGMENT_MIB_MIN, true),
+            (JOURNAL_SEGMENT_MIB_MAX, true),
+            (JOURNAL_SEGMENT_MIB_MIN - 1, false),
+            (JOURNAL_SEGMENT_MIB_MAX + 1, false),
+        ] {
+            match cfg(&["--journal-segment-mib", &mib.to_string()]) {
+                Ok(c) => {
+                    assert!(ok, "{mib} MiB accepted");
+                    assert_eq!(c.journal.segment_bytes, mib << 20);
+                }
+                Err(e) => {
+                    assert!(!ok, "{mib} MiB refused: {e}");
+                    assert!(e.contains("--journal-segment-mib must be 1 to 1024"), "{e}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -15,6 +15,17 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The journal settings a deployment chooses; the rest are the journal's defaults.
+#[derive(Clone, Debug)]
+pub struct JournalSettings {
+    /// `JournalConfig::segment_bytes_max`.
+    pub segment_bytes: u64,
+    /// `JournalConfig::preallocate`.
+    pub preallocate: bool,
+    /// FOR TESTS: every journal fsync first waits this long (`JournalConfig::sync_delay_ms`); 0.
+    pub sync_delay_ms: u64,
+}
+
 /// The journal as the ledger's sink: `submit` queues the record (never blocks), the ticket
 /// resolves when its frame is fsynced.
 struct JournalSink {
@@ -103,7 +114,7 @@ impl Durable {
         split: Split,
         ack_before_durable: bool,
         node_id: &str,
-        journal_sync_delay_ms: u64,
+        journal_settings: JournalSettings,
         idempotency: IdempotencyConfig,
     ) -> anyhow::Result<(Durable, Ledger)> {
         let store = Store::open_node(database_url, data_dir, node_id)
@@ -117,7 +128,9 @@ impl Durable {
             .await
             .context("loading storage")?;
         let mut jconfig = JournalConfig::new(data_dir);
-        jconfig.sync_delay_ms = journal_sync_delay_ms;
+        jconfig.segment_bytes_max = journal_settings.segment_bytes;
+        jconfig.preallocate = journal_settings.preallocate;
+        jconfig.sync_delay_ms = journal_settings.sync_delay_ms;
         let checkpoint = snapshot.checkpoint_lsn;
         let (journal, recovered, rx) =
             tokio::task::spawn_blocking(move || Journal::open(jconfig, checkpoint))

@@ -60,7 +60,7 @@ pub async fn build(config: Config) -> anyhow::Result<Arc<App>> {
             .as_ref()
             .map(|c| c.node_id.as_str())
             .unwrap_or("local"),
-        config.journal_sync_delay_ms,
+        config.journal.clone(),
         config.idempotency.clone(),
     )
     .await?;

@@ -951,6 +951,17 @@ impl Drop for Schema {
     }
 }
 
+/// True when a journal segment is exactly as large as a preallocated one (the 64 MiB default):
+/// the writer is writing into its zeros (these tests never fill a segment).
+fn preallocated_segment_in_use(data_dir: &Path) -> bool {
+    const PREALLOCATED: u64 = 64 << 20;
+    std::fs::read_dir(data_dir.join("journal"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .any(|p| std::fs::metadata(&p).is_ok_and(|m| m.len() == PREALLOCATED))
+}
+
 /// Journal segment files (name, bytes), in order.
 fn segments(data_dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let dir = data_dir.join("journal");
@@ -968,11 +979,15 @@ fn segments(data_dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 }
 
 /// Frames of a segment: (start offset, lsn). Checks each frame's CRC32C (docs/durability.md:
-/// `u32 LE length | u32 LE CRC32C(body) | body`, body = bincode varint `(lsn, record)`).
+/// `u32 LE length | u32 LE CRC32C(body) | body`, body = bincode varint `(lsn, record)`). A
+/// preallocated segment ends in zeros after its last frame (a length of 0 is never a frame).
 fn frames(data: &[u8]) -> Vec<(usize, u64)> {
     let mut out = Vec::new();
     let mut off = 0;
     while off < data.len() {
+        if data[off..].iter().all(|&b| b == 0) {
+            break;
+        }
         let len = u32::from_le_bytes(data[off..off + 4].try_into().unwrap()) as usize;
         let crc = u32::from_le_bytes(data[off + 4..off + 8].try_into().unwrap());
         let body = &data[off + 8..off + 8 + len];
@@ -1016,6 +1031,7 @@ async fn crash_round(
     model: &mut Model,
     round: usize,
     window: usize,
+    in_place: Option<&Path>,
 ) -> (Outcome, Vec<(String, u64, String, u64)>, u64) {
     let credits_before = model.credits.len();
     for (user, _, coins) in wallets() {
@@ -1042,6 +1058,17 @@ async fn crash_round(
         );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+    if let Some(data_dir) = in_place {
+        // Kill only once the writer writes in place, into a zero-filled segment (64 MiB, the
+        // default), so recovery meets a segment whose frames end in zeros.
+        while !preallocated_segment_in_use(data_dir) {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: no preallocated segment in use"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
     let kill_after = rand::rng().random_range(100..=600u64);
     tokio::time::sleep(Duration::from_millis(kill_after)).await;
     server.kill9().await;
@@ -1058,7 +1085,11 @@ async fn crash_loop(opts: Opts, rounds: usize) {
     let prices = server.prices().await;
     let mut model = Model::default();
     for round in 0..rounds {
-        let (outcome, new_credits, kill_after) = crash_round(server, &mut model, round, 16).await;
+        // Odd rounds are killed while the journal writes in place into a preallocated segment;
+        // even rounds whenever the kill lands (often still appending to the plain first one).
+        let in_place = (round % 2 == 1).then(|| node.dir().to_path_buf());
+        let (outcome, new_credits, kill_after) =
+            crash_round(server, &mut model, round, 16, in_place.as_deref()).await;
         let round_acked = outcome.acked.clone();
         eprintln!(
             "round {round}: killed after {kill_after} ms: {} acknowledged, {} unanswered, rejected {:?}",
@@ -1185,7 +1216,8 @@ async fn negative_control_ack_before_durable_is_caught() {
     let mut model = Model::default();
     let mut found = None;
     for round in 0..12 {
-        let (outcome, new_credits, kill_after) = crash_round(server, &mut model, round, 48).await;
+        let (outcome, new_credits, kill_after) =
+            crash_round(server, &mut model, round, 48, None).await;
         let round_acked = outcome.acked.clone();
         eprintln!(
             "unsafe round {round}: killed after {kill_after} ms, {} acknowledged",
@@ -1601,7 +1633,8 @@ async fn a_corrupt_journal_stops_the_start_naming_segment_and_offset() {
         .expect("a segment with records");
     let fr = frames(&original);
     assert!(fr.len() > 20, "{} frames", fr.len());
-    let at = original.len() / 2;
+    // Damage the middle of what was written (not the zeros a preallocated segment ends in).
+    let at = fr[fr.len() / 2].0 + 3;
     let damaged_frame = fr.iter().rev().find(|f| f.0 <= at).unwrap().0;
     let mut corrupt = original.clone();
     for (i, b) in corrupt[at..at + 16].iter_mut().enumerate() {

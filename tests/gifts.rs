@@ -488,7 +488,7 @@ async fn gifts_in_flight_per_connection_are_bounded_at_the_edge() {
     use giftcast::limits::CONN_GIFTS_IN_FLIGHT_MAX as MAX;
     let server = TestServer::start_with(|c| {
         c.gift_rate_per_min = 0;
-        c.journal_sync_delay_ms = 1500;
+        c.journal.sync_delay_ms = 1500;
     })
     .await;
     assert_eq!(
@@ -531,7 +531,7 @@ async fn gifts_in_flight_per_connection_are_bounded_at_the_edge() {
 async fn a_retry_of_a_gift_in_flight_gets_the_same_answer_and_debits_once() {
     let server = TestServer::start_with(|c| {
         c.gift_rate_per_min = 0;
-        c.journal_sync_delay_ms = 800;
+        c.journal.sync_delay_ms = 800;
     })
     .await;
     assert_eq!(server.credit("twice", 100, "top-up").await.status(), 200);

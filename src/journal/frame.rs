@@ -107,12 +107,66 @@ pub(crate) fn read_frame(data: &[u8], offset: usize) -> Result<Frame, String> {
     })
 }
 
-/// True when a well-formed frame (length in range, CRC matching, decodable) starts at any offset
-/// in `from..`. Recovery uses it to tell a torn tail (nothing valid after the bad frame) from
-/// corruption in the middle (valid frames follow).
+/// The size of the unit a disk writes atomically (a sector). Recovery looks for a whole zeroed
+/// sector to tell pages of a preallocated segment that never reached the disk from other damage.
+pub(crate) const SECTOR_BYTES: usize = 512;
+
+/// True when every byte is zero (vectorisable: no early exit inside a 4 KiB chunk).
+pub(crate) fn is_all_zero(data: &[u8]) -> bool {
+    data.chunks(4096)
+        .all(|chunk| chunk.iter().fold(0u8, |acc, &b| acc | b) == 0)
+}
+
+/// True when `data[from..to]` holds a whole sector-aligned run of [`SECTOR_BYTES`] zeros.
+pub(crate) fn has_zero_sector(data: &[u8], from: usize, to: usize) -> bool {
+    let to = to.min(data.len());
+    let mut at = from.next_multiple_of(SECTOR_BYTES);
+    while at + SECTOR_BYTES <= to {
+        if is_all_zero(&data[at..at + SECTOR_BYTES]) {
+            return true;
+        }
+        at += SECTOR_BYTES;
+    }
+    false
+}
+
+/// Length in range, body present and CRC matching: checked without decoding or formatting, so
+/// the resynchronising scan can try every offset of a large segment cheaply.
+fn plausible_frame(data: &[u8], offset: usize) -> bool {
+    let Some(header) = data.get(offset..offset + FRAME_HEADER_BYTES) else {
+        return false;
+    };
+    let body_len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    if !(FRAME_BODY_BYTES_MIN..=FRAME_BODY_BYTES_MAX).contains(&body_len) {
+        return false;
+    }
+    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    let start = offset + FRAME_HEADER_BYTES;
+    data.get(start..start + body_len)
+        .is_some_and(|body| crc32c::crc32c(body) == crc)
+}
+
+/// The first offset in `from..` where a well-formed frame (length in range, CRC matching,
+/// decodable) starts. Recovery uses it to tell a torn tail (nothing valid after the bad frame)
+/// from corruption in the middle (valid frames follow). Runs of zeros (the unused end of a
+/// preallocated segment) are skipped at memory speed: a frame's length is at least
+/// `FRAME_BODY_BYTES_MIN`, so one of its four length bytes is non-zero.
 pub(crate) fn valid_frame_after(data: &[u8], from: usize) -> Option<usize> {
     let last_start = data
         .len()
         .checked_sub(FRAME_HEADER_BYTES + FRAME_BODY_BYTES_MIN)?;
-    (from..=last_start).find(|&offset| read_frame(data, offset).is_ok())
+    let mut offset = from;
+    while offset <= last_start {
+        if data[offset..offset + 4] == [0u8; 4] {
+            let nonzero = data[offset..].iter().position(|&b| b != 0)?;
+            // A frame whose length bytes hold that first non-zero byte starts at most 3 before it.
+            offset = (offset + nonzero).saturating_sub(3).max(offset + 1);
+            continue;
+        }
+        if plausible_frame(data, offset) && read_frame(data, offset).is_ok() {
+            return Some(offset);
+        }
+        offset += 1;
+    }
+    None
 }

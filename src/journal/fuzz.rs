@@ -63,7 +63,7 @@ fn framed(body: &[u8]) -> Vec<u8> {
 fn scan_bytes(bytes: &[u8]) -> Result<Vec<(Lsn, Record)>, super::JournalError> {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(segment_path(dir.path(), 1), bytes).unwrap();
-    scan(dir.path(), 0).map(|s| s.records)
+    scan(dir.path(), 0, super::BATCH_RECORDS_MAX_DEFAULT).map(|s| s.records)
 }
 
 #[test]
@@ -138,5 +138,24 @@ proptest! {
         let records = scan_bytes(&bytes[..cut]).unwrap();
         let whole = (1..=n).take_while(|k| segment(*k).len() <= cut).count();
         prop_assert_eq!(records.len(), whole);
+    }
+
+    /// The resynchronising scan skips runs of zeros; it must find exactly the offset that trying
+    /// every offset finds, whatever mix of zeros, frames and garbage the bytes are.
+    #[test]
+    fn the_zero_skipping_resync_finds_what_trying_every_offset_finds(
+        pieces in prop::collection::vec((0u8..3, 1usize..700), 1..10),
+        from in 0usize..3000,
+    ) {
+        let mut data = Vec::new();
+        for (i, (kind, len)) in pieces.iter().enumerate() {
+            match kind {
+                0 => data.resize(data.len() + len, 0),
+                1 => append_frame(&mut data, *len as u64, &encode_record(&record(i as u64)).unwrap()),
+                _ => data.extend((0..*len).map(|k| (k * 31 + 7) as u8)),
+            }
+        }
+        let every_offset = (from..data.len()).find(|&o| read_frame(&data, o).is_ok());
+        prop_assert_eq!(valid_frame_after(&data, from), every_offset);
     }
 }

@@ -58,8 +58,16 @@ pub struct JournalConfig {
     /// `submit` fails with `Full(Backlog)` once this many journaled records are not yet released
     /// by the store (assigned lsn - released lsn).
     pub backlog_records_max: u64,
-    /// At most this many records go into one write + fsync.
+    /// At most this many records go into one write + fsync. Recovery also relies on it: after a
+    /// power cut, frames past unwritten pages are taken for the rest of the last (never
+    /// acknowledged) write only when they lie within this many LSNs of the damage.
     pub batch_records_max: usize,
+    /// Zero-fill and fsync the next segment ahead of time, on a thread of its own, and write
+    /// into it in place. An fdatasync then has no file size to commit through the filesystem's
+    /// journal, which removes its long stalls (docs/benchmarks.md, "Preallocated segments").
+    /// Off: segments grow by appending (for copy-on-write filesystems, where overwriting zeros
+    /// allocates anyway).
+    pub preallocate: bool,
     /// FOR TESTS (fault injection): after this many successful fsyncs, the next one fails as if
     /// the disk returned EIO. `None` in production.
     pub fail_after_syncs: Option<u64>,
@@ -78,6 +86,7 @@ impl JournalConfig {
             queue_records_max: QUEUE_RECORDS_MAX_DEFAULT,
             backlog_records_max: BACKLOG_RECORDS_MAX_DEFAULT,
             batch_records_max: BATCH_RECORDS_MAX_DEFAULT,
+            preallocate: true,
             fail_after_syncs: None,
             sync_delay_ms: 0,
         }
@@ -279,7 +288,7 @@ impl Journal {
             path: lock_path.clone(),
             message: format!("the journal is in use by another process or handle: {e}"),
         })?;
-        let scan = recover::scan(&cfg.dir, after_lsn)?;
+        let scan = recover::scan(&cfg.dir, after_lsn, cfg.batch_records_max)?;
         let (durable_tx, durable_rx) = mpsc::unbounded_channel();
         for (lsn, record) in &scan.records {
             durable_tx

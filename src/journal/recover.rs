@@ -1,6 +1,6 @@
 //! Reading the journal back on start: list segments, check every frame, cut a torn tail.
 
-use super::frame::{read_frame, valid_frame_after};
+use super::frame::{has_zero_sector, is_all_zero, read_frame, valid_frame_after};
 use super::JournalError;
 use crate::record::{Lsn, Record};
 use std::fs;
@@ -9,6 +9,11 @@ use std::path::{Path, PathBuf};
 /// Segment files are named by their first LSN, zero-padded to this many digits (u64::MAX has 20).
 const SEGMENT_NAME_DIGITS: usize = 20;
 const SEGMENT_SUFFIX: &str = ".log";
+
+/// The next segment, zero-filled and fsynced ahead of time by the writer's preparer thread, then
+/// renamed to its segment name when it is taken. Not a segment: recovery ignores it, and the
+/// preparer deletes a stale one (it may be half-filled) when the journal opens.
+pub(crate) const PREPARED_SEGMENT_NAME: &str = "next-segment.zero";
 
 pub(crate) fn segment_path(dir: &Path, first_lsn: Lsn) -> PathBuf {
     dir.join(format!(
@@ -43,7 +48,7 @@ pub(crate) fn list_segments(dir: &Path) -> Result<Vec<Segment>, JournalError> {
             .filter(|stem| stem.len() == SEGMENT_NAME_DIGITS)
             .and_then(|stem| stem.parse::<Lsn>().ok());
         match first_lsn {
-            _ if name == super::LOCK_FILE_NAME => {}
+            _ if name == super::LOCK_FILE_NAME || name == PREPARED_SEGMENT_NAME => {}
             Some(first_lsn) => segments.push(Segment {
                 first_lsn,
                 path: entry.path(),
@@ -80,9 +85,24 @@ fn corrupt(path: &Path, offset: usize, reason: String) -> JournalError {
 
 /// Scans every segment. Segments wholly at or below `after_lsn` (the store's checkpoint) are not
 /// read: the store has their records. Every other frame must be intact and LSNs must follow each
-/// other with no gap above `after_lsn`. Only the last frame(s) of the last segment may be damaged,
-/// and only when no well-formed frame follows the damage: that is a torn write, cut here.
-pub(crate) fn scan(dir: &Path, after_lsn: Lsn) -> Result<Scan, JournalError> {
+/// other with no gap above `after_lsn`. What may end a segment early:
+///
+/// - zeros to its end: the unused part of a preallocated segment. Cut, nothing lost (a missing
+///   record shows as a gap before the next segment's first LSN).
+/// - in the last segment only, damage that no well-formed frame follows: a torn write, cut.
+/// - in the last segment only, damage followed by well-formed frames, when the damage holds a
+///   whole zeroed sector and every frame after it could belong to the same write (its LSN is
+///   within `batch_records_max` of the first missing one): pages of the last write that never
+///   reached the disk before a power cut (a preallocated segment is overwritten in place, and
+///   the kernel writes a write's pages back in any order). That write was never fsynced, so none
+///   of it was acknowledged: cut at the damage.
+///
+/// Anything else is corruption, and the open stops: the operator must look.
+pub(crate) fn scan(
+    dir: &Path,
+    after_lsn: Lsn,
+    batch_records_max: usize,
+) -> Result<Scan, JournalError> {
     let segments = list_segments(dir)?;
     let mut records = Vec::new();
     let mut torn_tail = None;
@@ -129,23 +149,43 @@ pub(crate) fn scan(dir: &Path, after_lsn: Lsn) -> Result<Scan, JournalError> {
                     want += 1;
                     offset = frame.end;
                 }
+                Err(_) if is_all_zero(&data[offset..]) => {
+                    tracing::debug!(
+                        segment = %segment.path.display(),
+                        offset,
+                        "cutting the unused, zero-filled end of a preallocated segment"
+                    );
+                    cut(&segment.path, offset as u64)?;
+                    break;
+                }
                 Err(reason) => {
                     if !is_last {
                         return Err(corrupt(&segment.path, offset, reason));
                     }
-                    if let Some(valid_at) = valid_frame_after(&data, offset + 1) {
-                        return Err(corrupt(
-                            &segment.path,
+                    let dropped = match valid_frame_after(&data, offset + 1) {
+                        None => 0,
+                        Some(valid_at) => unwritten_pages_of_one_write(
+                            &data,
                             offset,
-                            format!("{reason}; a well-formed frame follows at offset {valid_at}, so this is not a torn tail"),
-                        ));
-                    }
+                            valid_at,
+                            want,
+                            batch_records_max,
+                        )
+                        .map_err(|why| {
+                            corrupt(
+                                &segment.path,
+                                offset,
+                                format!("{reason}; a well-formed frame follows at offset {valid_at}, so this is not a torn tail ({why})"),
+                            )
+                        })?,
+                    };
                     tracing::warn!(
                         segment = %segment.path.display(),
                         offset,
                         cut_bytes = data.len() - offset,
+                        dropped_frames = dropped,
                         %reason,
-                        "journal has a torn tail (a write cut short by a crash); cutting it"
+                        "journal has a torn tail (a write cut short by a crash, never acknowledged); cutting it"
                     );
                     cut(&segment.path, offset as u64)?;
                     torn_tail = Some((segment.path.clone(), offset as u64));
@@ -166,6 +206,58 @@ pub(crate) fn scan(dir: &Path, after_lsn: Lsn) -> Result<Scan, JournalError> {
         segments,
         last_segment_bytes,
     })
+}
+
+/// Damage at `bad` with a well-formed frame at `valid_at` after it: `Ok(frames after the
+/// damage)` when this can only be the last write's pages reaching the disk out of order, else
+/// `Err(why not)`. Every damaged stretch must hold a whole zeroed sector (a page never written
+/// over the preallocated zeros), and every frame after the damage must carry an LSN above
+/// `want` (the first missing one) and below `want + batch_records_max`: one write holds at most
+/// that many records, and the writer starts a write only after the previous one is fsynced, so
+/// a frame from any later write would mean the damaged write had been acknowledged.
+fn unwritten_pages_of_one_write(
+    data: &[u8],
+    bad: usize,
+    valid_at: usize,
+    want: Lsn,
+    batch_records_max: usize,
+) -> Result<usize, String> {
+    let mut damage_from = bad;
+    let mut at = valid_at;
+    let mut frames = 0usize;
+    loop {
+        if !has_zero_sector(data, damage_from, at) {
+            return Err(format!(
+                "the damage at {damage_from}..{at} holds no zeroed sector, so it is not an unwritten page"
+            ));
+        }
+        // Walk the run of frames that starts at `at`.
+        loop {
+            match read_frame(data, at) {
+                Ok(frame) => {
+                    if frame.lsn <= want || frame.lsn - want >= batch_records_max as u64 {
+                        return Err(format!(
+                            "the frame at {at} has lsn {}, outside the write that held lsn {want} (at most {batch_records_max} records)",
+                            frame.lsn
+                        ));
+                    }
+                    frames += 1;
+                    at = frame.end;
+                }
+                Err(_) => break,
+            }
+        }
+        if at >= data.len() || is_all_zero(&data[at..]) {
+            return Ok(frames);
+        }
+        match valid_frame_after(data, at + 1) {
+            None => return Ok(frames),
+            Some(next) => {
+                damage_from = at;
+                at = next;
+            }
+        }
+    }
 }
 
 /// Truncates a segment at `len` and makes that durable.

@@ -2,7 +2,7 @@ use super::*;
 use crate::money::Shares;
 use crate::record::{CreditRecord, GiftRecord};
 use std::fs;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub(crate) fn gift(n: u64) -> Record {
     Record::Gift(GiftRecord {
@@ -43,8 +43,12 @@ fn record(n: u64) -> Record {
     }
 }
 
+/// The defaults with plain (appended) segments: the tests that take segment files apart by hand
+/// want each one to end at its last frame. Preallocation has its own tests, at the end.
 fn config(dir: &Path) -> JournalConfig {
-    JournalConfig::new(dir)
+    let mut cfg = JournalConfig::new(dir);
+    cfg.preallocate = false;
+    cfg
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -624,4 +628,222 @@ async fn callbacks_may_spawn_tasks_when_opened_in_a_runtime() {
         .unwrap();
     assert_eq!(rx.await.unwrap(), Ok(1));
     journal.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Preallocated segments
+// ---------------------------------------------------------------------------------------------
+
+const PREALLOCATED_BYTES: u64 = 64 * 1024;
+
+fn preallocating_config(dir: &Path) -> JournalConfig {
+    let mut cfg = JournalConfig::new(dir);
+    assert!(cfg.preallocate, "on by default");
+    cfg.segment_bytes_max = PREALLOCATED_BYTES;
+    cfg
+}
+
+/// Copies the journal directory as it is on disk this instant: what a kill -9 would leave.
+fn copy_journal(from: &Path, to: &Path) {
+    let target = to.join("journal");
+    fs::create_dir_all(&target).unwrap();
+    for entry in fs::read_dir(from.join("journal")).unwrap() {
+        let path = entry.unwrap().path();
+        fs::copy(&path, target.join(path.file_name().unwrap())).unwrap();
+    }
+}
+
+#[test]
+fn a_preallocated_segment_is_written_in_place_and_its_zero_end_cut_at_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = preallocating_config(dir.path());
+    let (journal, _, _rx) = Journal::open(cfg.clone(), 0).unwrap();
+    // Write until the writer has moved into a prepared segment (the preparer runs beside it).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut n = 0;
+    loop {
+        n += 1;
+        write_one_by_one(&journal, n, n);
+        let files = segment_files(dir.path());
+        if fs::metadata(files.last().unwrap()).unwrap().len() == PREALLOCATED_BYTES {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no prepared segment after {n} records"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let total = n + 50;
+    write_one_by_one(&journal, n + 1, total);
+    let files = segment_files(dir.path());
+    let active = files.last().unwrap().clone();
+    assert_eq!(
+        fs::metadata(&active).unwrap().len(),
+        PREALLOCATED_BYTES,
+        "records are written into the zeros: the file does not grow"
+    );
+    let prepared = dir
+        .path()
+        .join("journal")
+        .join(recover::PREPARED_SEGMENT_NAME);
+    wait_until(|| prepared.exists());
+
+    // What a crash leaves: the active segment with its zero end, and a prepared next segment.
+    let crashed = tempfile::tempdir().unwrap();
+    copy_journal(dir.path(), crashed.path());
+    shutdown(journal);
+    assert!(!prepared.exists(), "shutdown removes the prepared segment");
+
+    let (journal, recovered, _rx) = Journal::open(preallocating_config(crashed.path()), 0).unwrap();
+    let expected: Vec<(Lsn, Record)> = (1..=total).map(|n| (n, record(n))).collect();
+    assert_eq!(recovered.records, expected);
+    assert_eq!(recovered.next_lsn, total + 1);
+    assert_eq!(
+        recovered.torn_tail, None,
+        "zeros after the last frame are no damage"
+    );
+    let cut = crashed
+        .path()
+        .join("journal")
+        .join(active.file_name().unwrap());
+    let data = fs::read(&cut).unwrap();
+    assert!((data.len() as u64) < PREALLOCATED_BYTES);
+    assert_eq!(
+        *frame_bounds(&data).last().unwrap(),
+        data.len(),
+        "cut right after its last frame"
+    );
+    // The cut segment is no longer the last one: a later open reads it whole again.
+    write_one_by_one(&journal, total + 1, total + 10);
+    shutdown(journal);
+    let (_journal, recovered, _rx) =
+        Journal::open(preallocating_config(crashed.path()), 0).unwrap();
+    assert_eq!(recovered.records.len() as u64, total + 10);
+    assert_eq!(recovered.torn_tail, None);
+}
+
+#[test]
+fn plain_segments_when_preallocation_is_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = preallocating_config(dir.path());
+    cfg.preallocate = false;
+    let (journal, _, _rx) = Journal::open(cfg.clone(), 0).unwrap();
+    write_one_by_one(&journal, 1, 30);
+    let prepared = dir
+        .path()
+        .join("journal")
+        .join(recover::PREPARED_SEGMENT_NAME);
+    assert!(!prepared.exists(), "nothing is prepared");
+    let files = segment_files(dir.path());
+    assert_eq!(files.len(), 1);
+    let data = fs::read(&files[0]).unwrap();
+    assert_eq!(
+        frame_bounds(&data).len(),
+        31,
+        "30 frames, appended, no zeros"
+    );
+    shutdown(journal);
+}
+
+#[test]
+fn a_stale_prepared_segment_is_not_read_and_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal_dir = dir.path().join("journal");
+    fs::create_dir_all(&journal_dir).unwrap();
+    let prepared = journal_dir.join(recover::PREPARED_SEGMENT_NAME);
+    // Half-filled when a crash came, or garbage: never a segment, never trusted.
+    fs::write(&prepared, vec![0xEEu8; 10_000]).unwrap();
+    let (journal, recovered, _rx) = Journal::open(preallocating_config(dir.path()), 0).unwrap();
+    assert!(recovered.records.is_empty());
+    wait_until(|| {
+        fs::read(&prepared)
+            .is_ok_and(|d| d.len() as u64 == PREALLOCATED_BYTES && frame::is_all_zero(&d))
+    });
+    write_one_by_one(&journal, 1, 5);
+    shutdown(journal);
+    let (_journal, recovered, _rx) = Journal::open(preallocating_config(dir.path()), 0).unwrap();
+    assert_eq!(recovered.records.len(), 5);
+}
+
+/// A preallocated segment of records 1..=n written over zeros, as bytes, with its frame bounds.
+fn preallocated_segment(n: u64) -> (Vec<u8>, Vec<usize>) {
+    let mut data = Vec::new();
+    for lsn in 1..=n {
+        frame::append_frame(&mut data, lsn, &frame::encode_record(&record(lsn)).unwrap());
+    }
+    let bounds = frame_bounds(&data);
+    data.resize(PREALLOCATED_BYTES as usize, 0);
+    (data, bounds)
+}
+
+#[test]
+fn unwritten_pages_of_the_last_write_are_a_torn_tail_other_holes_are_corruption() {
+    // A power cut during the last write: the kernel wrote back its pages out of order, and the
+    // 4 KiB page at 8192 never reached the disk (it reads as the preallocated zeros).
+    let (mut data, bounds) = preallocated_segment(300);
+    let written = *bounds.last().unwrap();
+    let page = 8192..12288;
+    assert!(
+        written > page.end + 1000,
+        "frames follow the page: {written}"
+    );
+    data[page.clone()].fill(0);
+    let damaged_index = bounds.iter().rposition(|b| *b <= page.start).unwrap();
+    let damaged_at = bounds[damaged_index];
+    let first_missing = damaged_index as u64 + 1;
+
+    let open = |bytes: &[u8], batch_records_max: usize| {
+        let dir = tempfile::tempdir().unwrap();
+        let journal_dir = dir.path().join("journal");
+        fs::create_dir_all(&journal_dir).unwrap();
+        let path = recover::segment_path(&journal_dir, 1);
+        fs::write(&path, bytes).unwrap();
+        let mut cfg = preallocating_config(dir.path());
+        cfg.batch_records_max = batch_records_max;
+        let result = Journal::open(cfg, 0).map(|(j, r, _)| {
+            shutdown(j);
+            r
+        });
+        (result, fs::read(&path).unwrap(), dir)
+    };
+
+    // Every frame after the page is within one write of the first missing record: torn.
+    let (result, after, _dir) = open(&data, BATCH_RECORDS_MAX_DEFAULT);
+    let recovered = result.expect("a torn last write is not corruption");
+    let kept: Vec<(Lsn, Record)> = (1..first_missing).map(|n| (n, record(n))).collect();
+    assert_eq!(recovered.records, kept);
+    assert_eq!(recovered.next_lsn, first_missing);
+    assert_eq!(
+        recovered.torn_tail.map(|(_, offset)| offset),
+        Some(damaged_at as u64)
+    );
+    assert_eq!(after.len(), damaged_at, "cut at the first damaged frame");
+
+    // With writes of at most 16 records, frames 16 or more past the hole came from a later
+    // write, so the damaged one had been fsynced and acknowledged: corruption, file untouched.
+    let last_lsn = bounds.len() as u64 - 1;
+    assert!(last_lsn - first_missing >= 16);
+    let (result, after, _dir) = open(&data, 16);
+    match result {
+        Err(JournalError::Corrupt { offset, reason, .. }) => {
+            assert_eq!(offset, damaged_at as u64);
+            assert!(reason.contains("outside the write"), "{reason}");
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    assert_eq!(after, data, "a corrupt journal is never modified");
+
+    // The same hole holding garbage instead of zeros is not an unwritten page: corruption.
+    let mut garbage = data.clone();
+    garbage[page].fill(0xEE);
+    let (result, after, _dir) = open(&garbage, BATCH_RECORDS_MAX_DEFAULT);
+    match result {
+        Err(JournalError::Corrupt { offset, reason, .. }) => {
+            assert_eq!(offset, damaged_at as u64);
+            assert!(reason.contains("no zeroed sector"), "{reason}");
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    assert_eq!(after, garbage);
 }

@@ -5,16 +5,32 @@
 //! A dedicated OS thread rather than `spawn_blocking` per batch: the writer blocks in fsync most
 //! of its life, and a thread parked on a condvar wakes faster than a task hop to the blocking
 //! pool and back (no runtime needed either).
+//!
+//! With `preallocate`, a second thread (the preparer) zero-fills and fsyncs the next segment
+//! ahead of time; the writer renames it into place at rotation and writes into it in place, so
+//! its fdatasyncs never commit a file size change. Until one is ready (at start, or if the
+//! preparer falls behind or fails), the writer appends to a plain segment, and it switches to
+//! the prepared one at the next batch once it is ready.
 
-use super::recover::{io_error, segment_path, sync_dir, Scan, Segment};
+use super::recover::{io_error, segment_path, sync_dir, Scan, Segment, PREPARED_SEGMENT_NAME};
 use super::{frame, Done, DurableTx, Entry, JournalConfig, JournalError, SettleBatch, Shared};
 use crate::record::Lsn;
+use parking_lot::{Condvar, Mutex};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
+
+/// The preparer writes zeros in chunks of this size, checking between chunks whether the
+/// journal is closing.
+const PREPARE_CHUNK_BYTES: usize = 1024 * 1024;
+
+/// The preparer fsyncs every this many bytes of zeros, so the next segment never sits in the
+/// page cache as one large dirty burst that the journal's own fsync would queue behind.
+const PREPARE_SYNC_BYTES: u64 = 8 * 1024 * 1024;
 
 /// The write buffer is dropped after a batch when it grew beyond this, so one burst of large
 /// records does not pin memory for the life of the process.
@@ -32,6 +48,10 @@ pub(crate) struct Writer {
     segments: Vec<Segment>,
     active: File,
     active_bytes: u64,
+    /// The active segment was preallocated (zero-filled): it is written in place.
+    active_zeroed: bool,
+    /// The thread preparing the next segment, when `preallocate` is on.
+    preparer: Option<Preparer>,
     buf: Vec<u8>,
     syncs: u64,
     fail_after_syncs: Option<u64>,
@@ -72,10 +92,16 @@ impl Writer {
         let path = &segments.last().expect("just ensured").path;
         let active = OpenOptions::new()
             .create(true)
-            .append(true)
+            .truncate(false)
+            .write(true)
             .open(path)
             .map_err(|e| io_error(path, e))?;
         sync_dir(&cfg.dir).map_err(|e| io_error(&cfg.dir, e))?;
+        let preparer = if cfg.preallocate {
+            Some(Preparer::spawn(&cfg.dir, cfg.segment_bytes_max)?)
+        } else {
+            None
+        };
         shared
             .segments
             .store(segments.len() as u64, Ordering::Release);
@@ -91,6 +117,8 @@ impl Writer {
             segments,
             active,
             active_bytes: 0,
+            active_zeroed: false,
+            preparer,
             buf: Vec::new(),
             syncs: 0,
             fail_after_syncs: cfg.fail_after_syncs,
@@ -123,6 +151,8 @@ impl Writer {
                 self.delete_released_segments();
             }
             if exit {
+                // Dropping the preparer stops it and removes what it prepared.
+                self.preparer = None;
                 tracing::info!(
                     durable_lsn = self.shared.durable_lsn.load(Ordering::Acquire),
                     "journal writer stopped"
@@ -150,7 +180,7 @@ impl Writer {
         }
         let started = Instant::now();
         let result = self
-            .rotate_if_full(first_lsn)
+            .rotate_if_due(first_lsn)
             .and_then(|()| self.write_and_sync());
         let elapsed = started.elapsed();
         if self.buf.capacity() > WRITE_BUFFER_RETAIN_BYTES_MAX {
@@ -203,11 +233,12 @@ impl Writer {
         }
     }
 
-    /// One write of the whole batch, then one fdatasync.
+    /// One write of the whole batch (at the end of what the segment holds: into the zeros of a
+    /// prepared segment, or appended to a plain one), then one fdatasync.
     fn write_and_sync(&mut self) -> Result<(), String> {
         let path = &self.segments.last().expect("an active segment").path;
         self.active
-            .write_all(&self.buf)
+            .write_all_at(&self.buf, self.active_bytes)
             .map_err(|e| format!("write to {} failed: {e}", path.display()))?;
         self.active_bytes += self.buf.len() as u64;
         if self.fail_after_syncs == Some(self.syncs) {
@@ -226,23 +257,62 @@ impl Writer {
         Ok(())
     }
 
-    /// Starts a new segment named `first_lsn` when the active one is full.
-    fn rotate_if_full(&mut self, first_lsn: Lsn) -> Result<(), String> {
-        if self.active_bytes < self.segment_bytes_max {
+    /// Before the batch starting at `first_lsn`: starts a new segment named `first_lsn` when the
+    /// active one is full, or when it is a plain one and a prepared segment is ready. An active
+    /// segment that is still empty (the first batch after open) has that very name: a prepared
+    /// segment then replaces it.
+    fn rotate_if_due(&mut self, first_lsn: Lsn) -> Result<(), String> {
+        let full = self.active_bytes >= self.segment_bytes_max;
+        let upgrade = !self.active_zeroed && self.preparer.as_ref().is_some_and(Preparer::ready);
+        if !full && !upgrade {
             return Ok(());
         }
         let path = segment_path(&self.dir, first_lsn);
+        if let Some(preparer) = &self.preparer {
+            if let Some(file) = preparer.take() {
+                let renamed = std::fs::rename(preparer.path(), &path);
+                preparer.request();
+                match renamed {
+                    Ok(()) => {
+                        sync_dir(&self.dir)
+                            .map_err(|e| format!("fsync of {} failed: {e}", self.dir.display()))?;
+                        self.start_segment(file, true, first_lsn, path);
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        // Not a money problem: this segment is a plain one instead.
+                        tracing::warn!(error = %e, path = %path.display(), "cannot rename the prepared journal segment into place");
+                        if !full {
+                            return Ok(());
+                        }
+                    }
+                }
+            } else {
+                preparer.request();
+            }
+        }
         let file = OpenOptions::new()
             .create_new(true)
-            .append(true)
+            .write(true)
             .open(&path)
             .map_err(|e| format!("cannot create segment {}: {e}", path.display()))?;
         sync_dir(&self.dir).map_err(|e| format!("fsync of {} failed: {e}", self.dir.display()))?;
+        self.start_segment(file, false, first_lsn, path);
+        Ok(())
+    }
+
+    fn start_segment(&mut self, file: File, zeroed: bool, first_lsn: Lsn, path: PathBuf) {
+        if self.active_bytes == 0 {
+            // The empty active segment (same name) was replaced, not closed.
+            let last = self.segments.last().expect("an active segment");
+            debug_assert_eq!(last.path, path);
+            self.segments.pop();
+        }
         self.active = file;
         self.active_bytes = 0;
+        self.active_zeroed = zeroed;
         self.segments.push(Segment { first_lsn, path });
         self.publish_segment_count();
-        Ok(())
     }
 
     /// Deletes every segment whose records are all <= the released LSN, except the active one.
@@ -277,4 +347,150 @@ impl Writer {
             .store(self.segments.len() as u64, Ordering::Release);
         metrics::gauge!("giftcast_journal_segments").set(self.segments.len() as f64);
     }
+}
+
+/// What the writer and the preparer thread share.
+#[derive(Default)]
+struct PrepState {
+    /// The writer wants a prepared segment (none is ready or being made).
+    wanted: bool,
+    /// A zero-filled, fsynced segment at `PREPARED_SEGMENT_NAME`, ready to be renamed into place.
+    ready: Option<File>,
+}
+
+struct PrepShared {
+    state: Mutex<PrepState>,
+    wake: Condvar,
+    stop: AtomicBool,
+}
+
+/// The preparer thread's handle.
+struct Preparer {
+    shared: Arc<PrepShared>,
+    path: PathBuf,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Preparer {
+    /// Deletes a stale prepared file (a crash may have left it half-filled) and starts the thread,
+    /// which begins preparing at once.
+    fn spawn(dir: &Path, bytes: u64) -> Result<Preparer, JournalError> {
+        let path = dir.join(PREPARED_SEGMENT_NAME);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error(&path, e)),
+        }
+        let shared = Arc::new(PrepShared {
+            state: Mutex::new(PrepState {
+                wanted: true,
+                ready: None,
+            }),
+            wake: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        let thread = {
+            let (shared, path) = (shared.clone(), path.clone());
+            std::thread::Builder::new()
+                .name("journal-prepare".into())
+                .spawn(move || prepare_loop(&shared, &path, bytes))
+                .map_err(|e| io_error(dir, e))?
+        };
+        Ok(Preparer {
+            shared,
+            path,
+            thread: Some(thread),
+        })
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn ready(&self) -> bool {
+        self.shared.state.lock().ready.is_some()
+    }
+
+    fn take(&self) -> Option<File> {
+        self.shared.state.lock().ready.take()
+    }
+
+    /// Asks for the next prepared segment (once the last one was taken, or could not be made).
+    fn request(&self) {
+        let mut state = self.shared.state.lock();
+        if state.ready.is_none() && !state.wanted {
+            state.wanted = true;
+            self.shared.wake.notify_one();
+        }
+    }
+}
+
+impl Drop for Preparer {
+    /// Stops the thread (within one chunk of zeros) and removes what it prepared.
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        self.shared.wake.notify_one();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        self.shared.state.lock().ready = None;
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn prepare_loop(shared: &PrepShared, path: &Path, bytes: u64) {
+    loop {
+        {
+            let mut state = shared.state.lock();
+            while !state.wanted && !shared.stop.load(Ordering::Acquire) {
+                shared.wake.wait(&mut state);
+            }
+            if shared.stop.load(Ordering::Acquire) {
+                return;
+            }
+        }
+        let started = Instant::now();
+        let result = zero_fill(path, bytes, &shared.stop);
+        let mut state = shared.state.lock();
+        state.wanted = false;
+        match result {
+            Ok(Some(file)) => {
+                metrics::histogram!("giftcast_journal_prepare_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                state.ready = Some(file);
+            }
+            Ok(None) => return,
+            Err(e) => {
+                // The writer goes on with plain segments and asks again at its next rotation.
+                tracing::warn!(path = %path.display(), error = %e, "cannot prepare the next journal segment");
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}
+
+/// Writes `bytes` zeros to a new file at `path` and fsyncs it. `Ok(None)` when stopped midway.
+fn zero_fill(path: &Path, bytes: u64, stop: &AtomicBool) -> std::io::Result<Option<File>> {
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(path)?;
+    let zeros = vec![0u8; PREPARE_CHUNK_BYTES];
+    let mut written = 0u64;
+    let mut synced = 0u64;
+    while written < bytes {
+        if stop.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        let n = (bytes - written).min(PREPARE_CHUNK_BYTES as u64) as usize;
+        file.write_all(&zeros[..n])?;
+        written += n as u64;
+        if written - synced >= PREPARE_SYNC_BYTES {
+            file.sync_data()?;
+            synced = written;
+        }
+    }
+    file.sync_all()?;
+    Ok(Some(file))
 }
