@@ -24,17 +24,20 @@ pub const FLUSH_INTERVAL_MS_DEFAULT: u64 = 200;
 /// Default records per store transaction. A batch is whatever arrived within the interval, up to
 /// this: at a few thousand gifts/s batches stay small, and under load they grow to it. The store
 /// takes a large batch far faster per record (a commit writes every page the batch dirtied, and
-/// gift ids land at random in their index): cargo bench store_apply measured SQLite at ~35k
-/// records/s in batches of 5,000 and ~90k/s in batches of 50,000 (docs/benchmarks.md, "The store
-/// alone"). At 50,000 one transaction takes ~0.5 s (up to ~1.3 s at 6M stored gifts). A store
-/// lookup of an evicted gift id does not wait behind it: in SQLite it has its own reader
-/// connection; in PostgreSQL it is pipelined on the one connection between the batch's
-/// statements (inside the open transaction, so it may see the batch's own gifts: every one of
-/// them is durable in the journal already, so answering from them is right). 200,000 was tried on 2026-12-04: 1.9× the store alone at 6M
-/// stored gifts, but no gain end to end in one 60 s pair at 100k/s (docs/benchmarks.md, "Larger
-/// flusher batches"), so the default stays. The records are the journal's own (`Arc`s), so a
-/// batch costs no copy.
-pub const FLUSH_BATCH_RECORDS_MAX_DEFAULT: usize = 50_000;
+/// gift ids land at random in their index, so past a few million stored gifts a batch dirties
+/// most of that index whatever its size): cargo bench store_apply measured SQLite at ~35k
+/// records/s in batches of 5,000, ~90k/s in batches of 50,000, and at the 6th million stored
+/// gifts 119-137k/s in batches of 200,000 against 58-72k/s in batches of 50,000
+/// (docs/benchmarks.md, "The store alone", "Larger flusher batches"). End to end at 100k gifts/s
+/// for 120 s (12M gifts), 50,000 fell behind until the journal's backlog bound refused gifts in
+/// 2 of 2 runs, while 200,000 kept up (backlog at most 219-240k records; 400,000: the same), so
+/// the default is 200,000 (docs/benchmarks.md, "Flusher batches of 200,000"). One transaction then takes up
+/// to ~2 s at 6M stored gifts. A store lookup of an evicted gift id does not wait behind it: in
+/// SQLite it has its own reader connection; in PostgreSQL it is pipelined on the one connection
+/// between the batch's statements (inside the open transaction, so it may see the batch's own
+/// gifts: every one of them is durable in the journal already, so answering from them is
+/// right). The records are the journal's own (`Arc`s), so a batch costs no copy.
+pub const FLUSH_BATCH_RECORDS_MAX_DEFAULT: usize = 200_000;
 
 /// Default cap of the retry backoff while storage fails: a returning database is noticed within
 /// this, and a dead one is not hammered.
