@@ -9,12 +9,13 @@
 //!   defaults (`synchronous_commit=on`, `fsync=on`: a WAL flush per commit).
 //!
 //! ```text
-//! cargo run --release --example durable_compare -- [--quick] [--pg URL] [--dir DIR]
+//! cargo run --release --example durable_compare -- [--quick] [--pg URL] [--dir DIR] [--flush-batch N]
 //! cargo run --release --example durable_compare -- --sustain-secs S [--dir DIR] [--samples CSV]
 //!     [--flush-batch N]
 //!     (only the SQLite group-commit open loop at 100,000 gifts/s, for S seconds, at most 600;
-//!     `--samples` writes the store backlog every 100 ms until the store has every gift;
-//!     `--flush-batch` sets the flusher's records per store transaction, default the server's)
+//!     `--samples` writes the store backlog every 100 ms until the store has every gift)
+//! `--flush-batch` sets the flusher's records per store transaction in every group-commit run
+//! (default the server's, `FLUSH_BATCH_RECORDS_MAX_DEFAULT`).
 //! ```
 //!
 //! `--pg` defaults to `postgres://postgres@127.0.0.1:5432/test`; a fresh schema is created
@@ -675,7 +676,7 @@ fn fsync_probe(dir: &Path, n: usize) -> anyhow::Result<String> {
 // ------------------------------------------------------------------------------------------
 
 const USAGE: &str = "\
-durable_compare [--quick] [--pg URL] [--dir DIR]
+durable_compare [--quick] [--pg URL] [--dir DIR] [--flush-batch N]
 durable_compare --sustain-secs S [--dir DIR] [--samples CSV] [--flush-batch N]
 (see the header of examples/durable_compare.rs for what each run measures)";
 
@@ -698,6 +699,17 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(std::env::temp_dir);
     let scale = if quick { 0.2 } else { 1.0 };
     let n = |x: f64| (x * scale) as u64;
+    let mut flush = FlushConfig::default();
+    if let Some(n) = value("--flush-batch") {
+        flush.batch_records_max = n
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--flush-batch {n:?}: {e}"))?;
+        anyhow::ensure!(flush.batch_records_max > 0, "--flush-batch: at least 1");
+    }
+    println!(
+        "flusher batch: at most {} records\n",
+        flush.batch_records_max
+    );
     if let Some(secs) = value("--sustain-secs") {
         // Only the SQLite open loop at 100,000 gifts/s, for as long as asked.
         let secs: f64 = secs
@@ -710,17 +722,6 @@ async fn main() -> anyhow::Result<()> {
             fsync_probe(&dir, 2000)?
         );
         header();
-        let mut flush = FlushConfig::default();
-        if let Some(n) = value("--flush-batch") {
-            flush.batch_records_max = n
-                .parse()
-                .map_err(|e| anyhow::anyhow!("--flush-batch {n:?}: {e}"))?;
-            anyhow::ensure!(flush.batch_records_max > 0, "--flush-batch: at least 1");
-        }
-        println!(
-            "flusher batch: at most {} records\n",
-            flush.batch_records_max
-        );
         let mut row = sqlite_at_100k(&dir, secs, flush).await?;
         row.print();
         if let Some(path) = value("--samples") {
@@ -771,14 +772,14 @@ async fn main() -> anyhow::Result<()> {
             "sqlite",
             None,
             closed(n(1_000_000.0), 2000),
-            FlushConfig::default(),
+            flush.clone(),
         )
         .await?
         .print();
-        sqlite_at_100k(&dir, 10.0 * scale, FlushConfig::default())
+        sqlite_at_100k(&dir, 10.0 * scale, flush.clone())
             .await?
             .print();
-        group_commit(&dir, "sqlite", None, open10k(), FlushConfig::default())
+        group_commit(&dir, "sqlite", None, open10k(), flush.clone())
             .await?
             .print();
         sqlite_naive(&dir, closed(n(5_000.0), 1))?.print();
@@ -789,7 +790,7 @@ async fn main() -> anyhow::Result<()> {
             "postgres",
             Some(&store_url(1)),
             closed(n(1_000_000.0), 2000),
-            FlushConfig::default(),
+            flush.clone(),
         )
         .await?
         .print();
@@ -798,7 +799,7 @@ async fn main() -> anyhow::Result<()> {
             "postgres",
             Some(&store_url(2)),
             open10k(),
-            FlushConfig::default(),
+            flush.clone(),
         )
         .await?
         .print();
