@@ -282,14 +282,14 @@ impl Writer {
                     Err(e) => {
                         // Not a money problem: this segment is a plain one instead.
                         tracing::warn!(error = %e, path = %path.display(), "cannot rename the prepared journal segment into place");
-                        if !full {
-                            return Ok(());
-                        }
                     }
                 }
             } else {
                 preparer.request();
             }
+        }
+        if !full {
+            return Ok(());
         }
         let file = OpenOptions::new()
             .create_new(true)
@@ -311,6 +311,7 @@ impl Writer {
         self.active = file;
         self.active_bytes = 0;
         self.active_zeroed = zeroed;
+        metrics::gauge!("giftcast_journal_active_preallocated").set(if zeroed { 1.0 } else { 0.0 });
         self.segments.push(Segment { first_lsn, path });
         self.publish_segment_count();
     }
@@ -428,8 +429,13 @@ impl Preparer {
 impl Drop for Preparer {
     /// Stops the thread (within one chunk of zeros) and removes what it prepared.
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Release);
-        self.shared.wake.notify_one();
+        {
+            // Under the lock: the thread is then either working (it sees the flag between
+            // chunks) or parked in `wait`, never between its check and its wait.
+            let _state = self.shared.state.lock();
+            self.shared.stop.store(true, Ordering::Release);
+            self.shared.wake.notify_one();
+        }
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
