@@ -675,47 +675,64 @@ fn fsync_probe(dir: &Path, n: usize) -> anyhow::Result<String> {
 
 // ------------------------------------------------------------------------------------------
 
-const USAGE: &str = "\
-durable_compare [--quick] [--pg URL] [--dir DIR] [--flush-batch N]
-durable_compare --sustain-secs S [--dir DIR] [--samples CSV] [--flush-batch N]
-(see the header of examples/durable_compare.rs for what each run measures)";
+/// `cargo run --release --example durable_compare -- --help`. The header of
+/// examples/durable_compare.rs says what each run measures.
+#[derive(clap::Parser)]
+#[command(
+    about = "Durable gifts: group commit (giftcast) against a transaction per gift, on SQLite and PostgreSQL, side by side"
+)]
+struct Opts {
+    /// A fifth of the gifts in the closed loops, shorter open loops.
+    #[arg(long)]
+    quick: bool,
+    /// PostgreSQL database for the PostgreSQL runs (fresh schemas, dropped after).
+    #[arg(long, default_value = PG_DEFAULT)]
+    pg: String,
+    /// Where the journal and SQLite files go.
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
+    dir: PathBuf,
+    /// Records per store transaction in every group-commit run (default the server's).
+    #[arg(long, default_value_t = flusher::FLUSH_BATCH_RECORDS_MAX_DEFAULT, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    flush_batch: usize,
+    /// Only the SQLite group-commit open loop at 100,000 gifts/s, for this many seconds (at most 600).
+    #[arg(long, value_parser = parse_sustain_secs)]
+    sustain_secs: Option<f64>,
+    /// With --sustain-secs: write the store backlog every 100 ms to this CSV.
+    #[arg(long, requires = "sustain_secs")]
+    samples: Option<PathBuf>,
+}
+
+fn parse_sustain_secs(s: &str) -> Result<f64, String> {
+    let secs: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if secs > 0.0 && secs <= 600.0 {
+        Ok(secs)
+    } else {
+        Err("0 < S <= 600".into())
+    }
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!("{USAGE}");
-        return Ok(());
-    }
-    let quick = args.iter().any(|a| a == "--quick");
-    let value = |flag: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1).cloned())
-    };
-    let pg = value("--pg").unwrap_or_else(|| PG_DEFAULT.into());
-    let dir = value("--dir")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir);
+    let Opts {
+        quick,
+        pg,
+        dir,
+        flush_batch,
+        sustain_secs,
+        samples,
+    } = clap::Parser::parse();
     let scale = if quick { 0.2 } else { 1.0 };
     let n = |x: f64| (x * scale) as u64;
-    let mut flush = FlushConfig::default();
-    if let Some(n) = value("--flush-batch") {
-        flush.batch_records_max = n
-            .parse()
-            .map_err(|e| anyhow::anyhow!("--flush-batch {n:?}: {e}"))?;
-        anyhow::ensure!(flush.batch_records_max > 0, "--flush-batch: at least 1");
-    }
+    let flush = FlushConfig {
+        batch_records_max: flush_batch,
+        ..FlushConfig::default()
+    };
     println!(
         "flusher batch: at most {} records\n",
         flush.batch_records_max
     );
-    if let Some(secs) = value("--sustain-secs") {
+    if let Some(secs) = sustain_secs {
         // Only the SQLite open loop at 100,000 gifts/s, for as long as asked.
-        let secs: f64 = secs
-            .parse()
-            .map_err(|e| anyhow::anyhow!("--sustain-secs {secs:?}: {e}"))?;
-        anyhow::ensure!(secs > 0.0 && secs <= 600.0, "--sustain-secs: 0 < S <= 600");
         println!(
             "cores: {}, disk: {}\n",
             std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -724,13 +741,13 @@ async fn main() -> anyhow::Result<()> {
         header();
         let mut row = sqlite_at_100k(&dir, secs, flush).await?;
         row.print();
-        if let Some(path) = value("--samples") {
+        if let Some(path) = samples {
             let mut csv = String::from("secs,store_backlog_records\n");
             for (at, n) in &row.backlog {
                 csv.push_str(&format!("{at:.2},{n}\n"));
             }
             std::fs::write(&path, csv)?;
-            println!("store backlog samples: {path}");
+            println!("store backlog samples: {}", path.display());
         }
         return Ok(());
     }
