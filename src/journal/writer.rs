@@ -107,6 +107,7 @@ impl Writer {
             .store(segments.len() as u64, Ordering::Release);
         metrics::gauge!("giftcast_journal_segments").set(segments.len() as f64);
         metrics::gauge!("giftcast_journal_failed").set(0.0);
+        metrics::gauge!("giftcast_journal_active_preallocated").set(0.0);
         Ok(Writer {
             shared,
             durable_tx,
