@@ -85,7 +85,7 @@ fn main() -> anyhow::Result<()> {
                 "{} acks, {} fsyncs, ack p99 {:.2} ms",
                 r.acks_us.len(),
                 r.batches,
-                pct(&mut r.acks_us.clone(), 99.0) as f64 / 1000.0
+                pct(&sorted(r.acks_us.clone()), 99.0) as f64 / 1000.0
             );
             totals[i].acks_us.extend(r.acks_us);
             totals[i].fsyncs_us.extend(r.fsyncs_us);
@@ -102,31 +102,37 @@ fn main() -> anyhow::Result<()> {
     );
     println!("| mode | acks | records/fsync | ack p50 | p90 | p99 | p99.9 | max | fsync p50 | fsync p99 |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    for (mode, r) in modes.iter().zip(totals.iter_mut()) {
+    for (mode, r) in modes.iter().zip(totals) {
         let ms = |v: u64| format!("{:.2}", v as f64 / 1000.0);
+        let (acks, fsyncs) = (sorted(r.acks_us), sorted(r.fsyncs_us));
         println!(
             "| {mode} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
-            r.acks_us.len(),
-            r.acks_us.len() as f64 / r.batches.max(1) as f64,
-            ms(pct(&mut r.acks_us, 50.0)),
-            ms(pct(&mut r.acks_us, 90.0)),
-            ms(pct(&mut r.acks_us, 99.0)),
-            ms(pct(&mut r.acks_us, 99.9)),
-            ms(pct(&mut r.acks_us, 100.0)),
-            ms(pct(&mut r.fsyncs_us, 50.0)),
-            ms(pct(&mut r.fsyncs_us, 99.0)),
+            acks.len(),
+            acks.len() as f64 / r.batches.max(1) as f64,
+            ms(pct(&acks, 50.0)),
+            ms(pct(&acks, 90.0)),
+            ms(pct(&acks, 99.0)),
+            ms(pct(&acks, 99.9)),
+            ms(pct(&acks, 100.0)),
+            ms(pct(&fsyncs, 50.0)),
+            ms(pct(&fsyncs, 99.0)),
         );
     }
     Ok(())
 }
 
-fn pct(v: &mut [u64], p: f64) -> u64 {
-    if v.is_empty() {
+/// The `p`th percentile of `sorted` (ascending).
+fn pct(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
         return 0;
     }
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn sorted(mut v: Vec<u64>) -> Vec<u64> {
     v.sort_unstable();
-    let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
-    v[i.min(v.len() - 1)]
+    v
 }
 
 fn run_mode(args: &Args, mode: &str) -> anyhow::Result<Results> {

@@ -954,7 +954,7 @@ impl Drop for Schema {
 /// True when a journal segment is exactly as large as a preallocated one (the 64 MiB default):
 /// the writer is writing into its zeros (these tests never fill a segment).
 fn preallocated_segment_in_use(data_dir: &Path) -> bool {
-    const PREALLOCATED: u64 = 64 << 20;
+    const PREALLOCATED: u64 = giftcast::journal::SEGMENT_BYTES_MAX_DEFAULT;
     std::fs::read_dir(data_dir.join("journal"))
         .unwrap()
         .map(|e| e.unwrap().path())

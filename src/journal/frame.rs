@@ -63,47 +63,84 @@ pub(crate) struct Frame {
     pub end: usize,
 }
 
-/// Reads the frame starting at `offset`. The error says what is wrong with it (for the message
-/// naming the segment and offset). Never panics, whatever the bytes.
-pub(crate) fn read_frame(data: &[u8], offset: usize) -> Result<Frame, String> {
+/// What is wrong with a frame's header, length or CRC; formatted only when reported.
+enum Fault {
+    ShortHeader(usize),
+    BadLength(usize),
+    ShortBody { len: usize, present: usize },
+    Crc { stored: u32, computed: u32 },
+}
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fault::ShortHeader(n) => {
+                write!(
+                    f,
+                    "incomplete frame header: {n} of {FRAME_HEADER_BYTES} bytes"
+                )
+            }
+            Fault::BadLength(len) => write!(
+                f,
+                "bad frame length {len} (allowed {FRAME_BODY_BYTES_MIN}..={FRAME_BODY_BYTES_MAX})"
+            ),
+            Fault::ShortBody { len, present } => {
+                write!(
+                    f,
+                    "incomplete frame: body of {len} bytes, {present} present"
+                )
+            }
+            Fault::Crc { stored, computed } => write!(
+                f,
+                "CRC mismatch: stored {stored:#010x}, computed {computed:#010x}"
+            ),
+        }
+    }
+}
+
+/// The body of the frame at `offset`, once its length is in range, it is all there and its CRC
+/// matches; nothing is decoded or formatted, so the resynchronising scan can try every offset
+/// of a large segment cheaply.
+fn checked_body(data: &[u8], offset: usize) -> Result<&[u8], Fault> {
     let rest = data.get(offset..).unwrap_or(&[]);
     if rest.len() < FRAME_HEADER_BYTES {
-        return Err(format!(
-            "incomplete frame header: {} of {FRAME_HEADER_BYTES} bytes",
-            rest.len()
-        ));
+        return Err(Fault::ShortHeader(rest.len()));
     }
     let body_len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-    let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
+    let stored = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
     if !(FRAME_BODY_BYTES_MIN..=FRAME_BODY_BYTES_MAX).contains(&body_len) {
-        return Err(format!(
-            "bad frame length {body_len} (allowed {FRAME_BODY_BYTES_MIN}..={FRAME_BODY_BYTES_MAX})"
-        ));
+        return Err(Fault::BadLength(body_len));
     }
     let body = rest
         .get(FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + body_len)
-        .ok_or_else(|| {
-            format!(
-                "incomplete frame: body of {body_len} bytes, {} present",
-                rest.len() - FRAME_HEADER_BYTES
-            )
+        .ok_or(Fault::ShortBody {
+            len: body_len,
+            present: rest.len() - FRAME_HEADER_BYTES,
         })?;
-    let actual = crc32c::crc32c(body);
-    if actual != crc {
-        return Err(format!(
-            "CRC mismatch: stored {crc:#010x}, computed {actual:#010x}"
-        ));
+    let computed = crc32c::crc32c(body);
+    if computed != stored {
+        return Err(Fault::Crc { stored, computed });
     }
+    Ok(body)
+}
+
+/// Reads the frame starting at `offset`. The error says what is wrong with it (for the message
+/// naming the segment and offset). Never panics, whatever the bytes.
+pub(crate) fn read_frame(data: &[u8], offset: usize) -> Result<Frame, String> {
+    let body = checked_body(data, offset).map_err(|fault| fault.to_string())?;
     let ((lsn, record), used): ((Lsn, Record), usize) =
         bincode::serde::decode_from_slice(body, config())
             .map_err(|e| format!("undecodable frame body: {e}"))?;
-    if used != body_len {
-        return Err(format!("frame body has {} trailing bytes", body_len - used));
+    if used != body.len() {
+        return Err(format!(
+            "frame body has {} trailing bytes",
+            body.len() - used
+        ));
     }
     Ok(Frame {
         lsn,
         record,
-        end: offset + FRAME_HEADER_BYTES + body_len,
+        end: offset + FRAME_HEADER_BYTES + body.len(),
     })
 }
 
@@ -130,22 +167,6 @@ pub(crate) fn has_zero_sector(data: &[u8], from: usize, to: usize) -> bool {
     false
 }
 
-/// Length in range, body present and CRC matching: checked without decoding or formatting, so
-/// the resynchronising scan can try every offset of a large segment cheaply.
-fn plausible_frame(data: &[u8], offset: usize) -> bool {
-    let Some(header) = data.get(offset..offset + FRAME_HEADER_BYTES) else {
-        return false;
-    };
-    let body_len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-    if !(FRAME_BODY_BYTES_MIN..=FRAME_BODY_BYTES_MAX).contains(&body_len) {
-        return false;
-    }
-    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-    let start = offset + FRAME_HEADER_BYTES;
-    data.get(start..start + body_len)
-        .is_some_and(|body| crc32c::crc32c(body) == crc)
-}
-
 /// The first offset in `from..` where a well-formed frame (length in range, CRC matching,
 /// decodable) starts. Recovery uses it to tell a torn tail (nothing valid after the bad frame)
 /// from corruption in the middle (valid frames follow). Runs of zeros (the unused end of a
@@ -163,7 +184,7 @@ pub(crate) fn valid_frame_after(data: &[u8], from: usize) -> Option<usize> {
             offset = (offset + nonzero).saturating_sub(3).max(offset + 1);
             continue;
         }
-        if plausible_frame(data, offset) && read_frame(data, offset).is_ok() {
+        if checked_body(data, offset).is_ok() && read_frame(data, offset).is_ok() {
             return Some(offset);
         }
         offset += 1;

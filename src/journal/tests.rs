@@ -879,3 +879,22 @@ fn many_rotations_through_prepared_and_plain_segments_lose_nothing() {
     assert_eq!(recovered.records, expected);
     assert_eq!(recovered.torn_tail, None);
 }
+
+#[test]
+fn a_zeroed_sector_counts_only_when_whole_and_aligned() {
+    let sector = frame::SECTOR_BYTES;
+    let mut data = vec![0xEEu8; 4 * sector];
+    // One byte short of a sector, aligned: not a sector.
+    data[sector..2 * sector - 1].fill(0);
+    assert!(!frame::has_zero_sector(&data, 0, data.len()));
+    // A whole sector of zeros, but straddling two aligned sectors: not one either.
+    data[sector + 100..2 * sector + 100].fill(0);
+    data[sector..sector + 100].fill(0xEE);
+    assert!(!frame::has_zero_sector(&data, 0, data.len()));
+    // A whole aligned sector: found, but only when the range holds all of it.
+    data[2 * sector..3 * sector].fill(0);
+    assert!(frame::has_zero_sector(&data, 0, data.len()));
+    assert!(frame::has_zero_sector(&data, 2 * sector, 3 * sector));
+    assert!(!frame::has_zero_sector(&data, 2 * sector + 1, data.len()));
+    assert!(!frame::has_zero_sector(&data, 0, 3 * sector - 1));
+}

@@ -501,3 +501,37 @@ fn zero_fill(path: &Path, bytes: u64, stop: &AtomicBool) -> std::io::Result<Opti
     file.sync_all()?;
     Ok(Some(file))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_fill_writes_exactly_the_size_across_chunk_and_sync_edges() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(PREPARED_SEGMENT_NAME);
+        let stop = AtomicBool::new(false);
+        // Past one fdatasync interval, and not a whole number of chunks.
+        let bytes = PREPARE_SYNC_BYTES + PREPARE_CHUNK_BYTES as u64 + 1;
+        let file = zero_fill(&path, bytes, &stop)
+            .unwrap()
+            .expect("not stopped");
+        assert_eq!(file.metadata().unwrap().len(), bytes);
+        let data = std::fs::read(&path).unwrap();
+        assert!(super::frame::is_all_zero(&data));
+        // A smaller size over the same file: truncated to it, not left at the old length.
+        let file = zero_fill(&path, 10, &stop).unwrap().expect("not stopped");
+        assert_eq!(file.metadata().unwrap().len(), 10);
+    }
+
+    #[test]
+    fn zero_fill_stops_between_chunks_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(PREPARED_SEGMENT_NAME);
+        let stop = AtomicBool::new(true);
+        assert!(zero_fill(&path, 4 * PREPARE_CHUNK_BYTES as u64, &stop)
+            .unwrap()
+            .is_none());
+        assert!(std::fs::metadata(&path).unwrap().len() < PREPARE_CHUNK_BYTES as u64);
+    }
+}
