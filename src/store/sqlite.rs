@@ -44,6 +44,34 @@ pub fn gift_key_hash(user_id: &str, gift_id: &str) -> i64 {
 /// How a gift's key is hashed: `gift_key_hash`, or in tests one that collides.
 pub(crate) type KeyHash = fn(&str, &str) -> i64;
 
+/// A gift's key generation is its LSN shifted right by this: 2^21 = 2,097,152 LSNs a
+/// generation (~21 s at 100,000 gifts/s). The gift table's unique index leads with the
+/// generation, `(key_gen, key_hash, key_salt)`, so a batch's random keys land only in the
+/// current generation's part of the index, which stays about the size of the page cache
+/// (~2M entries of ~20 bytes), instead of all over an index as large as the whole table: the
+/// pages a batch dirties no longer grow with the table (docs/durability.md "Store",
+/// docs/benchmarks.md "Key generations"). A key is refused twice within its generation;
+/// across generations the ledger is what keeps a gift id from being accepted twice.
+pub const GIFT_KEY_GEN_SHIFT: u32 = 21;
+
+/// How a store is keyed: the hash and the generation size (tests use tiny generations).
+#[derive(Clone, Copy)]
+pub(crate) struct KeyScheme {
+    pub hash: KeyHash,
+    pub gen_shift: u32,
+}
+
+impl KeyScheme {
+    pub(crate) const DEFAULT: KeyScheme = KeyScheme {
+        hash: gift_key_hash,
+        gen_shift: GIFT_KEY_GEN_SHIFT,
+    };
+
+    fn gen(self, lsn: i64) -> i64 {
+        lsn >> self.gen_shift
+    }
+}
+
 /// Rows between two progress lines while an older file's gift table is re-keyed at open.
 const REKEY_PROGRESS_ROWS: u64 = 1_000_000;
 
@@ -59,18 +87,18 @@ pub struct SqliteStore {
     /// only after its batch committed).
     reader: Arc<Mutex<Connection>>,
     node_id: Arc<str>,
-    key_hash: KeyHash,
+    keys: KeyScheme,
 }
 
 impl SqliteStore {
     pub async fn open(path: &Path, node_id: &str) -> Result<SqliteStore> {
-        Self::open_with_key_hash(path, node_id, gift_key_hash).await
+        Self::open_with_keys(path, node_id, KeyScheme::DEFAULT).await
     }
 
-    pub(crate) async fn open_with_key_hash(
+    pub(crate) async fn open_with_keys(
         path: &Path,
         node_id: &str,
-        key_hash: KeyHash,
+        keys: KeyScheme,
     ) -> Result<SqliteStore> {
         let path = path.to_path_buf();
         let node = node_id.to_string();
@@ -89,7 +117,7 @@ impl SqliteStore {
             // batch that no journal holds any more). One fsync per batch of up to 50,000 records.
             conn.pragma_update(None, "journal_mode", "WAL")?;
             conn.pragma_update(None, "synchronous", "FULL")?;
-            migrate(&mut conn, &node, key_hash)?;
+            migrate(&mut conn, &node, keys)?;
             // URI as for the writer (`Connection::open`'s flags have it), so `file:` names
             // open the same file.
             let reader = Connection::open_with_flags(
@@ -106,7 +134,7 @@ impl SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
             reader: Arc::new(Mutex::new(reader)),
             node_id: node_id.into(),
-            key_hash,
+            keys,
         })
     }
 
@@ -139,10 +167,10 @@ impl SqliteStore {
 
     pub async fn apply_batch(&self, records: &[(Lsn, Arc<Record>)]) -> Result<()> {
         let records = records.to_vec();
-        let key_hash = self.key_hash;
+        let keys = self.keys;
         self.with_conn(move |conn, node| {
             let tx = conn.transaction()?;
-            apply(&tx, node, &records, key_hash)?;
+            apply(&tx, node, &records, keys)?;
             tx.commit()?;
             Ok(())
         })
@@ -190,19 +218,26 @@ impl SqliteStore {
         .await
     }
 
+    /// Probes every key generation, oldest first (the first stored copy of a key is the
+    /// original gift), each an index lookup: ~50 generations at 100M stored gifts.
     pub async fn find_gift(&self, user_id: &str, gift_id: &str) -> Result<Option<GiftRecord>> {
         let (user_id, gift_id) = (user_id.to_string(), gift_id.to_string());
-        let hash = (self.key_hash)(&user_id, &gift_id);
+        let hash = (self.keys.hash)(&user_id, &gift_id);
         self.with_reader(move |conn| {
+            let newest: Option<i64> =
+                conn.query_row("SELECT MAX(key_gen) FROM gifts", [], |r| r.get(0))?;
             let sql = format!(
-                "SELECT {GIFT_COLUMNS} FROM gifts WHERE key_hash = ?1 AND user_id = ?2 AND gift_id = ?3"
+                "SELECT {GIFT_COLUMNS} FROM gifts
+                 WHERE key_gen = ?1 AND key_hash = ?2 AND user_id = ?3 AND gift_id = ?4"
             );
             let mut stmt = conn.prepare_cached(&sql)?;
-            let mut rows = stmt.query(params![hash, user_id, gift_id])?;
-            match rows.next()? {
-                Some(row) => Ok(Some(gift_row(row)?)),
-                None => Ok(None),
+            for gen in 0..=newest.unwrap_or(-1) {
+                let mut rows = stmt.query(params![gen, hash, user_id, gift_id])?;
+                if let Some(row) = rows.next()? {
+                    return Ok(Some(gift_row(row)?));
+                }
             }
+            Ok(None)
         })
         .await
     }
@@ -256,7 +291,7 @@ fn refuse_memory_database(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
-fn migrate(conn: &mut Connection, node: &str, key_hash: KeyHash) -> Result<()> {
+fn migrate(conn: &mut Connection, node: &str, keys: KeyScheme) -> Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     tx.execute_batch(SCHEMA_VERSION_DDL)?;
     let version: i64 = tx.query_row(
@@ -276,30 +311,37 @@ fn migrate(conn: &mut Connection, node: &str, key_hash: KeyHash) -> Result<()> {
          ON CONFLICT (node_id) DO NOTHING",
         [node],
     )?;
-    key_gifts_by_hash(&tx, key_hash)?;
+    if !has_column(&tx, "key_hash")? {
+        key_gifts_by_hash(&tx, keys)?;
+    } else if !has_column(&tx, "key_gen")? {
+        key_gifts_by_generation(&tx)?;
+    }
     tx.commit()?;
     Ok(())
 }
 
-/// SQLite only (PostgreSQL keeps its `(user_id, gift_id)` key): the shared schema makes `gifts`
-/// keyed by the two strings; this rebuilds it keyed by `(key_hash, key_salt)` (see
-/// `gift_key_hash`), once, copying any gifts a file of an older giftcast holds, in LSN order.
-fn key_gifts_by_hash(tx: &Transaction<'_>, key_hash: KeyHash) -> Result<()> {
-    let keyed: i64 = tx.query_row(
-        "SELECT COUNT(*) FROM pragma_table_info('gifts') WHERE name = 'key_hash'",
-        [],
+fn has_column(tx: &Transaction<'_>, column: &str) -> Result<bool> {
+    let n: i64 = tx.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('gifts') WHERE name = ?1",
+        [column],
         |r| r.get(0),
     )?;
-    if keyed > 0 {
-        return Ok(());
-    }
+    Ok(n > 0)
+}
+
+/// SQLite only (PostgreSQL keeps its `(user_id, gift_id)` key): the shared schema makes `gifts`
+/// keyed by the two strings; this rebuilds it keyed by `(key_gen, key_hash, key_salt)` (see
+/// `gift_key_hash`, `GIFT_KEY_GEN_SHIFT`), once, copying any gifts a file of an older giftcast
+/// holds, in LSN order.
+fn key_gifts_by_hash(tx: &Transaction<'_>, keys: KeyScheme) -> Result<()> {
     tx.execute_batch(concat!(
         "CREATE TABLE gifts_by_hash (\n",
         super::gift_column_defs!(),
         "    key_hash INTEGER NOT NULL,
-    key_salt INTEGER NOT NULL
+    key_salt INTEGER NOT NULL,
+    key_gen INTEGER NOT NULL DEFAULT 0
 );
-CREATE UNIQUE INDEX gifts_by_hash_key ON gifts_by_hash (key_hash, key_salt);",
+CREATE UNIQUE INDEX gifts_gen_key ON gifts_by_hash (key_gen, key_hash, key_salt);",
     ))?;
     let total: i64 = tx.query_row("SELECT COUNT(*) FROM gifts", [], |r| r.get(0))?;
     if total > 0 {
@@ -309,7 +351,7 @@ CREATE UNIQUE INDEX gifts_by_hash_key ON gifts_by_hash (key_hash, key_salt);",
         );
     }
     let copied = {
-        let mut insert = GiftInsert::prepare(tx, "gifts_by_hash")?;
+        let mut insert = GiftInsert::prepare(tx, "gifts_by_hash", keys)?;
         let mut stmt = tx.prepare(&format!(
             "SELECT {GIFT_COLUMNS}, lsn FROM gifts ORDER BY lsn"
         ))?;
@@ -318,7 +360,7 @@ CREATE UNIQUE INDEX gifts_by_hash_key ON gifts_by_hash (key_hash, key_salt);",
         while let Some(row) = rows.next()? {
             let gift = gift_row(row)?;
             let lsn: i64 = row.get(14)?;
-            let hash = key_hash(&gift.user_id, &gift.gift_id);
+            let hash = (keys.hash)(&gift.user_id, &gift.gift_id);
             if !insert.insert(&gift, lsn, hash)? {
                 return Err(StoreError::Range(format!(
                     "re-keying the gift table: gift {} of {} is in it twice (the file is damaged; \
@@ -351,37 +393,66 @@ CREATE UNIQUE INDEX gifts_by_hash_key ON gifts_by_hash (key_hash, key_salt);",
     Ok(())
 }
 
-/// The gift insert of the hash-keyed table: a gift whose sender and id are stored already is
-/// not inserted again (the first stays); a different gift with the same hash gets the next salt.
+/// A file keyed by `(key_hash, key_salt)` alone (giftcast of 2026-12-03 to 2026-12-06) gets the
+/// generation column: its gifts all go in generation 0 (adding a column with a default rewrites
+/// nothing; they stay unique there, as before), and the key index is rebuilt leading with the
+/// generation, once (one pass over the table).
+fn key_gifts_by_generation(tx: &Transaction<'_>) -> Result<()> {
+    let total: i64 = tx.query_row("SELECT COUNT(*) FROM gifts", [], |r| r.get(0))?;
+    if total > 0 {
+        tracing::info!(
+            total,
+            "sqlite: adding key generations to the gift table's key (once)"
+        );
+    }
+    tx.execute_batch(
+        "ALTER TABLE gifts ADD COLUMN key_gen INTEGER NOT NULL DEFAULT 0;
+         CREATE UNIQUE INDEX gifts_gen_key ON gifts (key_gen, key_hash, key_salt);
+         DROP INDEX gifts_by_hash_key;",
+    )?;
+    if total > 0 {
+        tracing::info!(total, "sqlite: the gift table's key has generations");
+    }
+    Ok(())
+}
+
+/// The gift insert of the hash-keyed table: a gift whose sender and id are stored already in
+/// its key generation is not inserted again (the first stays); a different gift with the same
+/// hash gets the next salt.
 struct GiftInsert<'t> {
     insert: rusqlite::CachedStatement<'t>,
     same_hash: rusqlite::CachedStatement<'t>,
+    keys: KeyScheme,
 }
 
 impl<'t> GiftInsert<'t> {
-    fn prepare(tx: &'t Transaction<'_>, table: &str) -> Result<GiftInsert<'t>> {
+    fn prepare(tx: &'t Transaction<'_>, table: &str, keys: KeyScheme) -> Result<GiftInsert<'t>> {
         Ok(GiftInsert {
             insert: tx.prepare_cached(&format!(
                 "INSERT INTO {table} (user_id, gift_id, user_name, stream, sticker, count, price,
                      amount, store_share, streamer_share, platform_share, message, balance_after,
-                     ts_ms, lsn, key_hash, key_salt)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
+                     ts_ms, lsn, key_hash, key_salt, key_gen)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+                     ?18)
                  ON CONFLICT DO NOTHING"
             ))?,
             same_hash: tx.prepare_cached(&format!(
-                "SELECT user_id, gift_id, key_salt FROM {table} WHERE key_hash = ?1"
+                "SELECT user_id, gift_id, key_salt FROM {table} WHERE key_gen = ?1 AND key_hash = ?2"
             ))?,
+            keys,
         })
     }
 
-    /// Whether the gift was inserted (false: this sender's gift id is stored already).
+    /// Whether the gift was inserted (false: this sender's gift id is stored already in the
+    /// generation of `lsn`).
     fn insert(&mut self, g: &GiftRecord, lsn: i64, hash: i64) -> Result<bool> {
-        if self.insert_salted(g, lsn, hash, 0)? {
+        let gen = self.keys.gen(lsn);
+        if self.insert_salted(g, lsn, gen, hash, 0)? {
             return Ok(true);
         }
         // Salt 0 is taken: by this very gift (a duplicate id) or by another with the same hash.
         let mut salt_max = 0i64;
-        let mut rows = self.same_hash.query([hash])?;
+        let mut rows = self.same_hash.query([gen, hash])?;
         while let Some(row) = rows.next()? {
             let (user_id, gift_id): (String, String) = (row.get(0)?, row.get(1)?);
             if user_id == g.user_id && gift_id == g.gift_id {
@@ -391,17 +462,24 @@ impl<'t> GiftInsert<'t> {
         }
         drop(rows);
         let salt = salt_max + 1;
-        if !self.insert_salted(g, lsn, hash, salt)? {
+        if !self.insert_salted(g, lsn, gen, hash, salt)? {
             return Err(StoreError::Range(format!(
-                "gift {} of {}: key ({hash}, {salt}) is taken though no gift with that hash has \
-                 it (the file is damaged; the batch is not stored)",
+                "gift {} of {}: key ({gen}, {hash}, {salt}) is taken though no gift with that \
+                 hash has it (the file is damaged; the batch is not stored)",
                 g.gift_id, g.user_id
             )));
         }
         Ok(true)
     }
 
-    fn insert_salted(&mut self, g: &GiftRecord, lsn: i64, hash: i64, salt: i64) -> Result<bool> {
+    fn insert_salted(
+        &mut self,
+        g: &GiftRecord,
+        lsn: i64,
+        gen: i64,
+        hash: i64,
+        salt: i64,
+    ) -> Result<bool> {
         Ok(self.insert.execute(params![
             g.user_id,
             g.gift_id,
@@ -420,6 +498,7 @@ impl<'t> GiftInsert<'t> {
             lsn,
             hash,
             salt,
+            gen,
         ])? == 1)
     }
 }
@@ -428,7 +507,7 @@ fn apply(
     tx: &Transaction<'_>,
     node: &str,
     records: &[(Lsn, Arc<Record>)],
-    key_hash: KeyHash,
+    keys: KeyScheme,
 ) -> Result<()> {
     let checkpoint: i64 = tx.query_row(
         "SELECT lsn FROM checkpoints WHERE node_id = ?1",
@@ -449,21 +528,26 @@ fn apply(
             "INSERT INTO credits (reference, user_id, coins, balance_after, ts_ms, lsn)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
         )?;
-        let mut insert_gift = GiftInsert::prepare(tx, "gifts")?;
+        let mut insert_gift = GiftInsert::prepare(tx, "gifts", keys)?;
         let mut insert_packet = tx.prepare_cached(
             "INSERT INTO packet_records (node_id, lsn, body) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
         )?;
         // Gifts (and red packets' host cuts, which are gifts too) in the gift-key index's order
-        // (`gift_key_hash`), so a batch walks that index once from end to end instead of at
-        // random (clients' ids are random); records without a gift part first. Stable: a gift id
-        // twice in one batch keeps its first (LSN order), as before. The totals are then added
-        // in LSN order (the revenue row keeps the latest name).
-        let hashes: Vec<Option<i64>> = parts
+        // (generation, then `gift_key_hash`), so a batch walks that index once from end to end
+        // instead of at random (clients' ids are random); records without a gift part first.
+        // Stable: a gift id twice in one batch keeps its first (LSN order), as before. The
+        // totals are then added in LSN order (the revenue row keeps the latest name).
+        let index_keys: Vec<Option<(i64, i64)>> = records
             .iter()
-            .map(|p| p.as_deref().map(|g| key_hash(&g.user_id, &g.gift_id)))
-            .collect();
+            .zip(&parts)
+            .map(|((lsn, _), p)| {
+                let lsn = to_i64(*lsn, "lsn")?;
+                Ok(p.as_deref()
+                    .map(|g| (keys.gen(lsn), (keys.hash)(&g.user_id, &g.gift_id))))
+            })
+            .collect::<Result<_>>()?;
         let mut in_key_order: Vec<usize> = (0..records.len()).collect();
-        in_key_order.sort_by_key(|&i| hashes[i]);
+        in_key_order.sort_by_key(|&i| index_keys[i]);
         let mut inserted = vec![false; records.len()];
         for i in in_key_order {
             let (lsn, record) = &records[i];
@@ -480,7 +564,7 @@ fn apply(
                     ])? == 1;
                 }
                 other => {
-                    if let (Some(g), Some(hash)) = (parts[i].as_deref(), hashes[i]) {
+                    if let (Some(g), Some((_, hash))) = (parts[i].as_deref(), index_keys[i]) {
                         inserted[i] = insert_gift.insert(g, lsn, hash)?;
                     }
                     if super::is_packet(other) {

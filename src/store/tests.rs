@@ -71,10 +71,13 @@ impl TestDb {
             }
             Backend::SqliteCollidingKeys => {
                 let path = dir.path().join(SQLITE_FILE_NAME);
-                let store = sqlite::SqliteStore::open_with_key_hash(
+                let store = sqlite::SqliteStore::open_with_keys(
                     &path,
                     NODE_ID_DEFAULT,
-                    colliding_key_hash,
+                    sqlite::KeyScheme {
+                        hash: colliding_key_hash,
+                        ..sqlite::KeyScheme::DEFAULT
+                    },
                 )
                 .await
                 .unwrap();
@@ -710,9 +713,16 @@ async fn a_file_keyed_by_the_id_strings_is_rebuilt_keyed_by(key_hash: sqlite::Ke
     let path = dir.path().join(SQLITE_FILE_NAME);
     let open = || async {
         Store::Sqlite(
-            sqlite::SqliteStore::open_with_key_hash(&path, NODE_ID_DEFAULT, key_hash)
-                .await
-                .unwrap(),
+            sqlite::SqliteStore::open_with_keys(
+                &path,
+                NODE_ID_DEFAULT,
+                sqlite::KeyScheme {
+                    hash: key_hash,
+                    ..sqlite::KeyScheme::DEFAULT
+                },
+            )
+            .await
+            .unwrap(),
         )
     };
     let store = open().await;
@@ -749,6 +759,9 @@ async fn a_file_keyed_by_the_id_strings_is_rebuilt_keyed_by(key_hash: sqlite::Ke
         assert_eq!(key_columns, 0, "the old shape");
     }
     let store = open().await;
+    let (gens, index) = stored_generations(&path);
+    assert_eq!(index, ["key_gen", "key_hash", "key_salt"]);
+    assert!(gens.iter().all(|&(gen, lsn)| gen == lsn >> 21), "{gens:?}");
     assert_eq!(store.load(0).await.unwrap(), model(first, 0));
     for (_, record) in first {
         if let Record::Gift(g) = &**record {
@@ -867,4 +880,229 @@ fn the_gift_key_hash_never_changes() {
     );
     // The sender's length is hashed too: moving a character across the boundary is another key.
     assert_ne!(h("ab", "c"), h("a", "bc"));
+}
+
+/// A SQLite store with generations of 4 LSNs (`gen_shift` 2), so a small history spans many.
+async fn sqlite_with_small_generations(path: &std::path::Path, hash: sqlite::KeyHash) -> Store {
+    Store::Sqlite(
+        sqlite::SqliteStore::open_with_keys(
+            path,
+            NODE_ID_DEFAULT,
+            sqlite::KeyScheme { hash, gen_shift: 2 },
+        )
+        .await
+        .unwrap(),
+    )
+}
+
+/// Every stored gift's `(key_gen, lsn)`, and the gift key index's columns.
+fn stored_generations(path: &std::path::Path) -> (Vec<(i64, i64)>, Vec<String>) {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let gens = conn
+        .prepare("SELECT key_gen, lsn FROM gifts ORDER BY lsn")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let index = conn
+        .prepare("SELECT name FROM pragma_index_info('gifts_gen_key') ORDER BY seqno")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    (gens, index)
+}
+
+/// The gift key index leads with the generation (`lsn >> gen_shift`); gifts spread over many
+/// generations, applied in batches that straddle them, load as the model says and are each
+/// found by id (and an id never stored is not), before and after a reopen. With the real hash
+/// and with the colliding one, so salts are taken per generation too.
+async fn gifts_in_many_key_generations_are_stored_and_found(hash: sqlite::KeyHash) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(SQLITE_FILE_NAME);
+    let store = sqlite_with_small_generations(&path, hash).await;
+    let records = history(6, 6);
+    for batch in records.chunks(7) {
+        store.apply_batch(batch).await.unwrap();
+    }
+    let all = model(&records, 0);
+    assert_eq!(store.load(0).await.unwrap(), all);
+    let (gens, index) = stored_generations(&path);
+    assert_eq!(index, ["key_gen", "key_hash", "key_salt"]);
+    assert_eq!(gens.len(), 36);
+    assert!(gens.iter().all(|&(gen, lsn)| gen == lsn >> 2), "{gens:?}");
+    assert!(gens.last().unwrap().0 >= 9, "many generations: {gens:?}");
+    for store in [store, sqlite_with_small_generations(&path, hash).await] {
+        for (_, record) in &records {
+            if let Record::Gift(g) = &**record {
+                let found = store.find_gift(&g.user_id, &g.gift_id).await.unwrap();
+                assert_eq!(found.as_ref(), Some(g));
+            }
+        }
+        assert_eq!(store.find_gift("user-0", "gift-6").await.unwrap(), None);
+        assert_eq!(store.find_gift("user-6", "gift-0").await.unwrap(), None);
+    }
+}
+
+#[tokio::test]
+async fn sqlite_gifts_in_many_key_generations_are_stored_and_found() {
+    gifts_in_many_key_generations_are_stored_and_found(sqlite::gift_key_hash).await;
+}
+
+#[tokio::test]
+async fn sqlite_gifts_in_many_key_generations_are_stored_and_found_colliding() {
+    gifts_in_many_key_generations_are_stored_and_found(colliding_key_hash).await;
+}
+
+/// What the store refuses is a gift key twice in one generation (a replayed or duplicated
+/// record). Across generations it takes the record (the ledger is what refuses a gift id twice:
+/// resident ids, the evicted-id filter and `find_gift`), and `find_gift` answers with the first
+/// copy, the original gift. This pins the documented limit (docs/durability.md "Store").
+#[tokio::test]
+async fn sqlite_a_gift_key_is_refused_twice_within_its_generation_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(SQLITE_FILE_NAME);
+    let store = sqlite_with_small_generations(&path, sqlite::gift_key_hash).await;
+    // LSN 1 a credit, 2-4 gifts; generations of 4 LSNs: 0-3, 4-7, 8-11.
+    let records = history(1, 3);
+    store.apply_batch(&records).await.unwrap();
+    let Record::Gift(original) = &*records[3].1 else {
+        panic!("history's fourth record is a gift")
+    };
+    assert_eq!(records[3].0, 4, "the original is in generation 1");
+    let mut again = original.clone();
+    again.message = Some("other".into());
+    let copies = |snapshot: &Snapshot| {
+        snapshot
+            .gifts
+            .iter()
+            .filter(|g| g.gift_id == original.gift_id)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let gifted = model(&records, 0).gifted_total;
+    // LSN 7: the same generation. Refused, not counted.
+    store
+        .apply_batch(&[(7, Arc::new(Record::Gift(again.clone())))])
+        .await
+        .unwrap();
+    let snapshot = store.load(0).await.unwrap();
+    assert_eq!(copies(&snapshot), [original.clone()]);
+    assert_eq!(snapshot.gifted_total, gifted);
+    // LSN 8: the next generation. Taken (the ledger never sends this), and counted.
+    store
+        .apply_batch(&[(8, Arc::new(Record::Gift(again.clone())))])
+        .await
+        .unwrap();
+    let snapshot = store.load(0).await.unwrap();
+    assert_eq!(copies(&snapshot), [original.clone(), again.clone()]);
+    assert_eq!(snapshot.gifted_total, gifted + again.amount);
+    assert_eq!(
+        store
+            .find_gift(&original.user_id, &original.gift_id)
+            .await
+            .unwrap()
+            .as_ref(),
+        Some(original),
+        "the first copy answers"
+    );
+}
+
+/// A file keyed by `(key_hash, key_salt)` without generations (giftcast of 2026-12-03 to
+/// 2026-12-06) gets them at open: its gifts all in generation 0, the key index rebuilt leading
+/// with the generation and the old one dropped; every gift kept and found, a stored id still
+/// refused, the next open changes nothing. With the real hash and the colliding one.
+async fn a_hash_keyed_file_gets_key_generations(hash: sqlite::KeyHash) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(SQLITE_FILE_NAME);
+    let open = || async {
+        Store::Sqlite(
+            sqlite::SqliteStore::open_with_keys(
+                &path,
+                NODE_ID_DEFAULT,
+                sqlite::KeyScheme {
+                    hash,
+                    ..sqlite::KeyScheme::DEFAULT
+                },
+            )
+            .await
+            .unwrap(),
+        )
+    };
+    let records = history(6, 5);
+    let (first, rest) = records.split_at(20);
+    let store = open().await;
+    store.apply_batch(first).await.unwrap();
+    drop(store);
+    {
+        // Back to the shape of that giftcast, with its gifts in it.
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "DROP INDEX gifts_gen_key;
+             ALTER TABLE gifts DROP COLUMN key_gen;
+             CREATE UNIQUE INDEX gifts_by_hash_key ON gifts (key_hash, key_salt);",
+        )
+        .unwrap();
+    }
+    let store = open().await;
+    let (gens, index) = stored_generations(&path);
+    assert_eq!(index, ["key_gen", "key_hash", "key_salt"]);
+    assert_eq!(gens.len(), 14);
+    assert!(gens.iter().all(|&(gen, _)| gen == 0), "{gens:?}");
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let old: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name = 'gifts_by_hash_key'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(old, 0, "the old key index is dropped");
+    }
+    assert_eq!(store.load(0).await.unwrap(), model(first, 0));
+    for (_, record) in first {
+        if let Record::Gift(g) = &**record {
+            let found = store.find_gift(&g.user_id, &g.gift_id).await.unwrap();
+            assert_eq!(found.as_ref(), Some(g));
+        }
+    }
+    store.apply_batch(rest).await.unwrap();
+    let all = model(&records, 0);
+    assert_eq!(store.load(0).await.unwrap(), all);
+    // A stored id again, under a new LSN (generation 0 still) with other contents: refused.
+    let Record::Gift(original) = &*first[first.len() - 1].1 else {
+        panic!("history ends its first part with a gift")
+    };
+    let mut again = original.clone();
+    again.message = Some("other".into());
+    let last = records.last().unwrap().0;
+    store
+        .apply_batch(&[(last + 1, Arc::new(Record::Gift(again)))])
+        .await
+        .unwrap();
+    let after = store.load(0).await.unwrap();
+    assert_eq!(
+        (after.gifts, after.gifted_total),
+        (all.gifts.clone(), all.gifted_total)
+    );
+    drop(store);
+    let store = open().await;
+    assert_eq!(
+        store.load(0).await.unwrap().gifts,
+        all.gifts,
+        "a second open changes nothing"
+    );
+}
+
+#[tokio::test]
+async fn sqlite_a_hash_keyed_file_gets_key_generations() {
+    a_hash_keyed_file_gets_key_generations(sqlite::gift_key_hash).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_hash_keyed_file_gets_key_generations_colliding() {
+    a_hash_keyed_file_gets_key_generations(colliding_key_hash).await;
 }
