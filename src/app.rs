@@ -1062,15 +1062,7 @@ impl App {
                 _ = tick.tick() => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
-            let mut total = 0;
-            while total < IDEMPOTENCY_SWEEP_MAX {
-                let n = self.ledger.sweep_resident(IDEMPOTENCY_SWEEP_CHUNK);
-                total += n;
-                if n < IDEMPOTENCY_SWEEP_CHUNK {
-                    break;
-                }
-                tokio::task::yield_now().await;
-            }
+            sweep_tick(|n| self.ledger.sweep_resident(n)).await;
         }
     }
 
@@ -1120,6 +1112,33 @@ impl App {
     }
 }
 
+/// One tick of the gift-id sweep over `sweep` (the ledger's `sweep_resident`): at most
+/// `IDEMPOTENCY_SWEEP_MAX` ids, in chunks of `IDEMPOTENCY_SWEEP_CHUNK` with a yield between
+/// them. Returns how many ids it went through.
+async fn sweep_tick(sweep: impl FnMut(usize) -> usize) -> usize {
+    sweep_in_chunks(IDEMPOTENCY_SWEEP_MAX, IDEMPOTENCY_SWEEP_CHUNK, sweep).await
+}
+
+/// Calls `sweep(n)` (which goes through at most `n` ids and says how many) in chunks of `chunk`,
+/// yielding to the runtime between two calls, until it returns less than it was asked for or
+/// `max` ids have been gone through; the last call asks only for what is left of `max`, so the
+/// total never exceeds it. No yield after the last call. Returns the total.
+async fn sweep_in_chunks(max: usize, chunk: usize, mut sweep: impl FnMut(usize) -> usize) -> usize {
+    let mut total = 0;
+    loop {
+        let ask = chunk.min(max - total);
+        if ask == 0 {
+            return total;
+        }
+        let n = sweep(ask);
+        total += n;
+        if n < ask || total >= max {
+            return total;
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
 /// A gift's journal outcome, on the settle thread (in the runtime's context): durable →
 /// revenue, shout-out, slot done; failed → the debit undone (and the daily-cap reservation given
 /// back). `in_flight` is let go once the slot is settled.
@@ -1164,3 +1183,6 @@ fn gift_settled(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
