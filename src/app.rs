@@ -54,7 +54,16 @@ pub struct App {
     pub daily_spend: DailySpend,
     /// Cluster mode (set once at start).
     pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
+    /// FOR TESTS: called with the gift's user and id right after each store lookup of
+    /// [`App::look_up_gift`] returns, before its answer is used: a test evicts the wallet's ids
+    /// there, deterministically, as a concurrent eviction would. Not in other builds.
+    #[cfg(test)]
+    after_find_gift: std::sync::OnceLock<AfterFindGift>,
 }
+
+/// FOR TESTS: see `App::after_find_gift`.
+#[cfg(test)]
+type AfterFindGift = Box<dyn Fn(&str, &str) + Send + Sync>;
 
 /// The message of a moderation refusal.
 pub fn gate_message(gate: Gate) -> &'static str {
@@ -243,6 +252,8 @@ impl App {
             shutdown: tokio::sync::watch::Sender::new(false),
             gifts_in_flight: AtomicUsize::new(0),
             cluster: std::sync::OnceLock::new(),
+            #[cfg(test)]
+            after_find_gift: std::sync::OnceLock::new(),
         }
     }
 
@@ -627,6 +638,10 @@ impl App {
             let timeout = Duration::from_millis(IDEMPOTENCY_LOOKUP_TIMEOUT_MS);
             let found =
                 tokio::time::timeout(timeout, store.find_gift(gift.user_id, gift.gift_id)).await;
+            #[cfg(test)]
+            if let Some(hook) = app.after_find_gift.get() {
+                hook(gift.user_id, gift.gift_id);
+            }
             match found {
                 Ok(Ok(Some(stored))) => {
                     metrics::counter!("giftcast_idempotency_lookup_hits_total").increment(1);

@@ -1,7 +1,8 @@
 use super::*;
 use crate::ledger::{IdempotencyConfig, MemorySink};
 use crate::money::{Coins, Split};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::Mutex;
 
 // ---- the gift-id sweep: IDEMPOTENCY_SWEEP_MAX, IDEMPOTENCY_SWEEP_CHUNK ----
 
@@ -160,4 +161,182 @@ fn stored_gift(user: &str, gift_id: &str) -> GiftRecord {
         balance_after: 1,
         ts_ms: crate::now_ms(),
     }
+}
+
+// ---- store lookups of a possibly evicted gift id: IDEMPOTENCY_LOOKUP_TRIES_MAX ----
+
+/// An app whose ledger's sink is memory (the test says what is stored) and whose store is a
+/// real, empty SQLite file, so every lookup answers "not found", as for a filter false
+/// positive. Wallet `a` holds 100 coins, `stored_ids` stored ids still in memory (the only
+/// resident ids: each `sweep_resident(1)` evicts one of `a`'s), and the evicted-id filter
+/// answers "maybe" for `x-1`, which the store has never seen.
+struct LookupRig {
+    app: Arc<App>,
+    sink: Arc<MemorySink>,
+    /// Store lookups that returned (calls of the hook).
+    lookups: Arc<AtomicU32>,
+    /// What `sweep_resident(1)` said at each lookup where the hook evicted.
+    evictions: Arc<Mutex<Vec<usize>>>,
+    _dir: tempfile::TempDir,
+}
+
+/// Builds the rig; its hook evicts one of `a`'s stored ids after each of the first
+/// `evict_on_lookups` lookups (so those lookups' "not found" are stale) and nothing after.
+async fn lookup_rig(stored_ids: usize, evict_on_lookups: u32) -> LookupRig {
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::config::Config::for_tests(dir.path().to_path_buf());
+    // The durable part only for its store (the ledger it rebuilds, on the journal, is unused).
+    let (durable, _) = crate::durable::Durable::open(
+        dir.path(),
+        None,
+        config.split,
+        false,
+        "local",
+        config.journal.clone(),
+        config.idempotency.clone(),
+    )
+    .await
+    .unwrap();
+    let sink = Arc::new(MemorySink::default());
+    let ledger = Arc::new(Ledger::with_idempotency(
+        config.split,
+        sink.clone(),
+        IdempotencyConfig {
+            resident_ms: 3_600_000,
+            // Stored ids leave memory at once: when the test says they are stored.
+            resident_max: 0,
+            filter_bytes: 1 << 16,
+            retention_ms: crate::limits::IDEMPOTENCY_RETENTION_MS,
+        },
+    ));
+    // As a restart would restore it: 100 coins left after the one-coin stored gifts.
+    ledger.restore_balance("a", 100);
+    ledger.restore_totals(100 + stored_ids as u64, stored_ids as u64);
+    for i in 1..=stored_ids {
+        let g = stored_gift("a", &format!("s-{i}"));
+        ledger.restore_gift(&g);
+        ledger.remember(&g, i as u64);
+    }
+    // `x-1` in the filter with no gift behind it: a false positive (and `a` has evicted).
+    ledger.restore_evicted("a", "x-1", crate::now_ms());
+    sink.set_stored(u64::MAX);
+    assert_eq!(ledger.resident_gifts(), stored_ids);
+    let keys = TokenKeys::load_or_create(None, dir.path()).unwrap();
+    let app = Arc::new(App::new(
+        config,
+        Hub::new(Duration::from_millis(8)),
+        ledger.clone(),
+        keys,
+        crate::server::metrics_handle(),
+        Some(Arc::new(durable)),
+    ));
+    let (lookups, evictions) = (
+        Arc::new(AtomicU32::new(0)),
+        Arc::new(Mutex::new(Vec::new())),
+    );
+    let hook = {
+        let (lookups, evictions) = (lookups.clone(), evictions.clone());
+        move |user: &str, gift_id: &str| {
+            assert_eq!((user, gift_id), ("a", "x-1"));
+            if lookups.fetch_add(1, Ordering::SeqCst) < evict_on_lookups {
+                evictions.lock().unwrap().push(ledger.sweep_resident(1));
+            }
+        }
+    };
+    assert!(app.after_find_gift.set(Box::new(hook)).is_ok());
+    LookupRig {
+        app,
+        sink,
+        lookups,
+        evictions,
+        _dir: dir,
+    }
+}
+
+/// Sends `a`'s one-coffee gift `x-1`; the receiver gets its answer.
+fn send_x1(app: &Arc<App>) -> tokio::sync::oneshot::Receiver<GiftReply> {
+    let sticker = app.config.catalog.get("coffee").expect("coffee").clone();
+    let gift = WalletGift {
+        user_id: "a",
+        user_name: "A",
+        gift_id: "x-1",
+        stream: "s1",
+        sticker: &sticker,
+        count: 1,
+        message: None,
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    app.gift_wallet(
+        &gift,
+        Box::new(move |reply| {
+            let _ = tx.send(reply);
+        }),
+    );
+    rx
+}
+
+/// The gift's answer; a gift that went through is answered only once the test settles the sink.
+async fn answer(rx: tokio::sync::oneshot::Receiver<GiftReply>) -> Result<u64, &'static str> {
+    match tokio::time::timeout(Duration::from_secs(10), rx).await {
+        Ok(Ok(GiftReply::Ok { balance, .. })) => Ok(balance),
+        Ok(Ok(GiftReply::Rejected { code, .. })) => Err(code),
+        Ok(Err(_)) => panic!("the answer was dropped"),
+        Err(_) => panic!("no answer within 10 s (went through, waiting for the sink?)"),
+    }
+}
+
+#[tokio::test]
+async fn a_gift_whose_lookups_all_go_stale_is_refused_after_idempotency_lookup_tries_max() {
+    let tries = IDEMPOTENCY_LOOKUP_TRIES_MAX as usize;
+    // One stored id more than the lookups may evict: the refusal is the bound's, not a
+    // wallet that ran out of ids to evict.
+    let rig = lookup_rig(tries + 1, u32::MAX).await;
+    assert_eq!(answer(send_x1(&rig.app)).await, Err("unavailable"));
+    assert_eq!(
+        rig.lookups.load(Ordering::SeqCst),
+        IDEMPOTENCY_LOOKUP_TRIES_MAX,
+        "exactly IDEMPOTENCY_LOOKUP_TRIES_MAX store lookups"
+    );
+    assert_eq!(
+        *rig.evictions.lock().unwrap(),
+        vec![1; tries],
+        "every lookup saw an eviction"
+    );
+    assert_eq!(rig.app.ledger.resident_gifts(), 1);
+    assert_eq!(rig.app.ledger.balance("a"), 100, "nothing debited");
+    assert!(!rig.app.ledger.has_gift("a", "x-1"));
+    assert!(rig.app.ledger.audit().ok);
+}
+
+#[tokio::test]
+async fn a_gift_whose_last_allowed_lookup_is_fresh_goes_through_and_is_debited_once() {
+    let tries = IDEMPOTENCY_LOOKUP_TRIES_MAX as usize;
+    let rig = lookup_rig(tries + 1, IDEMPOTENCY_LOOKUP_TRIES_MAX - 1).await;
+    let reply = send_x1(&rig.app);
+    // The last allowed lookup's miss is trusted: debited, waiting for the journal (the sink).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !rig.app.ledger.has_gift("a", "x-1") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "x-1 never went through"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        rig.lookups.load(Ordering::SeqCst),
+        IDEMPOTENCY_LOOKUP_TRIES_MAX
+    );
+    assert_eq!(*rig.evictions.lock().unwrap(), vec![1; tries - 1]);
+    // Durable now; not stored (nothing is: the store is empty), so x-1 stays in memory.
+    rig.sink.set_stored(0);
+    rig.sink.settle_all();
+    assert_eq!(answer(reply).await, Ok(90));
+    // A retry: answered from memory, no lookup, nothing more debited.
+    assert_eq!(answer(send_x1(&rig.app)).await, Ok(90));
+    assert_eq!(
+        rig.lookups.load(Ordering::SeqCst),
+        IDEMPOTENCY_LOOKUP_TRIES_MAX
+    );
+    assert_eq!(rig.app.ledger.balance("a"), 90, "debited once");
+    assert!(rig.app.ledger.audit().ok);
 }
