@@ -10,7 +10,9 @@
 //! after). Gifts: 10,000 senders, 100 streams (9 in 10 of a sender's gifts in one), 4 stickers, random
 //! 128-bit gift ids (clients make UUIDs), a balance that falls. Prints, per `--window` records
 //! (default 250,000), the records/s of that window, so a slowdown as the gift table and its
-//! indexes outgrow the page cache shows up, then one summary row per backend.
+//! indexes outgrow the page cache shows up, then one summary row per backend, then the latency
+//! of `find_gift` for 1,000 stored gifts spread over the table and 1,000 ids never stored (in
+//! SQLite a lookup probes every key generation: docs/durability.md "Store").
 //!
 //! The figure to compare with is the journal's: the flusher must store as fast as gifts become
 //! durable, or the journal's backlog grows (docs/benchmarks.md, "The store alone").
@@ -90,6 +92,9 @@ async fn run(store: &Store, label: &str, o: &Opts) -> anyhow::Result<()> {
     let mut total_secs = 0f64;
     let mut slowest_batch = 0f64;
     let mut gross = 0u64;
+    // Every `sample_every`th gift, looked up by id at the end.
+    let sample_every = (o.records / LOOKUPS).max(1);
+    let mut sampled = Vec::new();
     println!("\n{label}: {} records in batches of {}", o.records, o.batch);
     println!("| records stored | window records/s | slowest batch in window (ms) |");
     println!("|---|---|---|");
@@ -100,6 +105,9 @@ async fn run(store: &Store, label: &str, o: &Opts) -> anyhow::Result<()> {
                 lsn += 1;
                 let gift = gift(lsn, &mut rng, &split);
                 gross += gift.amount;
+                if lsn.is_multiple_of(sample_every) {
+                    sampled.push(gift.clone());
+                }
                 (lsn, Arc::new(Record::Gift(gift)))
             })
             .collect();
@@ -135,6 +143,39 @@ async fn run(store: &Store, label: &str, o: &Opts) -> anyhow::Result<()> {
         o.records,
         total_secs
     );
+    lookups(store, label, &sampled).await
+}
+
+/// Gifts looked up by id after the run (`Store::find_gift`, as for a retry whose id left
+/// memory): stored ones spread over the whole table, and as many ids never stored.
+const LOOKUPS: u64 = 1_000;
+
+/// Times `find_gift` for each sampled gift (it must be found, whole) and for as many ids never
+/// stored (none must be), and prints the latency percentiles of each.
+async fn lookups(store: &Store, label: &str, sampled: &[GiftRecord]) -> anyhow::Result<()> {
+    let mut found = Vec::with_capacity(sampled.len());
+    let mut missed = Vec::with_capacity(sampled.len());
+    for (i, gift) in sampled.iter().enumerate() {
+        let started = Instant::now();
+        let got = store.find_gift(&gift.user_id, &gift.gift_id).await?;
+        found.push(started.elapsed().as_secs_f64());
+        anyhow::ensure!(got.as_ref() == Some(gift), "stored gift {i} found whole");
+        let started = Instant::now();
+        let got = store.find_gift(&gift.user_id, &format!("never-{i}")).await?;
+        missed.push(started.elapsed().as_secs_f64());
+        anyhow::ensure!(got.is_none(), "an id never stored is not found");
+    }
+    for (what, mut secs) in [("stored id", found), ("id never stored", missed)] {
+        secs.sort_by(f64::total_cmp);
+        let at = |q: f64| secs[((secs.len() - 1) as f64 * q) as usize] * 1e6;
+        println!(
+            "{label}: find_gift of {} x {what}: p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs",
+            secs.len(),
+            at(0.5),
+            at(0.99),
+            at(1.0)
+        );
+    }
     Ok(())
 }
 
