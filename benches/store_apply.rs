@@ -161,7 +161,9 @@ async fn lookups(store: &Store, label: &str, sampled: &[GiftRecord]) -> anyhow::
         found.push(started.elapsed().as_secs_f64());
         anyhow::ensure!(got.as_ref() == Some(gift), "stored gift {i} found whole");
         let started = Instant::now();
-        let got = store.find_gift(&gift.user_id, &format!("never-{i}")).await?;
+        let got = store
+            .find_gift(&gift.user_id, &format!("never-{i}"))
+            .await?;
         missed.push(started.elapsed().as_secs_f64());
         anyhow::ensure!(got.is_none(), "an id never stored is not found");
     }

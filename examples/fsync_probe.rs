@@ -202,9 +202,8 @@ fn run_mode(args: &Args, mode: &str) -> anyhow::Result<Results> {
                 results.clone(),
             );
             std::thread::spawn(move || loop {
-                let job = match job_rx.lock().recv() {
-                    Ok(job) => job,
-                    Err(_) => return,
+                let Ok(job) = job_rx.lock().recv() else {
+                    return;
                 };
                 let t = Instant::now();
                 file.sync_data().expect("fdatasync");

@@ -232,20 +232,15 @@ fn unwritten_pages_of_one_write(
             ));
         }
         // Walk the run of frames that starts at `at`.
-        loop {
-            match read_frame(data, at) {
-                Ok(frame) => {
-                    if frame.lsn <= want || frame.lsn - want >= batch_records_max as u64 {
-                        return Err(format!(
-                            "the frame at {at} has lsn {}, outside the write that held lsn {want} (at most {batch_records_max} records)",
-                            frame.lsn
-                        ));
-                    }
-                    frames += 1;
-                    at = frame.end;
-                }
-                Err(_) => break,
+        while let Ok(frame) = read_frame(data, at) {
+            if frame.lsn <= want || frame.lsn - want >= batch_records_max as u64 {
+                return Err(format!(
+                    "the frame at {at} has lsn {}, outside the write that held lsn {want} (at most {batch_records_max} records)",
+                    frame.lsn
+                ));
             }
+            frames += 1;
+            at = frame.end;
         }
         if at >= data.len() || is_all_zero(&data[at..]) {
             return Ok(frames);

@@ -657,7 +657,7 @@ fn copy_journal(from: &Path, to: &Path) {
 fn a_preallocated_segment_is_written_in_place_and_its_zero_end_cut_at_recovery() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = preallocating_config(dir.path());
-    let (journal, _, _rx) = Journal::open(cfg.clone(), 0).unwrap();
+    let (journal, _, _rx) = Journal::open(cfg, 0).unwrap();
     // Write until the writer has moved into a prepared segment (the preparer runs beside it).
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut n = 0;
@@ -728,7 +728,7 @@ fn plain_segments_when_preallocation_is_off() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = preallocating_config(dir.path());
     cfg.preallocate = false;
-    let (journal, _, _rx) = Journal::open(cfg.clone(), 0).unwrap();
+    let (journal, _, _rx) = Journal::open(cfg, 0).unwrap();
     write_one_by_one(&journal, 1, 30);
     let prepared = dir
         .path()
@@ -872,7 +872,7 @@ fn many_rotations_through_prepared_and_plain_segments_lose_nothing() {
     let crashed = tempfile::tempdir().unwrap();
     copy_journal(dir.path(), crashed.path());
     shutdown(journal);
-    let mut reopen = cfg.clone();
+    let mut reopen = cfg;
     reopen.dir = crashed.path().join("journal");
     let (_journal, recovered, _rx) = Journal::open(reopen, 0).unwrap();
     let expected: Vec<(Lsn, Record)> = (1..=400).map(|n| (n, record(n))).collect();

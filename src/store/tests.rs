@@ -989,7 +989,7 @@ async fn sqlite_a_gift_key_is_refused_twice_within_its_generation_only() {
         .await
         .unwrap();
     let snapshot = store.load(0).await.unwrap();
-    assert_eq!(copies(&snapshot), [original.clone()]);
+    assert_eq!(copies(&snapshot), std::slice::from_ref(original));
     assert_eq!(snapshot.gifted_total, gifted);
     // LSN 8: the next generation. Taken (the ledger never sends this), and counted.
     store
