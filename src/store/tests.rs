@@ -704,35 +704,88 @@ async fn sqlite_reopen_keeps_everything() {
     assert_eq!(store.load(0).await.unwrap(), model(&records, 0));
 }
 
-/// A file from a giftcast before the hash key (its `gifts` keyed by `(user_id, gift_id)`, the
-/// shared schema's table) is rebuilt once at open: every gift kept, found by id, a retried id
-/// still not stored twice, and the next open leaves it alone. Run with the real hash and with
-/// the colliding one, so the copy goes through the salts too.
-async fn a_file_keyed_by_the_id_strings_is_rebuilt_keyed_by(key_hash: sqlite::KeyHash) {
+/// A SQLite store on `path` keyed by `hash`, with the default generations.
+async fn open_keyed(path: &std::path::Path, hash: sqlite::KeyHash) -> Store {
+    Store::Sqlite(
+        sqlite::SqliteStore::open_with_keys(
+            path,
+            NODE_ID_DEFAULT,
+            sqlite::KeyScheme {
+                hash,
+                ..sqlite::KeyScheme::DEFAULT
+            },
+        )
+        .await
+        .unwrap(),
+    )
+}
+
+/// What a migration of an older file must keep: 20 records are stored by today's store, then
+/// `older` turns the file back into an older giftcast's shape (and checks it did), and the next
+/// open migrates it; `migrated` checks the key it made. Then: every gift kept and found by id,
+/// the rest of the history stored, a stored id again (a new LSN, still generation 0, other
+/// contents) refused and not counted, and a second open changes nothing.
+async fn an_older_file_is_migrated(
+    hash: sqlite::KeyHash,
+    older: impl FnOnce(&rusqlite::Connection),
+    migrated: impl FnOnce(&std::path::Path),
+) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(SQLITE_FILE_NAME);
-    let open = || async {
-        Store::Sqlite(
-            sqlite::SqliteStore::open_with_keys(
-                &path,
-                NODE_ID_DEFAULT,
-                sqlite::KeyScheme {
-                    hash: key_hash,
-                    ..sqlite::KeyScheme::DEFAULT
-                },
-            )
-            .await
-            .unwrap(),
-        )
-    };
-    let store = open().await;
     let records = history(6, 5);
     let (first, rest) = records.split_at(20);
+    let store = open_keyed(&path, hash).await;
     store.apply_batch(first).await.unwrap();
     drop(store);
-    {
+    older(&rusqlite::Connection::open(&path).unwrap());
+    let store = open_keyed(&path, hash).await;
+    migrated(&path);
+    assert_eq!(store.load(0).await.unwrap(), model(first, 0));
+    for (_, record) in first {
+        if let Record::Gift(g) = &**record {
+            let found = store.find_gift(&g.user_id, &g.gift_id).await.unwrap();
+            assert_eq!(found.as_ref(), Some(g));
+        }
+    }
+    store.apply_batch(rest).await.unwrap();
+    let all = model(&records, 0);
+    assert_eq!(store.load(0).await.unwrap(), all);
+    let Record::Gift(original) = &*first[first.len() - 1].1 else {
+        panic!("history ends its first part with a gift")
+    };
+    let mut again = original.clone();
+    again.message = Some("other".into());
+    let last = records.last().unwrap().0;
+    store
+        .apply_batch(&[(last + 1, Arc::new(Record::Gift(again)))])
+        .await
+        .unwrap();
+    let after = store.load(0).await.unwrap();
+    assert_eq!(
+        (after.gifts, after.gifted_total),
+        (all.gifts.clone(), all.gifted_total)
+    );
+    let found = store
+        .find_gift(&original.user_id, &original.gift_id)
+        .await
+        .unwrap();
+    assert_eq!(found.as_ref(), Some(original));
+    drop(store);
+    let store = open_keyed(&path, hash).await;
+    assert_eq!(
+        store.load(0).await.unwrap().gifts,
+        all.gifts,
+        "a second open changes nothing"
+    );
+}
+
+/// A file from a giftcast before the hash key (its `gifts` keyed by `(user_id, gift_id)`, the
+/// shared schema's table) is rebuilt once at open, keyed by `(key_gen, key_hash, key_salt)`
+/// with each gift's own generation. Run with the real hash and with the colliding one, so the
+/// copy goes through the salts too.
+async fn a_file_keyed_by_the_id_strings_is_rebuilt_keyed_by(key_hash: sqlite::KeyHash) {
+    let older = |conn: &rusqlite::Connection| {
         // Back to the old shape: the table exactly as the shared schema makes it.
-        let conn = rusqlite::Connection::open(&path).unwrap();
         conn.execute_batch(&format!(
             "ALTER TABLE gifts RENAME TO gifts_keyed;
              DROP INDEX gifts_ts_ms;
@@ -757,58 +810,18 @@ async fn a_file_keyed_by_the_id_strings_is_rebuilt_keyed_by(key_hash: sqlite::Ke
             )
             .unwrap();
         assert_eq!(key_columns, 0, "the old shape");
-    }
-    let store = open().await;
-    let (gens, index) = stored_generations(&path);
-    assert_eq!(index, ["key_gen", "key_hash", "key_salt"]);
-    assert!(gens.iter().all(|&(gen, lsn)| gen == lsn >> 21), "{gens:?}");
-    assert_eq!(store.load(0).await.unwrap(), model(first, 0));
-    for (_, record) in first {
-        if let Record::Gift(g) = &**record {
-            assert_eq!(
-                store
-                    .find_gift(&g.user_id, &g.gift_id)
-                    .await
-                    .unwrap()
-                    .as_ref(),
-                Some(g)
-            );
-        }
-    }
-    store.apply_batch(rest).await.unwrap();
-    let all = model(&records, 0);
-    assert_eq!(store.load(0).await.unwrap(), all);
-    // A stored id again, under a new LSN with other contents: not stored, not counted.
-    let Record::Gift(original) = &*first[first.len() - 1].1 else {
-        panic!("history ends its first part with a gift")
     };
-    let mut again = original.clone();
-    again.message = Some("other".into());
-    let last = records.last().unwrap().0;
-    store
-        .apply_batch(&[(last + 1, Arc::new(Record::Gift(again)))])
-        .await
-        .unwrap();
-    let after = store.load(0).await.unwrap();
-    assert_eq!(
-        (after.gifts, after.gifted_total),
-        (all.gifts.clone(), all.gifted_total)
-    );
-    assert_eq!(
-        store
-            .find_gift(&original.user_id, &original.gift_id)
-            .await
-            .unwrap()
-            .as_ref(),
-        Some(original)
-    );
-    drop(store);
-    let store = open().await;
-    assert_eq!(
-        store.load(0).await.unwrap().gifts,
-        all.gifts,
-        "a second open changes nothing"
-    );
+    let migrated = |path: &std::path::Path| {
+        let (gens, index) = stored_generations(path);
+        assert_eq!(index, ["key_gen", "key_hash", "key_salt"]);
+        assert_eq!(gens.len(), 14);
+        assert!(
+            gens.iter()
+                .all(|&(gen, lsn)| gen == lsn >> sqlite::GIFT_KEY_GEN_SHIFT),
+            "{gens:?}"
+        );
+    };
+    an_older_file_is_migrated(key_hash, older, migrated).await;
 }
 
 #[tokio::test]
@@ -1012,48 +1025,23 @@ async fn sqlite_a_gift_key_is_refused_twice_within_its_generation_only() {
 
 /// A file keyed by `(key_hash, key_salt)` without generations (giftcast of 2026-12-03 to
 /// 2026-12-06) gets them at open: its gifts all in generation 0, the key index rebuilt leading
-/// with the generation and the old one dropped; every gift kept and found, a stored id still
-/// refused, the next open changes nothing. With the real hash and the colliding one.
+/// with the generation and the old one dropped. With the real hash and the colliding one.
 async fn a_hash_keyed_file_gets_key_generations(hash: sqlite::KeyHash) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join(SQLITE_FILE_NAME);
-    let open = || async {
-        Store::Sqlite(
-            sqlite::SqliteStore::open_with_keys(
-                &path,
-                NODE_ID_DEFAULT,
-                sqlite::KeyScheme {
-                    hash,
-                    ..sqlite::KeyScheme::DEFAULT
-                },
-            )
-            .await
-            .unwrap(),
-        )
-    };
-    let records = history(6, 5);
-    let (first, rest) = records.split_at(20);
-    let store = open().await;
-    store.apply_batch(first).await.unwrap();
-    drop(store);
-    {
-        // Back to the shape of that giftcast, with its gifts in it.
-        let conn = rusqlite::Connection::open(&path).unwrap();
+    let older = |conn: &rusqlite::Connection| {
         conn.execute_batch(
             "DROP INDEX gifts_gen_key;
              ALTER TABLE gifts DROP COLUMN key_gen;
              CREATE UNIQUE INDEX gifts_by_hash_key ON gifts (key_hash, key_salt);",
         )
         .unwrap();
-    }
-    let store = open().await;
-    let (gens, index) = stored_generations(&path);
-    assert_eq!(index, ["key_gen", "key_hash", "key_salt"]);
-    assert_eq!(gens.len(), 14);
-    assert!(gens.iter().all(|&(gen, _)| gen == 0), "{gens:?}");
-    {
-        let conn = rusqlite::Connection::open(&path).unwrap();
-        let old: i64 = conn
+    };
+    let migrated = |path: &std::path::Path| {
+        let (gens, index) = stored_generations(path);
+        assert_eq!(index, ["key_gen", "key_hash", "key_salt"]);
+        assert_eq!(gens.len(), 14);
+        assert!(gens.iter().all(|&(gen, _)| gen == 0), "{gens:?}");
+        let old: i64 = rusqlite::Connection::open(path)
+            .unwrap()
             .query_row(
                 "SELECT COUNT(*) FROM sqlite_master WHERE name = 'gifts_by_hash_key'",
                 [],
@@ -1061,40 +1049,8 @@ async fn a_hash_keyed_file_gets_key_generations(hash: sqlite::KeyHash) {
             )
             .unwrap();
         assert_eq!(old, 0, "the old key index is dropped");
-    }
-    assert_eq!(store.load(0).await.unwrap(), model(first, 0));
-    for (_, record) in first {
-        if let Record::Gift(g) = &**record {
-            let found = store.find_gift(&g.user_id, &g.gift_id).await.unwrap();
-            assert_eq!(found.as_ref(), Some(g));
-        }
-    }
-    store.apply_batch(rest).await.unwrap();
-    let all = model(&records, 0);
-    assert_eq!(store.load(0).await.unwrap(), all);
-    // A stored id again, under a new LSN (generation 0 still) with other contents: refused.
-    let Record::Gift(original) = &*first[first.len() - 1].1 else {
-        panic!("history ends its first part with a gift")
     };
-    let mut again = original.clone();
-    again.message = Some("other".into());
-    let last = records.last().unwrap().0;
-    store
-        .apply_batch(&[(last + 1, Arc::new(Record::Gift(again)))])
-        .await
-        .unwrap();
-    let after = store.load(0).await.unwrap();
-    assert_eq!(
-        (after.gifts, after.gifted_total),
-        (all.gifts.clone(), all.gifted_total)
-    );
-    drop(store);
-    let store = open().await;
-    assert_eq!(
-        store.load(0).await.unwrap().gifts,
-        all.gifts,
-        "a second open changes nothing"
-    );
+    an_older_file_is_migrated(hash, older, migrated).await;
 }
 
 #[tokio::test]
