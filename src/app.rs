@@ -685,39 +685,40 @@ impl App {
             return 0;
         };
         let combo = room.combo(&record.user_id, &record.sticker, record.ts_ms);
-        let seq = room.publish(|seq| {
-            serde_json::to_string(&protocol::ShoutoutEvent {
-                kind: "shoutout",
-                seq,
-                gift_id: &record.gift_id,
-                from: UserRef {
-                    id: &record.user_id,
-                    name: &record.user_name,
+        room.publish_gift(
+            |seq| {
+                serde_json::to_string(&protocol::ShoutoutEvent {
+                    kind: "shoutout",
+                    seq,
+                    gift_id: &record.gift_id,
+                    from: UserRef {
+                        id: &record.user_id,
+                        name: &record.user_name,
+                    },
+                    sticker: &record.sticker,
+                    count: record.count,
+                    amount: record.amount,
+                    message: record.message.as_deref(),
+                    combo,
+                    tier,
+                    ts: record.ts_ms,
+                })
+                .expect("shoutout serialises")
+            },
+            |seq| QueuedGift {
+                gift_id: record.gift_id.clone(),
+                from: QueuedUser {
+                    id: record.user_id.clone(),
+                    name: record.user_name.clone(),
                 },
-                sticker: &record.sticker,
+                sticker: record.sticker.clone(),
                 count: record.count,
                 amount: record.amount,
-                message: record.message.as_deref(),
-                combo,
-                tier,
+                message: record.message.clone(),
+                seq,
                 ts: record.ts_ms,
-            })
-            .expect("shoutout serialises")
-        });
-        room.queue_gift(QueuedGift {
-            gift_id: record.gift_id.clone(),
-            from: QueuedUser {
-                id: record.user_id.clone(),
-                name: record.user_name.clone(),
             },
-            sticker: record.sticker.clone(),
-            count: record.count,
-            amount: record.amount,
-            message: record.message.clone(),
-            seq,
-            ts: record.ts_ms,
-        });
-        seq
+        )
     }
 
     /// A wallet's balance, from the node that owns it.
