@@ -115,11 +115,17 @@ async fn mixed_churn_and_soak_run_clean() {
             "30",
             "--thank-ratio",
             "1",
+            "--server-pid",
+            &std::process::id().to_string(),
         ],
     ))
     .await
     .unwrap();
     assert!(r.money.expect("money check").ok);
+    // With chat in the run, the server's CPU is mostly fan-out: no per-gift figure.
+    let server = r.server.expect("--server-pid gives server figures");
+    assert!(server.cpu_secs_run.is_some());
+    assert_eq!(server.cpu_us_per_gift, None);
     let r = loadtest::run_from_args(args(
         &s,
         &[

@@ -407,8 +407,11 @@ pub async fn run(cli: Cli) -> Result<Report> {
         cpu_us_per_delivery: cpu_run
             .filter(|_| deliveries > 0)
             .map(|c| c * 1e6 / deliveries as f64),
+        // Only where gifts are the server's work (`gifts`): with chat in the run (`mixed`,
+        // `soak`) most of its CPU is fan-out, and dividing it by the gifts would mislead.
         cpu_us_per_gift: cpu_run
             .zip(report.counters.get("gifts_ok").copied().filter(|n| *n > 0))
+            .filter(|_| report.counters.get("chats_sent").is_none_or(|n| *n == 0))
             .map(|(c, n)| c * 1e6 / n as f64),
         rss_timeline: rss_timeline.clone(),
     });

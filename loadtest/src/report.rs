@@ -128,8 +128,8 @@ pub struct ServerStats {
     pub cpu_secs_run: Option<f64>,
     /// Server CPU time per delivered event during the run phase, µs.
     pub cpu_us_per_delivery: Option<f64>,
-    /// Server CPU time per acknowledged gift during the run phase, µs (gift scenarios): what
-    /// sizes a node for a gift rate.
+    /// Server CPU time per acknowledged gift during the run phase, µs (the `gifts` scenario, or
+    /// any run that sent no chat): what sizes a node for a gift rate.
     #[serde(default)]
     pub cpu_us_per_gift: Option<f64>,
     /// Server RSS over time: (seconds since run start, bytes).
