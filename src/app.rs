@@ -705,7 +705,7 @@ impl App {
                 })
                 .expect("shoutout serialises")
             },
-            |seq| QueuedGift {
+            QueuedGift {
                 gift_id: record.gift_id.clone(),
                 from: QueuedUser {
                     id: record.user_id.clone(),
@@ -715,7 +715,7 @@ impl App {
                 count: record.count,
                 amount: record.amount,
                 message: record.message.clone(),
-                seq,
+                seq: 0, // set to the shout-out's under the room lock
                 ts: record.ts_ms,
             },
         )
