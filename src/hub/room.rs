@@ -587,6 +587,7 @@ fn batch<'a>(events: impl Iterator<Item = &'a Text> + Clone) -> Text {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicU64;
 
     fn gift(n: u64) -> QueuedGift {
         QueuedGift {
@@ -608,15 +609,22 @@ mod tests {
     /// members) can thank it: an observer taking the room lock as often as it can, while gifts
     /// are published, never finds the newest shout-out without its gift queued. With the gift
     /// queued after `publish` let the lock go (the code before 2026-12-06), it does, within a
-    /// few thousand gifts.
+    /// few thousand gifts. Gifts go on until the observer has looked `LOOKS` times (and at least
+    /// `GIFTS` were published), so a busy machine that starves the observer makes the test
+    /// longer, not weaker.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_shout_out_is_never_seen_before_its_gift_can_be_thanked() {
+        const GIFTS: u64 = 20_000;
+        const LOOKS: u64 = 20_000;
         let room = Room::spawn("s", "e", std::time::Duration::from_millis(8));
-        let stop = Arc::new(AtomicBool::new(false));
+        let (stop, looks) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+        );
         let observer = std::thread::spawn({
-            let (room, stop) = (room.clone(), stop.clone());
+            let (room, stop, looks) = (room.clone(), stop.clone(), looks.clone());
             move || {
-                let (mut looks, mut gaps) = (0u64, Vec::new());
+                let mut gaps = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
                     let inner = room.inner.lock();
                     let shown = inner.history.back().map(|(seq, _)| *seq);
@@ -624,17 +632,24 @@ mod tests {
                     if shown.is_some() && shown != queued {
                         gaps.push((shown, queued));
                     }
-                    looks += 1;
+                    drop(inner);
+                    looks.fetch_add(1, Ordering::Relaxed);
                 }
-                (looks, gaps)
+                gaps
             }
         });
-        for n in 0..20_000u64 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut n = 0;
+        while n < GIFTS || looks.load(Ordering::Relaxed) < LOOKS {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the observer looked too rarely"
+            );
             room.publish_gift(|seq| format!("{{\"seq\":{seq}}}"), gift(n));
+            n += 1;
         }
         stop.store(true, Ordering::Relaxed);
-        let (looks, gaps) = observer.join().unwrap();
-        assert!(looks > 1_000, "the observer looked {looks} times");
+        let gaps = observer.join().unwrap();
         assert!(
             gaps.is_empty(),
             "{} gaps, e.g. {:?}",
@@ -643,6 +658,9 @@ mod tests {
         );
         let inner = room.inner.lock();
         assert_eq!(inner.unthanked.len(), THANKS_QUEUE_MAX);
-        assert_eq!(inner.unthanked.back().unwrap().gift_id, "g19999");
+        assert_eq!(
+            inner.unthanked.back().unwrap().gift_id,
+            format!("g{}", n - 1)
+        );
     }
 }

@@ -70,6 +70,11 @@ impl KeyScheme {
     fn gen(self, lsn: i64) -> i64 {
         lsn >> self.gen_shift
     }
+
+    /// The gift's place in the key index: `(key_gen, key_hash)`.
+    fn key(self, lsn: i64, g: &GiftRecord) -> (i64, i64) {
+        (self.gen(lsn), (self.hash)(&g.user_id, &g.gift_id))
+    }
 }
 
 /// Rows between two progress lines while an older file's gift table is re-keyed at open.
@@ -114,7 +119,7 @@ impl SqliteStore {
             // WAL: readers never block the flusher. synchronous=FULL: a commit is on disk when
             // it returns, because the flusher then releases the journal up to it and the journal
             // deletes the segments that held it (NORMAL would let a power cut lose a committed
-            // batch that no journal holds any more). One fsync per batch of up to 50,000 records.
+            // batch that no journal holds any more). One fsync per flusher batch.
             conn.pragma_update(None, "journal_mode", "WAL")?;
             conn.pragma_update(None, "synchronous", "FULL")?;
             migrate(&mut conn, &node, keys)?;
@@ -351,7 +356,7 @@ CREATE UNIQUE INDEX gifts_gen_key ON gifts_by_hash (key_gen, key_hash, key_salt)
         );
     }
     let copied = {
-        let mut insert = GiftInsert::prepare(tx, "gifts_by_hash", keys)?;
+        let mut insert = GiftInsert::prepare(tx, "gifts_by_hash")?;
         let mut stmt = tx.prepare(&format!(
             "SELECT {GIFT_COLUMNS}, lsn FROM gifts ORDER BY lsn"
         ))?;
@@ -360,8 +365,7 @@ CREATE UNIQUE INDEX gifts_gen_key ON gifts_by_hash (key_gen, key_hash, key_salt)
         while let Some(row) = rows.next()? {
             let gift = gift_row(row)?;
             let lsn: i64 = row.get(14)?;
-            let hash = (keys.hash)(&gift.user_id, &gift.gift_id);
-            if !insert.insert(&gift, lsn, hash)? {
+            if !insert.insert(&gift, lsn, keys.key(lsn, &gift))? {
                 return Err(StoreError::Range(format!(
                     "re-keying the gift table: gift {} of {} is in it twice (the file is damaged; \
                      nothing was changed)",
@@ -422,11 +426,10 @@ fn key_gifts_by_generation(tx: &Transaction<'_>) -> Result<()> {
 struct GiftInsert<'t> {
     insert: rusqlite::CachedStatement<'t>,
     same_hash: rusqlite::CachedStatement<'t>,
-    keys: KeyScheme,
 }
 
 impl<'t> GiftInsert<'t> {
-    fn prepare(tx: &'t Transaction<'_>, table: &str, keys: KeyScheme) -> Result<GiftInsert<'t>> {
+    fn prepare(tx: &'t Transaction<'_>, table: &str) -> Result<GiftInsert<'t>> {
         Ok(GiftInsert {
             insert: tx.prepare_cached(&format!(
                 "INSERT INTO {table} (user_id, gift_id, user_name, stream, sticker, count, price,
@@ -439,14 +442,12 @@ impl<'t> GiftInsert<'t> {
             same_hash: tx.prepare_cached(&format!(
                 "SELECT user_id, gift_id, key_salt FROM {table} WHERE key_gen = ?1 AND key_hash = ?2"
             ))?,
-            keys,
         })
     }
 
-    /// Whether the gift was inserted (false: this sender's gift id is stored already in the
-    /// generation of `lsn`).
-    fn insert(&mut self, g: &GiftRecord, lsn: i64, hash: i64) -> Result<bool> {
-        let gen = self.keys.gen(lsn);
+    /// Whether the gift was inserted (false: this sender's gift id is stored already in its
+    /// generation). `(gen, hash)`: `KeyScheme::key`.
+    fn insert(&mut self, g: &GiftRecord, lsn: i64, (gen, hash): (i64, i64)) -> Result<bool> {
         if self.insert_salted(g, lsn, gen, hash, 0)? {
             return Ok(true);
         }
@@ -528,7 +529,7 @@ fn apply(
             "INSERT INTO credits (reference, user_id, coins, balance_after, ts_ms, lsn)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
         )?;
-        let mut insert_gift = GiftInsert::prepare(tx, "gifts", keys)?;
+        let mut insert_gift = GiftInsert::prepare(tx, "gifts")?;
         let mut insert_packet = tx.prepare_cached(
             "INSERT INTO packet_records (node_id, lsn, body) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
         )?;
@@ -542,8 +543,7 @@ fn apply(
             .zip(&parts)
             .map(|((lsn, _), p)| {
                 let lsn = to_i64(*lsn, "lsn")?;
-                Ok(p.as_deref()
-                    .map(|g| (keys.gen(lsn), (keys.hash)(&g.user_id, &g.gift_id))))
+                Ok(p.as_deref().map(|g| keys.key(lsn, g)))
             })
             .collect::<Result<_>>()?;
         let mut in_key_order: Vec<usize> = (0..records.len()).collect();
@@ -564,8 +564,8 @@ fn apply(
                     ])? == 1;
                 }
                 other => {
-                    if let (Some(g), Some((_, hash))) = (parts[i].as_deref(), index_keys[i]) {
-                        inserted[i] = insert_gift.insert(g, lsn, hash)?;
+                    if let (Some(g), Some(key)) = (parts[i].as_deref(), index_keys[i]) {
+                        inserted[i] = insert_gift.insert(g, lsn, key)?;
                     }
                     if super::is_packet(other) {
                         insert_packet.execute(params![node, lsn, super::encode_packet(other)])?;

@@ -71,18 +71,8 @@ impl TestDb {
             }
             Backend::SqliteCollidingKeys => {
                 let path = dir.path().join(SQLITE_FILE_NAME);
-                let store = sqlite::SqliteStore::open_with_keys(
-                    &path,
-                    NODE_ID_DEFAULT,
-                    sqlite::KeyScheme {
-                        hash: colliding_key_hash,
-                        ..sqlite::KeyScheme::DEFAULT
-                    },
-                )
-                .await
-                .unwrap();
                 TestDb {
-                    store: Store::Sqlite(store),
+                    store: open_keyed(&path, keyed_by(colliding_key_hash)).await,
                     dir,
                     schema: None,
                 }
@@ -704,20 +694,26 @@ async fn sqlite_reopen_keeps_everything() {
     assert_eq!(store.load(0).await.unwrap(), model(&records, 0));
 }
 
-/// A SQLite store on `path` keyed by `hash`, with the default generations.
-async fn open_keyed(path: &std::path::Path, hash: sqlite::KeyHash) -> Store {
+/// A SQLite store on `path` keyed by `keys`.
+async fn open_keyed(path: &std::path::Path, keys: sqlite::KeyScheme) -> Store {
     Store::Sqlite(
-        sqlite::SqliteStore::open_with_keys(
-            path,
-            NODE_ID_DEFAULT,
-            sqlite::KeyScheme {
-                hash,
-                ..sqlite::KeyScheme::DEFAULT
-            },
-        )
-        .await
-        .unwrap(),
+        sqlite::SqliteStore::open_with_keys(path, NODE_ID_DEFAULT, keys)
+            .await
+            .unwrap(),
     )
+}
+
+/// `hash` with the default generations.
+fn keyed_by(hash: sqlite::KeyHash) -> sqlite::KeyScheme {
+    sqlite::KeyScheme {
+        hash,
+        ..sqlite::KeyScheme::DEFAULT
+    }
+}
+
+/// `hash` with generations of 4 LSNs (`gen_shift` 2), so a small history spans many.
+fn small_generations(hash: sqlite::KeyHash) -> sqlite::KeyScheme {
+    sqlite::KeyScheme { hash, gen_shift: 2 }
 }
 
 /// What a migration of an older file must keep: 20 records are stored by today's store, then
@@ -734,11 +730,11 @@ async fn an_older_file_is_migrated(
     let path = dir.path().join(SQLITE_FILE_NAME);
     let records = history(6, 5);
     let (first, rest) = records.split_at(20);
-    let store = open_keyed(&path, hash).await;
+    let store = open_keyed(&path, keyed_by(hash)).await;
     store.apply_batch(first).await.unwrap();
     drop(store);
     older(&rusqlite::Connection::open(&path).unwrap());
-    let store = open_keyed(&path, hash).await;
+    let store = open_keyed(&path, keyed_by(hash)).await;
     migrated(&path);
     assert_eq!(store.load(0).await.unwrap(), model(first, 0));
     for (_, record) in first {
@@ -771,7 +767,7 @@ async fn an_older_file_is_migrated(
         .unwrap();
     assert_eq!(found.as_ref(), Some(original));
     drop(store);
-    let store = open_keyed(&path, hash).await;
+    let store = open_keyed(&path, keyed_by(hash)).await;
     assert_eq!(
         store.load(0).await.unwrap().gifts,
         all.gifts,
@@ -895,19 +891,6 @@ fn the_gift_key_hash_never_changes() {
     assert_ne!(h("ab", "c"), h("a", "bc"));
 }
 
-/// A SQLite store with generations of 4 LSNs (`gen_shift` 2), so a small history spans many.
-async fn sqlite_with_small_generations(path: &std::path::Path, hash: sqlite::KeyHash) -> Store {
-    Store::Sqlite(
-        sqlite::SqliteStore::open_with_keys(
-            path,
-            NODE_ID_DEFAULT,
-            sqlite::KeyScheme { hash, gen_shift: 2 },
-        )
-        .await
-        .unwrap(),
-    )
-}
-
 /// Every stored gift's `(key_gen, lsn)`, and the gift key index's columns.
 fn stored_generations(path: &std::path::Path) -> (Vec<(i64, i64)>, Vec<String>) {
     let conn = rusqlite::Connection::open(path).unwrap();
@@ -935,7 +918,7 @@ fn stored_generations(path: &std::path::Path) -> (Vec<(i64, i64)>, Vec<String>) 
 async fn gifts_in_many_key_generations_are_stored_and_found(hash: sqlite::KeyHash) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(SQLITE_FILE_NAME);
-    let store = sqlite_with_small_generations(&path, hash).await;
+    let store = open_keyed(&path, small_generations(hash)).await;
     let records = history(6, 6);
     for batch in records.chunks(7) {
         store.apply_batch(batch).await.unwrap();
@@ -947,7 +930,7 @@ async fn gifts_in_many_key_generations_are_stored_and_found(hash: sqlite::KeyHas
     assert_eq!(gens.len(), 36);
     assert!(gens.iter().all(|&(gen, lsn)| gen == lsn >> 2), "{gens:?}");
     assert!(gens.last().unwrap().0 >= 9, "many generations: {gens:?}");
-    for store in [store, sqlite_with_small_generations(&path, hash).await] {
+    for store in [store, open_keyed(&path, small_generations(hash)).await] {
         for (_, record) in &records {
             if let Record::Gift(g) = &**record {
                 let found = store.find_gift(&g.user_id, &g.gift_id).await.unwrap();
@@ -977,7 +960,7 @@ async fn sqlite_gifts_in_many_key_generations_are_stored_and_found_colliding() {
 async fn sqlite_a_gift_key_is_refused_twice_within_its_generation_only() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(SQLITE_FILE_NAME);
-    let store = sqlite_with_small_generations(&path, sqlite::gift_key_hash).await;
+    let store = open_keyed(&path, small_generations(sqlite::gift_key_hash)).await;
     // LSN 1 a credit, 2-4 gifts; generations of 4 LSNs: 0-3, 4-7, 8-11.
     let records = history(1, 3);
     store.apply_batch(&records).await.unwrap();
