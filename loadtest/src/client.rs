@@ -15,6 +15,12 @@ use tokio_tungstenite::WebSocketStream;
 
 pub type Ws = WebSocketStream<TcpStream>;
 
+/// A connection's frames wait in its WebSocket write buffer until this many bytes or the next
+/// flush. The workers flush once per wake, after everything that wake produced, so a burst of new
+/// gifts (after a burst of acks) is one `send` instead of one each. Small: only a connection
+/// that writes ever grows the buffer.
+pub const WRITE_COALESCE_BYTES: usize = 8 << 10;
+
 /// One server (node) to connect to.
 #[derive(Clone, Debug)]
 pub struct Endpoint {
@@ -101,7 +107,9 @@ impl Target {
     pub fn ws_config(&self) -> WebSocketConfig {
         WebSocketConfig::default()
             .read_buffer_size(self.read_buffer)
-            .write_buffer_size(0)
+            // Frames written together (a wake's new gifts after its acks) go out in one
+            // send at the flush that follows them, not one send each.
+            .write_buffer_size(WRITE_COALESCE_BYTES)
             .max_write_buffer_size(1 << 20)
             .max_message_size(Some(8 << 20))
             .max_frame_size(Some(8 << 20))
