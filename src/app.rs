@@ -54,11 +54,18 @@ pub struct App {
     pub daily_spend: DailySpend,
     /// Cluster mode (set once at start).
     pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
+    /// Counters of every durable gift, registered once (`counter!` looks its key up per call).
+    gift_metrics: GiftMetrics,
     /// FOR TESTS: called with the gift's user and id right after each store lookup of
     /// [`App::look_up_gift`] returns, before its answer is used: a test evicts the wallet's ids
     /// there, deterministically, as a concurrent eviction would. Not in other builds.
     #[cfg(test)]
     after_find_gift: std::sync::OnceLock<AfterFindGift>,
+}
+
+struct GiftMetrics {
+    gifts: metrics::Counter,
+    coins: metrics::Counter,
 }
 
 /// FOR TESTS: see `App::after_find_gift`.
@@ -252,6 +259,10 @@ impl App {
             shutdown: tokio::sync::watch::Sender::new(false),
             gifts_in_flight: AtomicUsize::new(0),
             cluster: std::sync::OnceLock::new(),
+            gift_metrics: GiftMetrics {
+                gifts: metrics::counter!("giftcast_gifts_total"),
+                coins: metrics::counter!("giftcast_gifted_coins_total"),
+            },
             #[cfg(test)]
             after_find_gift: std::sync::OnceLock::new(),
         }
@@ -1160,7 +1171,7 @@ async fn sweep_in_chunks(max: usize, chunk: usize, mut sweep: impl FnMut(usize) 
 /// back). `in_flight` is let go once the slot is settled.
 fn gift_settled(
     in_flight: InFlight,
-    record: Arc<GiftRecord>,
+    record: crate::record::SharedGift,
     slot: Arc<crate::ledger::Slot>,
     tier: u8,
     reservation: Option<crate::daily_cap::Reservation>,
@@ -1170,8 +1181,8 @@ fn gift_settled(
     match outcome {
         Ok(lsn) => {
             app.ledger.gift_durable(&record);
-            metrics::counter!("giftcast_gifts_total").increment(1);
-            metrics::counter!("giftcast_gifted_coins_total").increment(record.amount);
+            app.gift_metrics.gifts.increment(1);
+            app.gift_metrics.coins.increment(record.amount);
             let remote = app
                 .cluster
                 .get()

@@ -35,7 +35,7 @@ struct JournalSink {
 }
 
 impl RecordSink for JournalSink {
-    fn submit(&self, record: Record, then: OnDurable) -> Result<(), SinkError> {
+    fn submit(&self, record: Arc<Record>, then: OnDurable) -> Result<(), SinkError> {
         let submitted = if self.ack_before_durable {
             // Told "durable" at once, from a task (never inside submit, which runs under a
             // wallet lock); the record is still written, later.

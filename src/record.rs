@@ -4,6 +4,7 @@
 
 use crate::money::Shares;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// Journal position: the number of a record, increasing by one per record from 1.
 pub type Lsn = u64;
@@ -15,6 +16,34 @@ pub enum Record {
     PacketCreate(PacketCreateRecord),
     PacketGrab(PacketGrabRecord),
     PacketRefund(PacketRefundRecord),
+}
+
+/// A gift record that is also the journal's record of it: one allocation, shared by the ledger,
+/// the gift's completion and the journal (which owns records as `Arc<Record>`), so a gift is
+/// not copied field by field on its way to durability.
+#[derive(Clone, Debug)]
+pub struct SharedGift(Arc<Record>);
+
+impl SharedGift {
+    pub fn new(gift: GiftRecord) -> SharedGift {
+        SharedGift(Arc::new(Record::Gift(gift)))
+    }
+
+    /// The journal's record (a `Record::Gift`).
+    pub fn record(&self) -> &Arc<Record> {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for SharedGift {
+    type Target = GiftRecord;
+
+    fn deref(&self) -> &GiftRecord {
+        match &*self.0 {
+            Record::Gift(g) => g,
+            _ => unreachable!("a SharedGift is made from a gift only"),
+        }
+    }
 }
 
 impl Record {

@@ -98,6 +98,14 @@ pub struct Room {
     forward: std::sync::OnceLock<mpsc::Sender<Forward>>,
     /// Cluster mode: this room is a mirror of a room another node owns.
     mirror: AtomicBool,
+    /// Registered once, when the room is made (`counter!` looks its key up on every call).
+    metrics: RoomMetrics,
+}
+
+struct RoomMetrics {
+    events: metrics::Counter,
+    fanout_frames: metrics::Counter,
+    fanout_events: metrics::Counter,
 }
 
 /// What a joiner gets: its membership (leaves the room on drop) and the resume verdict.
@@ -144,6 +152,11 @@ impl Room {
             moderation: Mutex::new(Moderation::default()),
             forward: std::sync::OnceLock::new(),
             mirror: AtomicBool::new(false),
+            metrics: RoomMetrics {
+                events: metrics::counter!("giftcast_room_events_total"),
+                fanout_frames: metrics::counter!("giftcast_fanout_frames_total"),
+                fanout_events: metrics::counter!("giftcast_fanout_events_total"),
+            },
         });
         tokio::spawn(room.clone().fan_out(tick));
         room
@@ -435,7 +448,7 @@ impl Room {
         if wake {
             self.wake.notify_one();
         }
-        metrics::counter!("giftcast_room_events_total").increment(1);
+        self.metrics.events.increment(1);
         seq
     }
 
@@ -525,8 +538,9 @@ impl Room {
                         }
                     }
                 }
-                metrics::counter!("giftcast_fanout_frames_total").increment(delivered);
-                metrics::counter!("giftcast_fanout_events_total")
+                self.metrics.fanout_frames.increment(delivered);
+                self.metrics
+                    .fanout_events
                     .increment(delivered * taken.len() as u64);
                 taken.clear();
             }

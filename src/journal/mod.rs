@@ -372,20 +372,24 @@ impl Journal {
     /// Takes a record for the journal and assigns its LSN, in call order. Synchronous and
     /// non-blocking (one short lock), so the ledger may call it under a wallet lock: the journal
     /// order of one wallet's records is then the order they were applied in memory.
-    pub fn submit(&self, record: Record) -> Result<Ticket, JournalError> {
+    pub fn submit(&self, record: impl Into<Arc<Record>>) -> Result<Ticket, JournalError> {
         let (done, wait) = oneshot::channel();
-        let lsn = self.enqueue(record, Done::Ticket(done))?;
+        let lsn = self.enqueue(record.into(), Done::Ticket(done))?;
         Ok(Ticket { lsn, done: wait })
     }
 
     /// As [`Journal::submit`], but instead of a ticket to await, `then` is called with the
     /// outcome on the journal's settle thread, together with the rest of its batch: no task and
     /// no wake-up per record. On `Err` here, `then` is dropped without being called.
-    pub fn submit_then(&self, record: Record, then: OnDurable) -> Result<Lsn, JournalError> {
-        self.enqueue(record, Done::Call(then))
+    pub fn submit_then(
+        &self,
+        record: impl Into<Arc<Record>>,
+        then: OnDurable,
+    ) -> Result<Lsn, JournalError> {
+        self.enqueue(record.into(), Done::Call(then))
     }
 
-    fn enqueue(&self, record: Record, done: Done) -> Result<Lsn, JournalError> {
+    fn enqueue(&self, record: Arc<Record>, done: Done) -> Result<Lsn, JournalError> {
         let bytes = frame::encode_record(&record)?;
         let mut queue = self.shared.queue.lock();
         if let Some(reason) = &queue.failed {
@@ -406,7 +410,7 @@ impl Journal {
         queue.next_lsn += 1;
         queue.entries.push(Entry {
             lsn,
-            record: Arc::new(record),
+            record,
             bytes,
             done,
         });

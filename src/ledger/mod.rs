@@ -16,7 +16,7 @@ pub use idempotency::IdempotencyConfig;
 pub use revenue::{RevenueReport, RevenueRow, StreamRevenue, Totals};
 
 use crate::money::{Coins, Split, AMOUNT_MAX};
-use crate::record::{CreditRecord, GiftRecord, Lsn, Record};
+use crate::record::{CreditRecord, GiftRecord, Lsn, Record, SharedGift};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use idempotency::{EvictedIds, Resident, ResidentQueue, EVICTIONS_PER_CALL_MAX};
@@ -48,7 +48,7 @@ pub trait RecordSink: Send + Sync + 'static {
     /// Takes the record or refuses it. Must not block, and must not call `then` before it
     /// returns: it is called while a wallet entry is held. On `Ok`, `then` is called exactly
     /// once, later, from elsewhere; on `Err` never.
-    fn submit(&self, record: Record, then: OnDurable) -> Result<(), SinkError>;
+    fn submit(&self, record: Arc<Record>, then: OnDurable) -> Result<(), SinkError>;
 
     /// The store holds every record at or below this LSN (the journal's released position):
     /// only such gifts' ids may leave the wallets' maps.
@@ -82,7 +82,7 @@ impl MemorySink {
 }
 
 impl RecordSink for MemorySink {
-    fn submit(&self, _record: Record, then: OnDurable) -> Result<(), SinkError> {
+    fn submit(&self, _record: Arc<Record>, then: OnDurable) -> Result<(), SinkError> {
         let lsn = self.next_lsn.fetch_add(1, Ordering::SeqCst) + 1;
         self.pending.lock().push((lsn, then));
         Ok(())
@@ -101,7 +101,7 @@ pub(crate) fn submit_ticket(
 ) -> Result<DurableTicket, SinkError> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     sink.submit(
-        record,
+        Arc::new(record),
         Box::new(move |outcome| {
             let _ = tx.send(outcome.map(|_| ()));
         }),
@@ -254,19 +254,26 @@ pub fn same_gift(
 }
 
 fn gift_fingerprint(stream: &str, sticker: &str, count: u32, message: Option<&str>) -> String {
-    format!(
-        "{stream}\u{0}{sticker}\u{0}{count}\u{0}{}",
-        message.unwrap_or("\u{1}")
-    )
+    // "{stream}\0{sticker}\0{count}\0{message or \1}", built in one allocation (this runs for
+    // every gift, under its wallet's lock).
+    let mut digits = itoa::Buffer::new();
+    let count = digits.format(count);
+    let message = message.unwrap_or("\u{1}");
+    let mut f =
+        String::with_capacity(stream.len() + sticker.len() + count.len() + message.len() + 3);
+    for (i, part) in [stream, sticker, count, message].into_iter().enumerate() {
+        if i > 0 {
+            f.push('\0');
+        }
+        f.push_str(part);
+    }
+    f
 }
 
 pub enum GiftStart {
     /// New and debited; the completion given to `begin_gift` calls `Ledger::gift_durable` or
     /// `gift_failed` when the journal has spoken.
-    New {
-        slot: Arc<Slot>,
-        record: Arc<GiftRecord>,
-    },
+    New { slot: Arc<Slot>, record: SharedGift },
     /// A retry of an accepted gift: answer from the slot, debit nothing.
     Retry(Arc<Slot>),
     /// The id is not resident but may have been evicted: look it up in the store (found: a
@@ -384,7 +391,7 @@ impl Ledger {
     pub fn begin_gift(
         &self,
         req: &GiftRequest<'_>,
-        then: impl FnOnce(&Arc<GiftRecord>, &Arc<Slot>) -> OnDurable,
+        then: impl FnOnce(&SharedGift, &Arc<Slot>) -> OnDurable,
     ) -> GiftStart {
         let fingerprint = req.fingerprint();
         let Some(amount) = Coins(req.price)
@@ -434,7 +441,7 @@ impl Ledger {
                 balance: Some(wallet.balance),
             };
         };
-        let record = Arc::new(GiftRecord {
+        let record = SharedGift::new(GiftRecord {
             user_id: req.user_id.to_string(),
             user_name: req.user_name.to_string(),
             gift_id: req.gift_id.to_string(),
@@ -450,11 +457,7 @@ impl Ledger {
         });
         let slot = Slot::new(fingerprint, balance_after, SlotState::Pending);
         let done = then(&record, &slot);
-        if self
-            .sink
-            .submit(Record::Gift((*record).clone()), done)
-            .is_err()
-        {
+        if self.sink.submit(record.record().clone(), done).is_err() {
             return GiftStart::Rejected {
                 code: "unavailable",
                 balance: Some(wallet.balance),
@@ -469,6 +472,10 @@ impl Ledger {
     /// The gift's record is durable: count its revenue. The caller then announces it and
     /// settles the slot with the shout-out's seq.
     pub fn gift_durable(&self, record: &GiftRecord) {
+        // The stream's key is copied only for its first gift.
+        if let Some(mut revenue) = self.revenue.get_mut(record.stream.as_str()) {
+            return revenue.add(record);
+        }
         self.revenue
             .entry(record.stream.clone())
             .or_default()
@@ -510,25 +517,24 @@ impl Ledger {
             let Some(mut wallet) = self.wallets.get_mut(user_id) else {
                 continue;
             };
-            match wallet.gifts.get(gift_id) {
-                Some(slot) if slot.state() == SlotState::Pending => {
-                    // Not settled yet (cannot happen for a remembered gift; kept for safety).
-                    drop(wallet);
-                    self.resident.push_front(resident);
-                    popped -= 1;
-                    break;
-                }
-                Some(_) => {
-                    // Into the filter first, then out of the map, under the wallet's entry:
-                    // `begin_gift` sees the id in one or the other.
-                    self.evicted_ids
-                        .insert(user_id, gift_id, resident.ts_ms, now_ms);
-                    wallet.gifts.remove(gift_id);
-                    wallet.evicted += 1;
-                    evicted += 1;
-                }
-                None => {}
+            // One lookup (the id is old, so its map entry is usually out of the CPU's caches).
+            let Some((id, slot)) = wallet.gifts.remove_entry(gift_id) else {
+                continue;
+            };
+            if slot.state() == SlotState::Pending {
+                // Not settled yet (cannot happen for a remembered gift; kept for safety).
+                wallet.gifts.insert(id, slot);
+                drop(wallet);
+                self.resident.push_front(resident);
+                popped -= 1;
+                break;
             }
+            // Out of the map and into the filter under the wallet's entry, which `begin_gift` and
+            // `has_gift` take too: they see the id in one or the other.
+            self.evicted_ids
+                .insert(user_id, gift_id, resident.ts_ms, now_ms);
+            wallet.evicted += 1;
+            evicted += 1;
         }
         if evicted > 0 {
             self.metrics.evicted.increment(evicted);

@@ -84,16 +84,26 @@ impl StreamRevenue {
             platform: g.shares.platform,
         };
         self.total.add(&t);
-        self.by_sticker
-            .entry(g.sticker.clone())
-            .or_default()
-            .add(&t);
-        let gifter = self
-            .by_gifter
-            .entry(g.user_id.clone())
-            .or_insert_with(|| (g.user_name.clone(), Totals::default()));
-        gifter.0.clone_from(&g.user_name);
-        gifter.1.add(&t);
+        // Keys are copied only the first time a sticker or a gifter is seen (this runs for
+        // every durable gift, on the journal's settle thread).
+        match self.by_sticker.get_mut(g.sticker.as_str()) {
+            Some(totals) => totals.add(&t),
+            None => {
+                self.by_sticker.insert(g.sticker.clone(), t);
+            }
+        }
+        match self.by_gifter.get_mut(g.user_id.as_str()) {
+            Some((name, totals)) => {
+                if *name != g.user_name {
+                    name.clone_from(&g.user_name);
+                }
+                totals.add(&t);
+            }
+            None => {
+                self.by_gifter
+                    .insert(g.user_id.clone(), (g.user_name.clone(), t));
+            }
+        }
     }
 
     pub fn restore(&mut self, row: RevenueRow) {

@@ -38,7 +38,7 @@ fn run_gift(l: &Ledger, req: &GiftRequest<'_>) -> Result<u64, &'static str> {
 
 /// The unit tests settle slots by hand (as the app's completion would), so the completion the
 /// ledger hands the sink does nothing.
-fn no_completion(_: &Arc<GiftRecord>, _: &Arc<Slot>) -> OnDurable {
+fn no_completion(_: &SharedGift, _: &Arc<Slot>) -> OnDurable {
     Box::new(|_| {})
 }
 
@@ -127,7 +127,7 @@ fn credits_are_idempotent_on_reference() {
 
 struct FailingSink;
 impl RecordSink for FailingSink {
-    fn submit(&self, _r: Record, _then: OnDurable) -> Result<(), SinkError> {
+    fn submit(&self, _r: Arc<Record>, _then: OnDurable) -> Result<(), SinkError> {
         Err(SinkError::Failed("disk gone".into()))
     }
 
@@ -191,8 +191,8 @@ fn replay_reproduces_balances_and_refuses_inconsistency() {
     let journal = Arc::new(Mutex::new(Vec::new()));
     struct Capture(Arc<Mutex<Vec<Record>>>);
     impl RecordSink for Capture {
-        fn submit(&self, r: Record, _then: OnDurable) -> Result<(), SinkError> {
-            self.0.lock().unwrap().push(r);
+        fn submit(&self, r: Arc<Record>, _then: OnDurable) -> Result<(), SinkError> {
+            self.0.lock().unwrap().push((*r).clone());
             Ok(())
         }
 
@@ -342,7 +342,7 @@ fn a_new_gift_hands_its_completion_to_the_sink_and_only_a_new_one() {
     credit(&l, "a", 10, "r");
     let called = Arc::new(AtomicU64::new(0));
     let built = AtomicU64::new(0);
-    let then = |_: &Arc<GiftRecord>, slot: &Arc<Slot>| -> OnDurable {
+    let then = |_: &SharedGift, slot: &Arc<Slot>| -> OnDurable {
         built.fetch_add(1, Ordering::SeqCst);
         let (slot, called) = (slot.clone(), called.clone());
         Box::new(move |outcome| {
@@ -409,7 +409,7 @@ fn gift_now<'a>(user: &'a str, id: &'a str) -> GiftRequest<'a> {
 /// Starts a gift with the app's completion; returns what `begin_gift` said.
 fn start(l: &Arc<Ledger>, req: &GiftRequest<'_>) -> &'static str {
     let ledger = l.clone();
-    let then = move |record: &Arc<GiftRecord>, slot: &Arc<Slot>| -> OnDurable {
+    let then = move |record: &SharedGift, slot: &Arc<Slot>| -> OnDurable {
         let (record, slot) = (record.clone(), slot.clone());
         Box::new(move |outcome| {
             let lsn = outcome.expect("durable");
