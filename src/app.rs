@@ -698,7 +698,7 @@ impl App {
         let combo = room.combo(&record.user_id, &record.sticker, record.ts_ms);
         room.publish_gift(
             |seq| {
-                serde_json::to_string(&protocol::ShoutoutEvent {
+                protocol::to_json_sized(&protocol::ShoutoutEvent {
                     kind: "shoutout",
                     seq,
                     gift_id: &record.gift_id,
@@ -714,7 +714,6 @@ impl App {
                     tier,
                     ts: record.ts_ms,
                 })
-                .expect("shoutout serialises")
             },
             QueuedGift {
                 gift_id: record.gift_id.clone(),

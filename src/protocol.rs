@@ -198,6 +198,18 @@ fn decode_hot(text: &str) -> Option<ClientFrame> {
     Some(frame)
 }
 
+/// A frame's JSON, written into a buffer sized for a shout-out (`serde_json::to_string` starts
+/// at 128 bytes and grows: a reallocation and a copy for most shout-outs).
+pub fn to_json_sized<T: Serialize>(frame: &T) -> String {
+    let mut out = Vec::with_capacity(FRAME_JSON_BYTES_TYPICAL);
+    serde_json::to_writer(&mut out, frame).expect("a frame serialises");
+    // serde_json writes valid UTF-8 only.
+    String::from_utf8(out).expect("serde_json writes UTF-8")
+}
+
+/// A shout-out with short names and a short message.
+const FRAME_JSON_BYTES_TYPICAL: usize = 384;
+
 /// Cuts `s` to at most `max` characters (never inside a character).
 fn truncate_chars(s: &mut String, max: usize) {
     if let Some((i, _)) = s.char_indices().nth(max) {

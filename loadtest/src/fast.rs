@@ -93,6 +93,62 @@ pub fn scan(frame: &str, out: &mut Vec<FastEv>) -> bool {
     true
 }
 
+static GIFT_ID: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"gift_id\":\""));
+static BALANCE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"balance\":"));
+
+/// A `gift_ok` frame's fields (the acknowledgement of each gift the harness sends).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FastAck<'a> {
+    pub gift_id: &'a str,
+    pub balance: Option<i64>,
+    pub seq: Option<u64>,
+}
+
+/// A whole-number field: `Ok(None)` when the key is absent, `Err` when its value is anything
+/// but digits followed by `,` or `}` (then the caller parses fully).
+fn number(b: &[u8], key: &Finder<'_>) -> Result<Option<u64>, ()> {
+    let Some(at) = key.find(b) else {
+        return Ok(None);
+    };
+    let rest = &b[at + key.needle().len()..];
+    let len = rest.iter().take_while(|c| c.is_ascii_digit()).count();
+    match (digits(rest), rest.get(len)) {
+        (Some(v), Some(b',' | b'}')) if len < 20 => Ok(Some(v)),
+        _ => Err(()),
+    }
+}
+
+/// A single `gift_ok` frame as the server writes it (`{"type":"gift_ok",…}`, flat, no escapes),
+/// or `None` for anything else (then the caller parses fully). Sound without a parser: with no
+/// backslash in the frame, no string holds a quote, so `"gift_id":"`, `"balance":` and `"seq":`
+/// can only be keys, and the id ends at the next quote.
+pub fn scan_gift_ok(frame: &str) -> Option<FastAck<'_>> {
+    const HEAD: &[u8] = b"{\"type\":\"gift_ok\",";
+    let b = frame.as_bytes();
+    if !b.starts_with(HEAD)
+        || !b.ends_with(b"}")
+        || memchr::memchr(b'\\', b).is_some()
+        || memchr::memchr(b'{', &b[1..]).is_some()
+        || GIFT_ID.find_iter(b).count() != 1
+    {
+        return None;
+    }
+    let from = GIFT_ID.find(b)? + GIFT_ID.needle().len();
+    let to = from + memchr::memchr(b'"', &b[from..])?;
+    if !matches!(b.get(to + 1), Some(b',' | b'}')) {
+        return None;
+    }
+    let balance = number(b, &BALANCE).ok()?;
+    Some(FastAck {
+        gift_id: &frame[from..to],
+        balance: match balance {
+            Some(v) => Some(i64::try_from(v).ok()?),
+            None => None,
+        },
+        seq: number(b, &SEQ).ok()?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,6 +190,42 @@ mod tests {
             assert!(scan(f, &mut out), "{f}");
             assert_eq!(out, slow(f), "{f}");
         }
+    }
+
+    #[test]
+    fn gift_ok_agrees_with_the_full_parser() {
+        let frames = [
+            r#"{"type":"gift_ok","gift_id":"lt1-w0-c0-17","balance":9999,"seq":41}"#,
+            r#"{"type":"gift_ok","gift_id":"g","balance":0,"seq":0}"#,
+            r#"{"type":"gift_ok","gift_id":"g seq","seq":7,"balance":1}"#,
+            r#"{"type":"gift_ok","gift_id":"","balance":18446744073709551615,"seq":1}"#,
+            r#"{"type":"gift_ok","gift_id":"g","balance":1.5,"seq":1}"#,
+            r#"{"type":"gift_ok","gift_id":"g","balance":-3,"seq":1}"#,
+            r#"{"type":"gift_ok","gift_id":"g","balance":null,"seq":1}"#,
+            r#"{"type":"gift_ok","gift_id":"g","balance":5}"#,
+            r#"{"type":"gift_ok","gift_id":"a"b","balance":5,"seq":1}"#,
+            r#"{"type":"gift_ok","gift_id":"a\"b","balance":5,"seq":1}"#,
+            r#"{"type":"gift_ok","gift_id":"g","gift_id":"h","balance":5,"seq":1}"#,
+            r#"{"type":"gift_ok","gift_id":"g","balance":5,"seq":1,"x":{"seq":2}}"#,
+            r#"{"type":"gift_rejected","gift_id":"g","code":"invalid","balance":5}"#,
+            r#"{"type":"batch","events":[{"type":"gift_ok","gift_id":"g","balance":5,"seq":1}]}"#,
+        ];
+        let mut fast_taken = 0;
+        for f in frames {
+            let slow = parse(f).ok().filter(|e| e.ty() == "gift_ok").map(|e| {
+                let id = e.gift_id.as_ref().map(|s| s.as_str().to_string());
+                (id.unwrap_or_default(), e.balance, e.seq)
+            });
+            match scan_gift_ok(f) {
+                Some(a) => {
+                    fast_taken += 1;
+                    assert_eq!(Some((a.gift_id.to_string(), a.balance, a.seq)), slow, "{f}");
+                }
+                // Refused: the full parser decides (nothing to compare).
+                None => {}
+            }
+        }
+        assert_eq!(fast_taken, 4, "the server's layout takes the fast path");
     }
 
     #[test]

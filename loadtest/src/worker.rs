@@ -11,7 +11,7 @@ use futures_util::{stream, FutureExt, SinkExt, StreamExt};
 use parking_lot::Mutex;
 use serde_json::json;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use crate::api::{proc_sample, Api};
 use crate::client::{self, for_each_event, parse_stamp, short_err, Target, Ws};
@@ -160,7 +160,9 @@ struct GiftFrame<'a> {
 struct Pending {
     sent: Instant,
     amount: u64,
-    frame: String,
+    /// The frame as sent (shared with the outgoing queue, not copied), for a retry or a re-send
+    /// after a reconnect.
+    frame: Utf8Bytes,
     /// For a retry of an acknowledged gift: the (balance, seq) of the first gift_ok.
     expect: Option<(i64, Option<u64>)>,
 }
@@ -191,12 +193,17 @@ struct Gifter {
 }
 
 impl Gifter {
-    fn new_gift(&mut self, shard: &mut Shard, stats: &Stats, out: &mut Vec<String>) {
+    fn new_gift(&mut self, shard: &mut Shard, stats: &Stats, out: &mut Vec<Utf8Bytes>) {
         let (sticker, price) = {
             let i = (self.rng.next() % self.cfg.stickers.len() as u64) as usize;
             self.cfg.stickers[i].clone()
         };
-        let id = format!("{}-{}", self.prefix, self.n);
+        let mut digits = itoa::Buffer::new();
+        let n = digits.format(self.n);
+        let mut id = String::with_capacity(self.prefix.len() + 1 + n.len());
+        id.push_str(&self.prefix);
+        id.push('-');
+        id.push_str(n);
         self.n += 1;
         let message = self
             .cfg
@@ -210,6 +217,7 @@ impl Gifter {
             message: message.as_deref(),
         })
         .expect("a gift frame serialises");
+        let frame = Utf8Bytes::from(frame);
         self.pending.insert(
             id,
             Pending {
@@ -224,7 +232,7 @@ impl Gifter {
         out.push(frame);
     }
 
-    fn top_up(&mut self, phase: Phase, shard: &mut Shard, stats: &Stats, out: &mut Vec<String>) {
+    fn top_up(&mut self, phase: Phase, shard: &mut Shard, stats: &Stats, out: &mut Vec<Utf8Bytes>) {
         if !self.cfg.as_fast || phase != Phase::Run {
             return;
         }
@@ -242,7 +250,7 @@ impl Gifter {
         phase: Phase,
         shard: &mut Shard,
         stats: &Stats,
-        out: &mut Vec<String>,
+        out: &mut Vec<Utf8Bytes>,
     ) {
         let Some(p) = self.pending.remove(id) else {
             shard.inc(C::UnexpectedAck, 1);
@@ -296,7 +304,7 @@ impl Gifter {
         phase: Phase,
         shard: &mut Shard,
         stats: &Stats,
-        out: &mut Vec<String>,
+        out: &mut Vec<Utf8Bytes>,
     ) {
         shard.err(&format!("gift_rejected:{code}"));
         let Some(p) = self.pending.remove(id) else {
@@ -495,7 +503,7 @@ impl Member {
         }
         let join_deadline = tokio::time::sleep(Duration::from_secs(15));
         tokio::pin!(join_deadline);
-        let mut out: Vec<String> = Vec::new();
+        let mut out: Vec<Utf8Bytes> = Vec::new();
         loop {
             let phase = *phase_rx.borrow();
             tokio::select! {
@@ -574,7 +582,7 @@ impl Member {
         }
     }
 
-    fn on_cmd(&mut self, ctx: &Ctx, phase: Phase, out: &mut Vec<String>) {
+    fn on_cmd(&mut self, ctx: &Ctx, phase: Phase, out: &mut Vec<Utf8Bytes>) {
         let mut n = 1;
         if let Some(rx) = &mut self.rx {
             while n < 256 && rx.try_recv().is_ok() {
@@ -590,7 +598,9 @@ impl Member {
                 let t = now_us();
                 for _ in 0..n {
                     out.push(
-                        json!({"type": "chat", "text": format!("lt {t} {}", ctx.pad)}).to_string(),
+                        json!({"type": "chat", "text": format!("lt {t} {}", ctx.pad)})
+                            .to_string()
+                            .into(),
                     );
                 }
                 sh.inc(C::ChatsSent, n as u64);
@@ -618,7 +628,7 @@ impl Member {
         phase: Phase,
         joined: &mut bool,
         t0: Instant,
-        out: &mut Vec<String>,
+        out: &mut Vec<Utf8Bytes>,
     ) {
         let now = now_us();
         let mut sh = ctx.stats.shard(self.g);
@@ -645,6 +655,18 @@ impl Member {
                     sh.rec_since(m, ts, now);
                 }
             }
+            return;
+        }
+        if let (Kind::Gifter(gf), Some(ack)) = (&mut self.kind, fast::scan_gift_ok(txt)) {
+            gf.on_ok(
+                ack.gift_id,
+                ack.balance,
+                ack.seq,
+                phase,
+                &mut sh,
+                &ctx.stats,
+                out,
+            );
             return;
         }
         let Ok(ev) = client::parse(txt) else {
@@ -687,7 +709,7 @@ impl Member {
                                     && rng.unit() < *thank_ratio
                                 {
                                     if let Some(id) = &e.gift_id {
-                                        out.push(json!({"type": "thanks", "gift_id": id.as_str(), "text": format!("lt {now} thank you!")}).to_string());
+                                        out.push(json!({"type": "thanks", "gift_id": id.as_str(), "text": format!("lt {now} thank you!")}).to_string().into());
                                         sh.inc(C::ThanksSent, 1);
                                     }
                                 }

@@ -27,10 +27,17 @@ fn config() -> FrameConfig {
     bincode::config::standard().with_limit::<FRAME_BODY_BYTES_MAX>()
 }
 
+/// The encoded size of a gift record with short names and a short message; longer ones grow the
+/// buffer once.
+const RECORD_BYTES_TYPICAL: usize = 256;
+
 /// Encodes a record alone (without its LSN), so callers can do it outside the journal's lock.
 /// Fails when the frame would exceed [`FRAME_BODY_BYTES_MAX`]: such a frame could not be read back.
 pub(crate) fn encode_record(record: &Record) -> Result<Vec<u8>, JournalError> {
-    let bytes = bincode::serde::encode_to_vec(record, config())
+    // One pass into a buffer sized for a typical record (`encode_to_vec` starts empty and
+    // grows by doubling: five reallocations for a gift).
+    let mut bytes = Vec::with_capacity(RECORD_BYTES_TYPICAL);
+    bincode::serde::encode_into_std_write(record, &mut bytes, config())
         .map_err(|e| JournalError::Encode(e.to_string()))?;
     if bytes.len() + LSN_ENCODED_BYTES_MAX > FRAME_BODY_BYTES_MAX {
         return Err(JournalError::TooLarge { bytes: bytes.len() });
