@@ -82,6 +82,13 @@ pub struct Common {
     /// reports (one process may hold at most 20,000 open files here).
     #[arg(long, global = true, default_value_t = 1)]
     pub procs: usize,
+    /// Runtime worker threads per harness process (0 = one per core). On a machine the server
+    /// shares, `--threads 1` saves the harness its cross-thread wake-ups: a gifts run needs
+    /// ~4-5 µs of harness CPU per gift (half a core at 100k gifts/s), which one thread carries
+    /// (docs/benchmarks.md "Gifts through WebSockets, session 11"). With --procs, each process
+    /// gets this many.
+    #[arg(long, global = true, default_value_t = 0)]
+    pub threads: usize,
     /// Bind client sockets to 127.0.0.1 .. 127.0.0.N round-robin (each source address has
     /// ~28k ephemeral ports). 1 = let the kernel choose.
     #[arg(long, global = true, default_value_t = 1)]

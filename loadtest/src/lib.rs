@@ -43,6 +43,8 @@ use worker::{run_worker, WorkerMsg};
 
 /// Environment variable carrying a child worker's plan (JSON) when re-executed for --procs.
 pub const CHILD_ENV: &str = "LOADTEST_CHILD_PLAN";
+/// Tokio's runtime reads its default worker count from this variable.
+pub const THREADS_ENV: &str = "TOKIO_WORKER_THREADS";
 
 enum Ev {
     Ready,
@@ -220,7 +222,12 @@ pub async fn run(cli: Cli) -> Result<Report> {
                 Some(p) => p.clone(),
                 None => std::env::current_exe()?,
             };
-            let mut child = tokio::process::Command::new(exe)
+            let mut command = tokio::process::Command::new(exe);
+            if c.threads > 0 {
+                // Read by the child's runtime builder (tokio's own setting).
+                command.env(THREADS_ENV, c.threads.to_string());
+            }
+            let mut child = command
                 .env(CHILD_ENV, serde_json::to_string(&plan)?)
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())

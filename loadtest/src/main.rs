@@ -1,24 +1,30 @@
 use clap::Parser;
 
-fn main() {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+fn runtime(threads: usize) -> tokio::runtime::Runtime {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if threads > 0 {
+        builder.worker_threads(threads);
+    }
+    match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("loadtest: cannot start the runtime: {e}");
             std::process::exit(1);
         }
-    };
+    }
+}
+
+fn main() {
     if let Ok(plan) = std::env::var(loadtest::CHILD_ENV) {
-        if let Err(e) = rt.block_on(loadtest::run_child(&plan)) {
+        // A worker process: its parent's --threads comes in TOKIO_WORKER_THREADS.
+        if let Err(e) = runtime(0).block_on(loadtest::run_child(&plan)) {
             eprintln!("loadtest worker: {e:#}");
             std::process::exit(1);
         }
         return;
     }
     let cli = loadtest::Cli::parse();
+    let rt = runtime(cli.common.threads);
     let print_json = cli.common.print_json;
     match rt.block_on(loadtest::run(cli)) {
         Ok(report) => {

@@ -190,6 +190,9 @@ pub struct Report {
     pub money: Option<MoneyReport>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server: Option<ServerStats>,
+    /// Runtime worker threads of each harness process (`--threads`; 0 = one per core).
+    #[serde(default)]
+    pub client_threads: usize,
     /// The harness's own CPU seconds and peak RSS (summed over processes).
     pub client_cpu_secs: f64,
     pub client_rss_bytes: u64,
@@ -273,6 +276,7 @@ impl Report {
                     .get_or_insert_with(MoneyTally::default)
                     .merge(t);
             }
+            out.client_threads = out.client_threads.max(p.client_threads);
             out.client_cpu_secs += p.client_cpu_secs;
             out.client_rss_bytes += p.client_rss_bytes;
             for n in &p.notes {
@@ -344,11 +348,13 @@ impl Report {
         let mut o = String::new();
         let _ = writeln!(
             o,
-            "== loadtest {} (run {}, {} proc{}) against {}",
+            "== loadtest {} (run {}, {} proc{} × {} thread{}) against {}",
             self.scenario,
             self.run_id,
             self.procs,
             if self.procs == 1 { "" } else { "s" },
+            self.client_threads,
+            if self.client_threads == 1 { "" } else { "s" },
             self.url
         );
         let _ = writeln!(

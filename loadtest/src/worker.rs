@@ -1481,6 +1481,7 @@ pub async fn run_worker(
         errors,
         timeline,
         money_tally,
+        client_threads: tokio::runtime::Handle::current().metrics().num_workers(),
         client_cpu_secs: me.cpu_secs.unwrap_or(0.0),
         client_rss_bytes: me.rss_bytes.unwrap_or(0),
         notes,

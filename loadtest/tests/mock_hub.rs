@@ -545,11 +545,17 @@ async fn procs_merge_child_reports() {
     a.extend([
         "--procs".into(),
         "2".into(),
+        "--threads".into(),
+        "1".into(),
         "--exe".into(),
         env!("CARGO_BIN_EXE_loadtest").into(),
     ]);
     let r = loadtest::run_from_args(a).await.unwrap();
     assert_eq!(r.procs, 2);
+    assert_eq!(
+        r.client_threads, 1,
+        "--threads reaches the worker processes"
+    );
     assert_eq!(r.connections.joined, 1 + 3 + 4);
     let m = r.money.unwrap();
     assert!(m.ok, "{:#?}", m);
