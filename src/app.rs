@@ -553,7 +553,9 @@ impl App {
         }
         // The daily cap, on the wallet's node: reserved before the debit, given back if nothing
         // is debited. A retry of an accepted gift gets its original answer whatever the cap says.
-        let retry = self.ledger.has_gift(user_id, gift_id);
+        // (Looked up only under a cap: without one a reservation is empty either way, and this
+        // lookup is the third of the same id per gift.)
+        let retry = self.daily_spend.capped() && self.ledger.has_gift(user_id, gift_id);
         let reservation = match sticker.price.checked_mul(count as u64) {
             Some(amount) if !retry => {
                 match self.daily_spend.reserve(user_id, amount, crate::now_ms()) {

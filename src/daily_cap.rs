@@ -56,6 +56,11 @@ impl DailySpend {
         today
     }
 
+    /// Whether there is a cap at all (`--daily-cap` > 0): without one a reservation is empty.
+    pub fn capped(&self) -> bool {
+        self.cap > 0
+    }
+
     /// Reserves `amount` of `user_id`'s allowance for today, or refuses (`Err` carries what it
     /// spent today). Atomic per user: concurrent gifts of one user never pass the cap together.
     pub fn reserve(&self, user_id: &str, amount: u64, now_ms: u64) -> Result<Reservation, u64> {

@@ -53,7 +53,10 @@ struct Inner {
     next_member: u64,
     last_viewers_sent: usize,
     /// (user, sticker) → (streak, last gift ms).
-    combos: HashMap<(String, String), (u32, u64)>,
+    /// Streaks by `user_id` NUL `sticker` (ids never hold a NUL): (count, last gift ms).
+    combos: HashMap<String, (u32, u64)>,
+    /// `combo`'s key buffer.
+    combo_key: String,
     unthanked: VecDeque<QueuedGift>,
     /// The epoch of the room's seqs: this node's run, or (for a mirror) the owner's.
     epoch: Arc<str>,
@@ -142,6 +145,7 @@ impl Room {
                 next_member: 0,
                 last_viewers_sent: 0,
                 combos: HashMap::new(),
+                combo_key: String::new(),
                 unthanked: VecDeque::new(),
                 epoch: Arc::from(epoch),
             }),
@@ -558,10 +562,19 @@ impl Room {
                 inner.combos.clear();
             }
         }
-        let e = inner
-            .combos
-            .entry((user_id.to_string(), sticker.to_string()))
-            .or_insert((0, 0));
+        // The key is built in a buffer the room keeps: nothing is allocated for a pair seen
+        // before (this runs for every gift, under the room lock).
+        let Inner {
+            combos, combo_key, ..
+        } = &mut *inner;
+        combo_key.clear();
+        combo_key.push_str(user_id);
+        combo_key.push('\0');
+        combo_key.push_str(sticker);
+        let e = match combos.get_mut(combo_key.as_str()) {
+            Some(e) => e,
+            None => combos.entry(combo_key.clone()).or_insert((0, 0)),
+        };
         if e.0 > 0 && now_ms.saturating_sub(e.1) <= COMBO_WINDOW_MS {
             e.0 += 1;
         } else {
