@@ -4,7 +4,9 @@ SVG line chart, standard library only.
 
     python3 docs/bench/plot_backlog.py OUT.svg "TITLE" LABEL=FILE.csv [LABEL=FILE.csv ...]
 
-Each CSV has a header line and rows `secs,store_backlog_records`.
+Each CSV has a header line and rows `secs,store_backlog_records`. Another name for the second
+column (e.g. `secs,acknowledged gifts per second`) becomes the y axis's label: the same chart
+for any one series per second.
 """
 import csv
 import sys
@@ -29,10 +31,14 @@ def main():
         sys.exit(__doc__)
     out, title, pairs = sys.argv[1], sys.argv[2], sys.argv[3:]
     series = []
+    y_label = "store backlog (records durable, not yet stored)"
     for pair in pairs:
         label, _, path = pair.partition("=")
         with open(path, newline="") as f:
-            rows = [(float(r[0]), int(r[1])) for r in list(csv.reader(f))[1:] if r]
+            table = list(csv.reader(f))
+            if len(table[0]) > 1 and table[0][1] != "store_backlog_records":
+                y_label = table[0][1]
+            rows = [(float(r[0]), int(r[1])) for r in table[1:] if r]
         if not rows:
             sys.exit(f"{path}: no samples")
         series.append((label, rows))
@@ -60,7 +66,7 @@ def main():
         x += x_step
     svg.append(f'<text x="{W / 2}" y="{H - 12}" text-anchor="middle">seconds since the load started</text>')
     svg.append(f'<text x="16" y="{H / 2}" text-anchor="middle" transform="rotate(-90 16 {H / 2})">'
-               'store backlog (records durable, not yet stored)</text>')
+               f'{escape(y_label)}</text>')
     svg.append(f'<rect x="{LEFT}" y="{TOP}" width="{W - LEFT - RIGHT}" height="{H - TOP - BOTTOM}" '
                'fill="none" stroke="#888"/>')
     for i, (label, rows) in enumerate(series):
