@@ -52,8 +52,8 @@ struct Inner {
     members: HashMap<u64, Member>,
     next_member: u64,
     last_viewers_sent: usize,
-    /// (user, sticker) → (streak, last gift ms).
-    /// Streaks by `user_id` NUL `sticker` (ids never hold a NUL): (count, last gift ms).
+    /// Streaks by `user_id` NUL `sticker` (both are checked ids, never holding a NUL):
+    /// (count, last gift ms).
     combos: HashMap<String, (u32, u64)>,
     /// `combo`'s key buffer.
     combo_key: String,
