@@ -84,6 +84,7 @@ async fn gifts_pass_the_money_check() {
     ))
     .await
     .unwrap();
+    let (text, probe) = (r.to_text(), r.cpu_probe_ms);
     let m = r.money.expect("gift scenario checks money");
     assert!(m.ok, "{:#?}", m.failures);
     assert!(m.acked_coins > 0);
@@ -94,6 +95,10 @@ async fn gifts_pass_the_money_check() {
         "{:?}",
         server.cpu_us_per_gift
     );
+    // The machine's speed is taken before and after the run, and printed.
+    let [before, after] = probe.expect("every run carries its CPU probe");
+    assert!(before > 0.0 && after > 0.0, "{before} / {after}");
+    assert!(text.contains("machine: CPU probe"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

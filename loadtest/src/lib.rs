@@ -18,6 +18,7 @@ pub mod client;
 pub mod fast;
 pub mod pacing;
 pub mod plan;
+pub mod probe;
 pub mod report;
 pub mod stats;
 pub mod token;
@@ -75,6 +76,7 @@ pub async fn run(cli: Cli) -> Result<Report> {
         bail!("--procs must be at least 1");
     }
     let shape = Shape::of(&cli);
+    let probe_before = tokio::task::spawn_blocking(probe::cpu_probe_ms).await?;
     let started_unix_ms = stats::now_us() / 1000;
     let run_id = c
         .run_id
@@ -354,8 +356,10 @@ pub async fn run(cli: Cli) -> Result<Report> {
     }
     let parts: Vec<Report> = reports.into_iter().flatten().collect();
     let end = server_sample(&api, &c.server_pid).await;
+    let probe_after = tokio::task::spawn_blocking(probe::cpu_probe_ms).await?;
 
     let mut report = Report::merge(&parts);
+    report.cpu_probe_ms = Some([probe_before, probe_after]);
     report.run_id = run_id.clone();
     report.url = c.url.join(",");
     report.procs = c.procs;

@@ -193,6 +193,10 @@ pub struct Report {
     /// Runtime worker threads of each harness process (`--threads`; 0 = one per core).
     #[serde(default)]
     pub client_threads: usize,
+    /// The machine's speed before and after the run: ms for a fixed loop on one thread
+    /// (`probe::cpu_probe_ms`; lower is faster). Compare runs only with close probes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_probe_ms: Option<[f64; 2]>,
     /// The harness's own CPU seconds and peak RSS (summed over processes).
     pub client_cpu_secs: f64,
     pub client_rss_bytes: u64,
@@ -454,6 +458,12 @@ impl Report {
             self.client_cpu_secs,
             self.client_rss_bytes as f64 / 1048576.0
         );
+        if let Some([before, after]) = self.cpu_probe_ms {
+            let _ = writeln!(
+                o,
+                "machine: CPU probe {before:.1} ms before / {after:.1} ms after (a fixed loop on one thread; lower is faster; compare runs with close probes)"
+            );
+        }
         if !self.drift.is_empty() {
             let _ = writeln!(o, "drift windows:");
             for w in &self.drift {
