@@ -104,13 +104,23 @@ pub struct FastAck<'a> {
     pub seq: Option<u64>,
 }
 
-/// A whole-number field: `Ok(None)` when the key is absent, `Err` when its value is anything
-/// but digits followed by `,` or `}` (then the caller parses fully).
+/// Where `key` occurs: `Ok(None)` when absent, `Err` when it occurs twice (a duplicate field,
+/// which the full parser refuses).
+fn only(b: &[u8], key: &Finder<'_>) -> Result<Option<usize>, ()> {
+    let mut at = key.find_iter(b);
+    match (at.next(), at.next()) {
+        (first, None) => Ok(first.map(|i| i + key.needle().len())),
+        _ => Err(()),
+    }
+}
+
+/// A whole-number field: `Ok(None)` when the key is absent, `Err` when it is repeated or its
+/// value is anything but digits followed by `,` or `}` (then the caller parses fully).
 fn number(b: &[u8], key: &Finder<'_>) -> Result<Option<u64>, ()> {
-    let Some(at) = key.find(b) else {
+    let Some(at) = only(b, key)? else {
         return Ok(None);
     };
-    let rest = &b[at + key.needle().len()..];
+    let rest = &b[at..];
     let len = rest.iter().take_while(|c| c.is_ascii_digit()).count();
     match (digits(rest), rest.get(len)) {
         (Some(v), Some(b',' | b'}')) if len < 20 => Ok(Some(v)),
@@ -129,22 +139,21 @@ pub fn scan_gift_ok(frame: &str) -> Option<FastAck<'_>> {
         || !b.ends_with(b"}")
         || memchr::memchr(b'\\', b).is_some()
         || memchr::memchr(b'{', &b[1..]).is_some()
-        || GIFT_ID.find_iter(b).count() != 1
     {
         return None;
     }
-    let from = GIFT_ID.find(b)? + GIFT_ID.needle().len();
+    let from = only(b, &GIFT_ID).ok()??;
     let to = from + memchr::memchr(b'"', &b[from..])?;
     if !matches!(b.get(to + 1), Some(b',' | b'}')) {
         return None;
     }
-    let balance = number(b, &BALANCE).ok()?;
     Some(FastAck {
         gift_id: &frame[from..to],
-        balance: match balance {
-            Some(v) => Some(i64::try_from(v).ok()?),
-            None => None,
-        },
+        balance: number(b, &BALANCE)
+            .ok()?
+            .map(i64::try_from)
+            .transpose()
+            .ok()?,
         seq: number(b, &SEQ).ok()?,
     })
 }
@@ -206,6 +215,8 @@ mod tests {
             r#"{"type":"gift_ok","gift_id":"a"b","balance":5,"seq":1}"#,
             r#"{"type":"gift_ok","gift_id":"a\"b","balance":5,"seq":1}"#,
             r#"{"type":"gift_ok","gift_id":"g","gift_id":"h","balance":5,"seq":1}"#,
+            r#"{"type":"gift_ok","gift_id":"g","balance":5,"balance":6,"seq":1}"#,
+            r#"{"type":"gift_ok","gift_id":"g","balance":5,"seq":1,"seq":2}"#,
             r#"{"type":"gift_ok","gift_id":"g","balance":5,"seq":1,"x":{"seq":2}}"#,
             r#"{"type":"gift_rejected","gift_id":"g","code":"invalid","balance":5}"#,
             r#"{"type":"batch","events":[{"type":"gift_ok","gift_id":"g","balance":5,"seq":1}]}"#,

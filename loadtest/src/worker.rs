@@ -657,17 +657,20 @@ impl Member {
             }
             return;
         }
-        if let (Kind::Gifter(gf), Some(ack)) = (&mut self.kind, fast::scan_gift_ok(txt)) {
-            gf.on_ok(
-                ack.gift_id,
-                ack.balance,
-                ack.seq,
-                phase,
-                &mut sh,
-                &ctx.stats,
-                out,
-            );
-            return;
+        // Only a gifter gets acks: other members do not scan for them.
+        if let Kind::Gifter(gf) = &mut self.kind {
+            if let Some(ack) = fast::scan_gift_ok(txt) {
+                gf.on_ok(
+                    ack.gift_id,
+                    ack.balance,
+                    ack.seq,
+                    phase,
+                    &mut sh,
+                    &ctx.stats,
+                    out,
+                );
+                return;
+            }
         }
         let Ok(ev) = client::parse(txt) else {
             sh.err("bad_json_from_server");

@@ -254,20 +254,16 @@ pub fn same_gift(
 }
 
 fn gift_fingerprint(stream: &str, sticker: &str, count: u32, message: Option<&str>) -> String {
-    // "{stream}\0{sticker}\0{count}\0{message or \1}", built in one allocation (this runs for
-    // every gift, under its wallet's lock).
+    // "{stream}\0{sticker}\0{count}\0{message or \1}"; `join` sizes its one allocation first
+    // (this runs for every gift, under its wallet's lock; `format!` grew its buffer).
     let mut digits = itoa::Buffer::new();
-    let count = digits.format(count);
-    let message = message.unwrap_or("\u{1}");
-    let mut f =
-        String::with_capacity(stream.len() + sticker.len() + count.len() + message.len() + 3);
-    for (i, part) in [stream, sticker, count, message].into_iter().enumerate() {
-        if i > 0 {
-            f.push('\0');
-        }
-        f.push_str(part);
-    }
-    f
+    [
+        stream,
+        sticker,
+        digits.format(count),
+        message.unwrap_or("\u{1}"),
+    ]
+    .join("\0")
 }
 
 pub enum GiftStart {
