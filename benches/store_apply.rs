@@ -60,8 +60,8 @@ fn gift(n: u64, rng: &mut rand::rngs::StdRng, split: &Split) -> GiftRecord {
     let count = 1 + rng.random_range(0..3u32);
     let amount = price * u64::from(count);
     GiftRecord {
-        user_id: format!("user-{user}"),
-        user_name: format!("User {user}"),
+        user_id: format!("user-{user}").into(),
+        user_name: format!("User {user}").into(),
         gift_id: format!("{:032x}", rng.random::<u128>()),
         // A sender mostly gifts in the room they watch.
         stream: format!(
@@ -71,7 +71,8 @@ fn gift(n: u64, rng: &mut rand::rngs::StdRng, split: &Split) -> GiftRecord {
             } else {
                 user % STREAMS
             }
-        ),
+        )
+        .into(),
         sticker: sticker.into(),
         count,
         price,

@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 fn gift(n: u64, split: &Split) -> Record {
     let amount = 10;
     Record::Gift(GiftRecord {
-        user_id: format!("user-{}", n % 10_000),
-        user_name: format!("User {}", n % 10_000),
+        user_id: format!("user-{}", n % 10_000).into(),
+        user_name: format!("User {}", n % 10_000).into(),
         gift_id: format!("gift-{n}"),
-        stream: format!("stream-{}", n % 10),
+        stream: format!("stream-{}", n % 10).into(),
         sticker: "rose".into(),
         count: 1,
         price: 10,

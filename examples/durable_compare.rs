@@ -38,10 +38,10 @@ const PG_DEFAULT: &str = "postgres://postgres@127.0.0.1:5432/test";
 fn gift(n: u64, split: &Split) -> GiftRecord {
     let amount = 10;
     GiftRecord {
-        user_id: format!("user-{}", n % USERS),
-        user_name: format!("User {}", n % USERS),
+        user_id: format!("user-{}", n % USERS).into(),
+        user_name: format!("User {}", n % USERS).into(),
         gift_id: format!("gift-{n}"),
-        stream: format!("stream-{}", n % 10),
+        stream: format!("stream-{}", n % 10).into(),
         sticker: "rose".into(),
         count: 1,
         price: 10,
@@ -470,16 +470,16 @@ impl PgNaive {
     async fn gift(&mut self, g: &GiftRecord) -> anyhow::Result<()> {
         let tx = self.client.transaction().await?;
         let balance: i64 = tx
-            .query_one(&self.debit, &[&g.user_id, &(g.amount as i64)])
+            .query_one(&self.debit, &[&&*g.user_id, &(g.amount as i64)])
             .await?
             .get(0);
         tx.execute(
             &self.gift,
             &[
-                &g.user_id,
+                &&*g.user_id,
                 &g.gift_id,
-                &g.stream,
-                &g.sticker,
+                &&*g.stream,
+                &&*g.sticker,
                 &(g.count as i64),
                 &(g.amount as i64),
                 &(g.shares.store as i64),
@@ -493,9 +493,9 @@ impl PgNaive {
         tx.execute(
             &self.revenue,
             &[
-                &g.stream,
-                &g.sticker,
-                &g.user_id,
+                &&*g.stream,
+                &&*g.sticker,
+                &&*g.user_id,
                 &(g.amount as i64),
                 &(g.shares.store as i64),
                 &(g.shares.streamer as i64),

@@ -39,8 +39,8 @@ pub struct App {
     pub metrics: PrometheusHandle,
     pub catalog_json: String,
     pub durability: Option<Arc<crate::durable::Durable>>,
-    chat_limiter: Option<DefaultKeyedRateLimiter<String>>,
-    gift_limiter: Option<DefaultKeyedRateLimiter<String>>,
+    chat_limiter: Option<DefaultKeyedRateLimiter<Arc<str>>>,
+    gift_limiter: Option<DefaultKeyedRateLimiter<Arc<str>>>,
     conns_per_ip: DashMap<IpAddr, u32>,
     /// New WebSocket connections per address per second (on while `--max-conns-per-ip` is).
     conn_attempts: Option<governor::DefaultKeyedRateLimiter<IpAddr>>,
@@ -87,7 +87,7 @@ pub fn is_streamer(user: &Claims, room: &Room) -> bool {
     user.role == Role::Streamer && user.sub == room.id
 }
 
-fn per_minute(n: u32) -> Option<DefaultKeyedRateLimiter<String>> {
+fn per_minute(n: u32) -> Option<DefaultKeyedRateLimiter<Arc<str>>> {
     let n = NonZeroU32::new(n)?;
     Some(RateLimiter::keyed(Quota::per_minute(n)))
 }
@@ -124,10 +124,10 @@ impl Drop for ConnSlot {
 /// A gift as the wallet's node takes it: checked for shape, sticker looked up.
 #[derive(Clone, Copy)]
 pub struct WalletGift<'a> {
-    pub user_id: &'a str,
-    pub user_name: &'a str,
+    pub user_id: &'a Arc<str>,
+    pub user_name: &'a Arc<str>,
     pub gift_id: &'a str,
-    pub stream: &'a str,
+    pub stream: &'a Arc<str>,
     pub sticker: &'a crate::catalog::Sticker,
     pub count: u32,
     pub message: Option<&'a str>,
@@ -144,10 +144,10 @@ struct StoreChecked {
 /// [`WalletGift`] owned, to carry into a task or across an `.await`.
 #[derive(Clone, Debug)]
 pub struct OwnedWalletGift {
-    pub user_id: String,
-    pub user_name: String,
+    pub user_id: Arc<str>,
+    pub user_name: Arc<str>,
     pub gift_id: String,
-    pub stream: String,
+    pub stream: Arc<str>,
     pub sticker: crate::catalog::Sticker,
     pub count: u32,
     pub message: Option<String>,
@@ -170,10 +170,10 @@ impl OwnedWalletGift {
 impl WalletGift<'_> {
     pub fn to_owned_gift(&self) -> OwnedWalletGift {
         OwnedWalletGift {
-            user_id: self.user_id.to_string(),
-            user_name: self.user_name.to_string(),
+            user_id: self.user_id.clone(),
+            user_name: self.user_name.clone(),
             gift_id: self.gift_id.to_string(),
-            stream: self.stream.to_string(),
+            stream: self.stream.clone(),
             sticker: self.sticker.clone(),
             count: self.count,
             message: self.message.map(str::to_string),

@@ -3,6 +3,7 @@
 use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+use std::sync::Arc;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -33,8 +34,9 @@ impl std::str::FromStr for Role {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Claims {
-    pub sub: String,
-    pub name: String,
+    /// Shared, not copied, by every gift record of this connection (`GiftRecord`).
+    pub sub: Arc<str>,
+    pub name: Arc<str>,
     pub role: Role,
     pub exp: u64,
 }
@@ -131,7 +133,7 @@ mod tests {
         let t = k.mint("u1", "Ann", Role::Streamer, 60);
         let c = k.verify(&t).unwrap();
         assert_eq!(
-            (c.sub.as_str(), c.name.as_str(), c.role),
+            (&*c.sub, &*c.name, c.role),
             ("u1", "Ann", Role::Streamer)
         );
         assert_eq!(

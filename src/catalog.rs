@@ -5,13 +5,15 @@ use crate::money::AMOUNT_MAX;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::path::Path;
+use std::sync::Arc;
 
 /// One sticker. `tier` (1–5) decides how loud the shout-out is, how long a paid message stays
 /// pinned (`pin_secs`) and how long the overlay shows it (`alert_secs`), as Super Chat does by
 /// amount.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sticker {
-    pub id: String,
+    /// Shared, not copied, by every gift record of this sticker (`GiftRecord`).
+    pub id: Arc<str>,
     pub name: String,
     pub price: u64,
     pub emoji: String,
@@ -138,7 +140,7 @@ impl Catalog {
     }
 
     pub fn get(&self, id: &str) -> Option<&Sticker> {
-        self.stickers.iter().find(|s| s.id == id)
+        self.stickers.iter().find(|s| *s.id == *id)
     }
 }
 

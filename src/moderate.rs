@@ -54,9 +54,9 @@ impl App {
                     "not_found",
                     "no chat message with that seq in this stream's recent history".to_string(),
                 ))?;
-                if authority == Authority::Moderator && author != user.sub {
+                if authority == Authority::Moderator && *author != *user.sub {
                     let m = room.moderation();
-                    if author == room.id || m.is_moderator(&author) {
+                    if *author == *room.id || m.is_moderator(&author) {
                         return Err(forbidden(
                             "only the streamer may delete the streamer's or a moderator's chat",
                         ));
@@ -176,12 +176,12 @@ impl App {
         if !valid_id(target, ID_CHARS_MAX) {
             return Err(("invalid", "user_id must be 1-64 of [A-Za-z0-9_-]".into()));
         }
-        if target == room.id {
+        if *target == *room.id {
             return Err(forbidden(
                 "the streamer cannot be moderated in their own stream",
             ));
         }
-        if target == user.sub {
+        if *target == *user.sub {
             return Err(("invalid", "you cannot moderate yourself".into()));
         }
         if authority == Authority::Moderator && room.moderation().is_moderator(target) {

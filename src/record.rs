@@ -83,12 +83,15 @@ pub struct CreditRecord {
 /// One accepted gift: the debit, and the exact split of its value.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GiftRecord {
-    pub user_id: String,
-    pub user_name: String,
+    /// The sender, the stream and the sticker are shared, not copied: the sender's connection,
+    /// the room and the catalog hold the same `Arc<str>`, so a gift allocates only its own id
+    /// and message (serde writes an `Arc<str>` as a `str`: the journal format is unchanged).
+    pub user_id: Arc<str>,
+    pub user_name: Arc<str>,
     /// Chosen by the client, unique per user.
     pub gift_id: String,
-    pub stream: String,
-    pub sticker: String,
+    pub stream: Arc<str>,
+    pub sticker: Arc<str>,
     pub count: u32,
     /// Price of one sticker at the time of the gift, whole coins.
     pub price: u64,
@@ -131,10 +134,10 @@ impl PacketCreateRecord {
     /// it is stored, split and reported exactly like a gift.
     pub fn host_gift(&self) -> Option<GiftRecord> {
         (self.host_cut > 0).then(|| GiftRecord {
-            user_id: self.user_id.clone(),
-            user_name: self.user_name.clone(),
+            user_id: self.user_id.as_str().into(),
+            user_name: self.user_name.as_str().into(),
             gift_id: format!("rp:{}", self.packet_id),
-            stream: self.stream.clone(),
+            stream: self.stream.as_str().into(),
             sticker: "red_packet".into(),
             count: 1,
             price: self.host_cut,

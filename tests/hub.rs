@@ -458,7 +458,7 @@ async fn token_command_mints_a_token_the_server_accepts() {
     let keys = giftcast::auth::TokenKeys::new(b"0123456789abcdef");
     let claims = keys.verify(&token).unwrap();
     assert_eq!(
-        (claims.sub.as_str(), claims.role),
+        (&*claims.sub, claims.role),
         ("carol", Role::Streamer)
     );
 }

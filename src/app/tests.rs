@@ -257,10 +257,10 @@ async fn lookup_rig(stored_ids: usize, evict_on_lookups: u32) -> LookupRig {
 fn send_x1(app: &Arc<App>) -> tokio::sync::oneshot::Receiver<GiftReply> {
     let sticker = app.config.catalog.get("coffee").expect("coffee").clone();
     let gift = WalletGift {
-        user_id: "a",
-        user_name: "A",
+        user_id: &"a".into(),
+        user_name: &"A".into(),
         gift_id: "x-1",
-        stream: "s1",
+        stream: &"s1".into(),
         sticker: &sticker,
         count: 1,
         message: None,

@@ -165,8 +165,8 @@ impl Cluster {
         message: Option<&str>,
     ) -> GiftReply {
         let req = WalletReq::Gift {
-            user_id: user.sub.clone(),
-            user_name: user.name.clone(),
+            user_id: user.sub.to_string(),
+            user_name: user.name.to_string(),
             gift_id: gift_id.into(),
             stream: stream.into(),
             sticker: sticker.into(),
@@ -312,7 +312,7 @@ impl Cluster {
     /// Sets up the mirror of a room another node owns (once per room): subscribe to its rounds,
     /// start from the owner's history, then apply rounds in order.
     pub async fn ensure_mirror(self: &Arc<Self>, room: &Arc<Room>) -> Result<(), ClusterError> {
-        let cell = self.mirrors.entry(room.id.clone()).or_default().clone();
+        let cell = self.mirrors.entry(room.id.to_string()).or_default().clone();
         cell.get_or_try_init(|| async {
             let mut sub = self
                 .client
@@ -499,8 +499,8 @@ fn static_code(code: &str) -> &'static str {
 
 fn claims(user_id: String, name: String, role: Role) -> Claims {
     Claims {
-        sub: user_id,
-        name,
+        sub: user_id.into(),
+        name: name.into(),
         role,
         exp: u64::MAX,
     }
@@ -587,10 +587,10 @@ async fn serve_wallet(app: &Arc<App>, req: WalletReq) -> WalletResp {
                 };
             };
             let gift = crate::app::OwnedWalletGift {
-                user_id,
-                user_name,
+                user_id: user_id.into(),
+                user_name: user_name.into(),
                 gift_id,
-                stream,
+                stream: stream.into(),
                 sticker,
                 count,
                 message,

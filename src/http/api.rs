@@ -66,7 +66,7 @@ fn require_owner(app: &App, headers: &HeaderMap, stream: &str) -> Result<(), Api
         return Ok(());
     }
     let claims = user(app, headers)?;
-    if claims.role == Role::Streamer && claims.sub == stream {
+    if claims.role == Role::Streamer && *claims.sub == *stream {
         Ok(())
     } else {
         Err(ApiError::forbidden(

@@ -25,7 +25,7 @@ struct Member {
 pub struct QueuedGift {
     pub gift_id: String,
     pub from: QueuedUser,
-    pub sticker: String,
+    pub sticker: Arc<str>,
     pub count: u32,
     pub amount: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -36,8 +36,8 @@ pub struct QueuedGift {
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct QueuedUser {
-    pub id: String,
-    pub name: String,
+    pub id: Arc<str>,
+    pub name: Arc<str>,
 }
 
 struct Inner {
@@ -88,7 +88,8 @@ pub struct Gap {
 }
 
 pub struct Room {
-    pub id: String,
+    /// Shared, not copied, by every gift record of the room (`GiftRecord`).
+    pub id: Arc<str>,
     inner: Mutex<Inner>,
     wake: Notify,
     viewers: AtomicUsize,
@@ -135,7 +136,7 @@ impl Drop for MemberHandle {
 impl Room {
     pub(super) fn spawn(id: &str, epoch: &str, tick: std::time::Duration) -> Arc<Room> {
         let room = Arc::new(Room {
-            id: id.to_string(),
+            id: Arc::from(id),
             inner: Mutex::new(Inner {
                 seq: 0,
                 fanned_seq: 0,
@@ -176,7 +177,7 @@ impl Room {
             if let Some(f) = self.forward.get() {
                 let epoch = self.inner.lock().epoch.clone();
                 let _ = f.try_send(Forward {
-                    room: self.id.clone(),
+                    room: self.id.to_string(),
                     epoch,
                     live: true,
                     events: Vec::new(),
@@ -530,7 +531,7 @@ impl Room {
                         let live = self.is_live();
                         // A full queue drops the round: the other nodes see a gap and resync.
                         if f.try_send(Forward {
-                            room: self.id.clone(),
+                            room: self.id.to_string(),
                             epoch,
                             live,
                             events,

@@ -21,8 +21,8 @@ fn record(n: u64) -> Record {
         })
     } else {
         Record::Gift(GiftRecord {
-            user_id: format!("u{}", n % 5),
-            user_name: format!("User {n}"),
+            user_id: format!("u{}", n % 5).into(),
+            user_name: format!("User {n}").into(),
             gift_id: format!("g{n}"),
             stream: "demo".into(),
             sticker: "rose".into(),

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 pub(crate) fn gift(n: u64) -> Record {
     Record::Gift(GiftRecord {
-        user_id: format!("u{}", n % 7),
-        user_name: format!("User {}", n % 7),
+        user_id: format!("u{}", n % 7).into(),
+        user_name: format!("User {}", n % 7).into(),
         gift_id: format!("g{n}"),
         stream: "demo".into(),
         sticker: "rose".into(),

@@ -217,11 +217,12 @@ struct Wallet {
 /// A gift as the ledger sees it, already validated for shape by the protocol layer.
 #[derive(Debug, Clone)]
 pub struct GiftRequest<'a> {
-    pub user_id: &'a str,
-    pub user_name: &'a str,
+    /// Shared names: the record takes a reference, not a copy (see `GiftRecord`).
+    pub user_id: &'a Arc<str>,
+    pub user_name: &'a Arc<str>,
     pub gift_id: &'a str,
-    pub stream: &'a str,
-    pub sticker: &'a str,
+    pub stream: &'a Arc<str>,
+    pub sticker: &'a Arc<str>,
     pub price: u64,
     pub count: u32,
     pub message: Option<&'a str>,
@@ -314,7 +315,7 @@ pub struct Ledger {
     credits: DashMap<String, Arc<Slot>>,
     credited: AtomicU64,
     gifted: AtomicU64,
-    revenue: DashMap<String, StreamRevenue>,
+    revenue: DashMap<Arc<str>, StreamRevenue>,
     /// Red packets by (stream, packet id).
     packets: DashMap<String, packets::Packet>,
     /// Coins held in red packets in flight.
@@ -405,7 +406,7 @@ impl Ledger {
                 balance: None,
             };
         };
-        let Some(mut wallet) = self.wallets.get_mut(req.user_id) else {
+        let Some(mut wallet) = self.wallets.get_mut(&**req.user_id) else {
             return GiftStart::Rejected {
                 code: "insufficient_funds",
                 balance: Some(0),
@@ -438,11 +439,11 @@ impl Ledger {
             };
         };
         let record = SharedGift::new(GiftRecord {
-            user_id: req.user_id.to_string(),
-            user_name: req.user_name.to_string(),
+            user_id: req.user_id.clone(),
+            user_name: req.user_name.clone(),
             gift_id: req.gift_id.to_string(),
-            stream: req.stream.to_string(),
-            sticker: req.sticker.to_string(),
+            stream: req.stream.clone(),
+            sticker: req.sticker.clone(),
             count: req.count,
             price: req.price,
             amount: amount.0,
@@ -468,8 +469,8 @@ impl Ledger {
     /// The gift's record is durable: count its revenue. The caller then announces it and
     /// settles the slot with the shout-out's seq.
     pub fn gift_durable(&self, record: &GiftRecord) {
-        // The stream's key is copied only for its first gift.
-        if let Some(mut revenue) = self.revenue.get_mut(record.stream.as_str()) {
+        // The stream's key is the record's shared name, taken for its first gift.
+        if let Some(mut revenue) = self.revenue.get_mut(&*record.stream) {
             return revenue.add(record);
         }
         self.revenue
@@ -552,7 +553,7 @@ impl Ledger {
     /// The journal refused the gift's record: undo the debit and forget the id, so a retry is a
     /// fresh attempt.
     pub fn gift_failed(&self, record: &GiftRecord, slot: &Slot) {
-        if let Some(mut wallet) = self.wallets.get_mut(&record.user_id) {
+        if let Some(mut wallet) = self.wallets.get_mut(&*record.user_id) {
             wallet.balance = wallet
                 .balance
                 .checked_add(record.amount)
@@ -690,7 +691,7 @@ impl Ledger {
         let fp = gift_fingerprint(&g.stream, &g.sticker, g.count, g.message.as_deref());
         let slot = Slot::new(fp, g.balance_after, SlotState::Done { seq: 0 });
         self.wallets
-            .entry(g.user_id.clone())
+            .entry(g.user_id.to_string())
             .or_default()
             .gifts
             .insert(g.gift_id.clone(), slot);
@@ -698,7 +699,7 @@ impl Ledger {
 
     pub fn restore_revenue(&self, stream: &str, row: revenue::RevenueRow) {
         self.revenue
-            .entry(stream.to_string())
+            .entry(Arc::from(stream))
             .or_default()
             .restore(row);
     }
@@ -734,7 +735,7 @@ impl Ledger {
                 self.restore_credit(c);
             }
             Record::Gift(g) => {
-                let mut wallet = self.wallets.entry(g.user_id.clone()).or_default();
+                let mut wallet = self.wallets.entry(g.user_id.to_string()).or_default();
                 if wallet.gifts.contains_key(&g.gift_id) {
                     return Err(format!("gift {}/{} replayed twice", g.user_id, g.gift_id));
                 }

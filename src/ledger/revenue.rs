@@ -4,6 +4,7 @@ use crate::money::SHARE_UNIT;
 use crate::record::GiftRecord;
 use serde::Serialize;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// How many gifters `top_gifters` lists.
 pub const TOP_GIFTERS_MAX: usize = 10;
@@ -41,8 +42,9 @@ pub struct RevenueRow {
 #[derive(Default, Debug)]
 pub struct StreamRevenue {
     total: Totals,
-    by_sticker: HashMap<String, Totals>,
-    by_gifter: HashMap<String, (String, Totals)>,
+    /// Keyed by the records' own shared names (no copy per sticker or gifter).
+    by_sticker: HashMap<Arc<str>, Totals>,
+    by_gifter: HashMap<Arc<str>, (Arc<str>, Totals)>,
 }
 
 #[derive(Debug, Serialize)]
@@ -84,15 +86,15 @@ impl StreamRevenue {
             platform: g.shares.platform,
         };
         self.total.add(&t);
-        // Keys are copied only the first time a sticker or a gifter is seen (this runs for
-        // every durable gift, on the journal's settle thread).
-        match self.by_sticker.get_mut(g.sticker.as_str()) {
+        // Keys are shared with the record, taken the first time a sticker or a gifter is seen
+        // (this runs for every durable gift, on the journal's settle thread).
+        match self.by_sticker.get_mut(&*g.sticker) {
             Some(totals) => totals.add(&t),
             None => {
                 self.by_sticker.insert(g.sticker.clone(), t);
             }
         }
-        match self.by_gifter.get_mut(g.user_id.as_str()) {
+        match self.by_gifter.get_mut(&*g.user_id) {
             Some((name, totals)) => {
                 if *name != g.user_name {
                     name.clone_from(&g.user_name);
@@ -109,13 +111,13 @@ impl StreamRevenue {
     pub fn restore(&mut self, row: RevenueRow) {
         self.total.add(&row.totals);
         self.by_sticker
-            .entry(row.sticker)
+            .entry(Arc::from(row.sticker))
             .or_default()
             .add(&row.totals);
         let gifter = self
             .by_gifter
-            .entry(row.user_id)
-            .or_insert_with(|| (row.user_name, Totals::default()));
+            .entry(Arc::from(row.user_id))
+            .or_insert_with(|| (Arc::from(row.user_name), Totals::default()));
         gifter.1.add(&row.totals);
     }
 
@@ -126,11 +128,11 @@ impl StreamRevenue {
             self.total,
             self.by_sticker
                 .iter()
-                .map(|(k, t)| (k.clone(), *t))
+                .map(|(k, t)| (k.to_string(), *t))
                 .collect(),
             self.by_gifter
                 .iter()
-                .map(|(k, (n, t))| (k.clone(), n.clone(), *t))
+                .map(|(k, (n, t))| (k.to_string(), n.to_string(), *t))
                 .collect(),
         )
     }
@@ -144,12 +146,12 @@ impl StreamRevenue {
     ) {
         self.total.add(&total);
         for (k, t) in by_sticker {
-            self.by_sticker.entry(k).or_default().add(&t);
+            self.by_sticker.entry(Arc::from(k)).or_default().add(&t);
         }
         for (k, n, t) in by_gifter {
             self.by_gifter
-                .entry(k)
-                .or_insert_with(|| (n, Totals::default()))
+                .entry(Arc::from(k))
+                .or_insert_with(|| (Arc::from(n), Totals::default()))
                 .1
                 .add(&t);
         }
@@ -164,7 +166,7 @@ impl StreamRevenue {
             .by_sticker
             .iter()
             .map(|(k, t)| StickerTotals {
-                sticker: k.clone(),
+                sticker: k.to_string(),
                 totals: *t,
             })
             .collect();
@@ -178,8 +180,8 @@ impl StreamRevenue {
             .by_gifter
             .iter()
             .map(|(k, (name, t))| GifterTotals {
-                user_id: k.clone(),
-                name: name.clone(),
+                user_id: k.to_string(),
+                name: name.to_string(),
                 totals: *t,
             })
             .collect();

@@ -6,14 +6,19 @@ fn ledger() -> Ledger {
     Ledger::new(Split::default(), Arc::new(MemorySink::default()))
 }
 
-fn gift<'a>(user: &'a str, id: &'a str, price: u64, count: u32) -> GiftRequest<'a> {
+/// A shared name for a request (leaked: a test's few names live as long as the test binary).
+fn name(s: &str) -> &'static Arc<str> {
+    Box::leak(Box::new(Arc::from(s)))
+}
+
+fn gift<'a>(user: &str, id: &'a str, price: u64, count: u32) -> GiftRequest<'a> {
     GiftRequest {
-        user_id: user,
-        user_name: "U",
+        user_id: name(user),
+        user_name: name("U"),
         gift_id: id,
-        stream: "s1",
+        stream: name("s1"),
         // One sticker per price, as in a catalog.
-        sticker: Box::leak(format!("k{price}").into_boxed_str()),
+        sticker: name(&format!("k{price}")),
         price,
         count,
         message: None,

@@ -111,7 +111,7 @@ fn sort_gift(snapshot: &mut Snapshot, gift: GiftRecord, resident_since_ms: u64) 
         snapshot.gifts.push(gift);
     } else {
         snapshot.gift_keys.push(GiftKey {
-            user_id: gift.user_id,
+            user_id: gift.user_id.to_string(),
             gift_id: gift.gift_id,
             amount: gift.amount,
             ts_ms: gift.ts_ms,
@@ -413,17 +413,19 @@ impl<'a> Deltas<'a> {
         let overflow = || StoreError::Range("revenue total overflows".into());
         self.gifted = self.gifted.checked_add(gift.amount).ok_or_else(overflow)?;
         let key = (
-            gift.stream.as_str(),
-            gift.sticker.as_str(),
-            gift.user_id.as_str(),
+            &*gift.stream,
+            &*gift.sticker,
+            &*gift.user_id,
         );
         let row = self.revenue.entry(key).or_insert_with(|| RevenueRow {
-            stream: gift.stream.clone(),
-            sticker: gift.sticker.clone(),
-            user_id: gift.user_id.clone(),
+            stream: gift.stream.to_string(),
+            sticker: gift.sticker.to_string(),
+            user_id: gift.user_id.to_string(),
             ..RevenueRow::default()
         });
-        row.user_name.clone_from(&gift.user_name);
+        if *row.user_name != *gift.user_name {
+            row.user_name = gift.user_name.to_string();
+        }
         row.gifts += 1;
         row.stickers = row
             .stickers

@@ -349,7 +349,7 @@ async fn apply(conn: &PgConn, node: &str, records: &[(Lsn, Arc<Record>)]) -> Res
         let mut inserted: HashSet<(String, String)> =
             rows.iter().map(|row| (row.get(0), row.get(1))).collect();
         for (_, g) in chunk {
-            if inserted.remove(&(g.user_id.clone(), g.gift_id.clone())) {
+            if inserted.remove(&(g.user_id.to_string(), g.gift_id.clone())) {
                 deltas.add_gift(g)?;
             }
         }
@@ -505,11 +505,11 @@ async fn load(
 /// A row of `GIFT_COLUMNS`.
 fn gift_row(row: &tokio_postgres::Row) -> Result<GiftRecord> {
     Ok(GiftRecord {
-        user_id: row.get(0),
-        user_name: row.get(1),
+        user_id: row.get::<_, &str>(0).into(),
+        user_name: row.get::<_, &str>(1).into(),
         gift_id: row.get(2),
-        stream: row.get(3),
-        sticker: row.get(4),
+        stream: row.get::<_, &str>(3).into(),
+        sticker: row.get::<_, &str>(4).into(),
         count: u32::try_from(row.get::<_, i64>(5))
             .map_err(|_| StoreError::Range("gift count".into()))?,
         price: to_u64(row.get(6), "price")?,

@@ -156,8 +156,8 @@ pub(crate) fn history(users: u64, gifts_per_user: u64) -> Vec<(Lsn, Arc<Record>)
             records.push((
                 lsn,
                 Arc::new(Record::Gift(GiftRecord {
-                    user_id: format!("user-{u}"),
-                    user_name: format!("Name {u}.{g}"),
+                    user_id: format!("user-{u}").into(),
+                    user_name: format!("Name {u}.{g}").into(),
                     gift_id: format!("gift-{g}"),
                     stream: STREAMS[((g * 3 + u) % 3) as usize].into(),
                     sticker: sticker.into(),
@@ -201,12 +201,12 @@ pub(crate) fn model(records: &[(Lsn, Arc<Record>)], since_ms: u64) -> Snapshot {
                             snapshot.gifts.push(g.clone());
                         }
                         let row = revenue
-                            .entry((g.stream.clone(), g.sticker.clone(), g.user_id.clone()))
+                            .entry((g.stream.to_string(), g.sticker.to_string(), g.user_id.to_string()))
                             .or_default();
-                        row.stream.clone_from(&g.stream);
-                        row.sticker.clone_from(&g.sticker);
-                        row.user_id.clone_from(&g.user_id);
-                        row.user_name.clone_from(&g.user_name);
+                        row.stream = g.stream.to_string();
+                        row.sticker = g.sticker.to_string();
+                        row.user_id = g.user_id.to_string();
+                        row.user_name = g.user_name.to_string();
                         row.gifts += 1;
                         row.stickers += u64::from(g.count);
                         row.gross += g.amount;
@@ -321,7 +321,7 @@ async fn revenue_aggregation_is_exact(backend: Backend) {
     let mut grouped: BTreeMap<Key, (u64, u64, u64, u64)> = BTreeMap::new();
     for g in &all_gifts {
         let e = grouped
-            .entry((g.stream.clone(), g.sticker.clone(), g.user_id.clone()))
+            .entry((g.stream.to_string(), g.sticker.to_string(), g.user_id.to_string()))
             .or_default();
         e.0 += 1;
         e.1 += u64::from(g.count);
@@ -373,7 +373,7 @@ async fn a_batch_keeps_lsn_order_semantics_whatever_its_key_order(backend: Backe
             i as u64 + 2,
             Arc::new(Record::Gift(GiftRecord {
                 user_id: "u".into(),
-                user_name: format!("name {i}"),
+                user_name: format!("name {i}").into(),
                 gift_id: id.into(),
                 stream: "demo".into(),
                 sticker: "rose".into(),
@@ -428,11 +428,11 @@ async fn a_batch_keeps_lsn_order_semantics_whatever_its_key_order(backend: Backe
     assert_eq!(snapshot, model(&records, 0));
     let m = snapshot.gifts.iter().find(|g| g.gift_id == "m").unwrap();
     assert_eq!(
-        (m.user_name.as_str(), m.message.as_deref()),
+        (&*m.user_name, m.message.as_deref()),
         ("name 1", None)
     );
     let rp = snapshot.gifts.iter().find(|g| g.gift_id == "rp:p").unwrap();
-    assert_eq!((rp.amount, rp.sticker.as_str()), (10, "rose"));
+    assert_eq!((rp.amount, &*rp.sticker), (10, "rose"));
     assert_eq!(snapshot.gifted_total, 40);
     assert_eq!(snapshot.revenue.len(), 1);
     // The latest counted gift by LSN is "rp:p" (LSN 6, a copy of "a", LSN 4, so named "name 2"):
@@ -525,13 +525,13 @@ async fn gifts_load_split_by_the_resident_window_and_are_found_by_id(backend: Ba
             split
                 .gifts
                 .iter()
-                .map(|g| (g.user_id.clone(), g.gift_id.clone(), g.amount, g.ts_ms)),
+                .map(|g| (g.user_id.to_string(), g.gift_id.clone(), g.amount, g.ts_ms)),
         )
         .collect();
     let mut expected: Vec<_> = whole
         .gifts
         .iter()
-        .map(|g| (g.user_id.clone(), g.gift_id.clone(), g.amount, g.ts_ms))
+        .map(|g| (g.user_id.to_string(), g.gift_id.clone(), g.amount, g.ts_ms))
         .collect();
     keys.sort();
     expected.sort();

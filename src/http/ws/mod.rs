@@ -563,8 +563,8 @@ impl Conn<'_> {
                     Some(user) => {
                         if let (true, Some(cluster)) = (room.is_mirror(), self.app.cluster.get()) {
                             let req = RoomReq::Chat {
-                                user_id: user.sub.clone(),
-                                name: user.name.clone(),
+                                user_id: user.sub.to_string(),
+                                name: user.name.to_string(),
                                 text,
                             };
                             if let Err((code, message)) =
@@ -585,7 +585,7 @@ impl Conn<'_> {
                     Some(user) => {
                         if let (true, Some(cluster)) = (room.is_mirror(), self.app.cluster.get()) {
                             let req = RoomReq::Thanks {
-                                user_id: user.sub.clone(),
+                                user_id: user.sub.to_string(),
                                 is_streamer: user.role == Role::Streamer,
                                 gift_id,
                                 text,
@@ -751,7 +751,7 @@ impl Conn<'_> {
         let outcome = room.join(
             &self.tx,
             self.shared.clone(),
-            user.map(|u| u.sub.as_str()),
+            user.map(|u| &*u.sub),
             since,
             |seq, viewers, resumed, epoch| {
                 serde_json::to_string(&protocol::Joined {
