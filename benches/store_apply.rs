@@ -62,7 +62,7 @@ fn gift(n: u64, rng: &mut rand::rngs::StdRng, split: &Split) -> GiftRecord {
     GiftRecord {
         user_id: format!("user-{user}").into(),
         user_name: format!("User {user}").into(),
-        gift_id: format!("{:032x}", rng.random::<u128>()),
+        gift_id: format!("{:032x}", rng.random::<u128>()).into(),
         // A sender mostly gifts in the room they watch.
         stream: format!(
             "stream-{}",

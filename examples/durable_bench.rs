@@ -19,7 +19,7 @@ fn gift(n: u64, split: &Split) -> Record {
     Record::Gift(GiftRecord {
         user_id: format!("user-{}", n % 10_000).into(),
         user_name: format!("User {}", n % 10_000).into(),
-        gift_id: format!("gift-{n}"),
+        gift_id: format!("gift-{n}").into(),
         stream: format!("stream-{}", n % 10).into(),
         sticker: "rose".into(),
         count: 1,

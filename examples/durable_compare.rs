@@ -40,7 +40,7 @@ fn gift(n: u64, split: &Split) -> GiftRecord {
     GiftRecord {
         user_id: format!("user-{}", n % USERS).into(),
         user_name: format!("User {}", n % USERS).into(),
-        gift_id: format!("gift-{n}"),
+        gift_id: format!("gift-{n}").into(),
         stream: format!("stream-{}", n % 10).into(),
         sticker: "rose".into(),
         count: 1,
@@ -477,7 +477,7 @@ impl PgNaive {
             &self.gift,
             &[
                 &&*g.user_id,
-                &g.gift_id,
+                &&*g.gift_id,
                 &&*g.stream,
                 &&*g.sticker,
                 &(g.count as i64),

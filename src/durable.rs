@@ -208,7 +208,7 @@ impl Durable {
         let gifts_today = snapshot
             .gift_keys
             .iter()
-            .map(|k| (k.user_id.as_str(), &k.gift_id, k.amount, k.ts_ms))
+            .map(|k| (k.user_id.as_str(), k.gift_id.as_str(), k.amount, k.ts_ms))
             .chain(
                 snapshot
                     .gifts
@@ -217,7 +217,7 @@ impl Durable {
                         Record::Gift(g) => Some(g),
                         _ => None,
                     }))
-                    .map(|g| (&*g.user_id, &g.gift_id, g.amount, g.ts_ms)),
+                    .map(|g| (&*g.user_id, &*g.gift_id, g.amount, g.ts_ms)),
             )
             // A red packet's host cut is counted with its packet below.
             .filter(|(_, gift_id, _, ts_ms)| *ts_ms >= today_ms && !gift_id.starts_with("rp:"))

@@ -88,8 +88,9 @@ pub struct GiftRecord {
     /// and message (serde writes an `Arc<str>` as a `str`: the journal format is unchanged).
     pub user_id: Arc<str>,
     pub user_name: Arc<str>,
-    /// Chosen by the client, unique per user.
-    pub gift_id: String,
+    /// Chosen by the client, unique per user. Shared too: the wallet's resident-id map, the
+    /// resident queue and the streamer's thanks queue hold this same allocation.
+    pub gift_id: Arc<str>,
     pub stream: Arc<str>,
     pub sticker: Arc<str>,
     pub count: u32,
@@ -136,7 +137,7 @@ impl PacketCreateRecord {
         (self.host_cut > 0).then(|| GiftRecord {
             user_id: self.user_id.as_str().into(),
             user_name: self.user_name.as_str().into(),
-            gift_id: format!("rp:{}", self.packet_id),
+            gift_id: format!("rp:{}", self.packet_id).into(),
             stream: self.stream.as_str().into(),
             sticker: "red_packet".into(),
             count: 1,

@@ -23,7 +23,7 @@ struct Member {
 /// An un-thanked gift waiting in the streamer's queue.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct QueuedGift {
-    pub gift_id: String,
+    pub gift_id: Arc<str>,
     pub from: QueuedUser,
     pub sticker: Arc<str>,
     pub count: u32,
@@ -588,7 +588,7 @@ impl Room {
     /// Removes a gift from the thanks queue; `None` when it is not there.
     pub fn take_queued(&self, gift_id: &str) -> Option<QueuedGift> {
         let mut inner = self.inner.lock();
-        let pos = inner.unthanked.iter().position(|g| g.gift_id == gift_id)?;
+        let pos = inner.unthanked.iter().position(|g| *g.gift_id == *gift_id)?;
         inner.unthanked.remove(pos)
     }
 
@@ -619,7 +619,7 @@ mod tests {
 
     fn gift(n: u64) -> QueuedGift {
         QueuedGift {
-            gift_id: format!("g{n}"),
+            gift_id: format!("g{n}").into(),
             from: QueuedUser {
                 id: "u".into(),
                 name: "U".into(),
@@ -687,7 +687,7 @@ mod tests {
         let inner = room.inner.lock();
         assert_eq!(inner.unthanked.len(), THANKS_QUEUE_MAX);
         assert_eq!(
-            inner.unthanked.back().unwrap().gift_id,
+            &*inner.unthanked.back().unwrap().gift_id,
             format!("g{}", n - 1)
         );
     }

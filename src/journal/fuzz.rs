@@ -23,7 +23,7 @@ fn record(n: u64) -> Record {
         Record::Gift(GiftRecord {
             user_id: format!("u{}", n % 5).into(),
             user_name: format!("User {n}").into(),
-            gift_id: format!("g{n}"),
+            gift_id: format!("g{n}").into(),
             stream: "demo".into(),
             sticker: "rose".into(),
             count: 1,

@@ -8,7 +8,7 @@ pub(crate) fn gift(n: u64) -> Record {
     Record::Gift(GiftRecord {
         user_id: format!("u{}", n % 7).into(),
         user_name: format!("User {}", n % 7).into(),
-        gift_id: format!("g{n}"),
+        gift_id: format!("g{n}").into(),
         stream: "demo".into(),
         sticker: "rose".into(),
         count: 1 + (n % 3) as u32,

@@ -28,6 +28,7 @@ use crate::record::{GiftRecord, Lsn};
 use fastbloom::AtomicBloomFilter;
 use parking_lot::{Mutex, RwLock};
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 /// The generation count as a number of spans.
 const GENERATIONS: u64 = IDEMPOTENCY_FILTER_GENERATIONS as u64;
@@ -157,32 +158,30 @@ impl EvictedIds {
     }
 }
 
-/// A durable gift whose id is resident, in the order the journal made them durable. Compact
-/// (one allocation), so that the gift's record is freed when its completion ends, not later.
+/// A durable gift whose id is resident, in the order the journal made them durable. It shares
+/// the record's ids (the sender's name and the gift id, which the wallet's map holds too), not
+/// the record, so that the record is freed when its completion ends, not later.
 pub(crate) struct Resident {
     /// 0: stored already (restored from the store at start).
     pub lsn: Lsn,
     pub ts_ms: u64,
-    /// `user_id`, NUL, `gift_id` (a gift id never holds a NUL: `protocol::valid_id`).
-    key: Box<str>,
+    user_id: Arc<str>,
+    gift_id: Arc<str>,
 }
 
 impl Resident {
     pub(crate) fn new(lsn: Lsn, gift: &GiftRecord) -> Resident {
-        let mut key = String::with_capacity(gift.user_id.len() + 1 + gift.gift_id.len());
-        key.push_str(&gift.user_id);
-        key.push('\0');
-        key.push_str(&gift.gift_id);
         Resident {
             lsn,
             ts_ms: gift.ts_ms,
-            key: key.into_boxed_str(),
+            user_id: gift.user_id.clone(),
+            gift_id: gift.gift_id.clone(),
         }
     }
 
     /// (user_id, gift_id).
     pub(crate) fn ids(&self) -> (&str, &str) {
-        self.key.rsplit_once('\0').expect("built with a NUL")
+        (&self.user_id, &self.gift_id)
     }
 }
 

@@ -112,7 +112,7 @@ fn sort_gift(snapshot: &mut Snapshot, gift: GiftRecord, resident_since_ms: u64) 
     } else {
         snapshot.gift_keys.push(GiftKey {
             user_id: gift.user_id.to_string(),
-            gift_id: gift.gift_id,
+            gift_id: gift.gift_id.to_string(),
             amount: gift.amount,
             ts_ms: gift.ts_ms,
         });

@@ -349,7 +349,7 @@ async fn apply(conn: &PgConn, node: &str, records: &[(Lsn, Arc<Record>)]) -> Res
         let mut inserted: HashSet<(String, String)> =
             rows.iter().map(|row| (row.get(0), row.get(1))).collect();
         for (_, g) in chunk {
-            if inserted.remove(&(g.user_id.to_string(), g.gift_id.clone())) {
+            if inserted.remove(&(g.user_id.to_string(), g.gift_id.to_string())) {
                 deltas.add_gift(g)?;
             }
         }
@@ -507,7 +507,7 @@ fn gift_row(row: &tokio_postgres::Row) -> Result<GiftRecord> {
     Ok(GiftRecord {
         user_id: row.get::<_, &str>(0).into(),
         user_name: row.get::<_, &str>(1).into(),
-        gift_id: row.get(2),
+        gift_id: row.get::<_, &str>(2).into(),
         stream: row.get::<_, &str>(3).into(),
         sticker: row.get::<_, &str>(4).into(),
         count: u32::try_from(row.get::<_, i64>(5))

@@ -456,7 +456,7 @@ impl<'t> GiftInsert<'t> {
         let mut rows = self.same_hash.query([gen, hash])?;
         while let Some(row) = rows.next()? {
             let (user_id, gift_id): (String, String) = (row.get(0)?, row.get(1)?);
-            if *user_id == *g.user_id && gift_id == g.gift_id {
+            if *user_id == *g.user_id && *gift_id == *g.gift_id {
                 return Ok(false);
             }
             salt_max = salt_max.max(row.get(2)?);

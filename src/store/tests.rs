@@ -158,7 +158,7 @@ pub(crate) fn history(users: u64, gifts_per_user: u64) -> Vec<(Lsn, Arc<Record>)
                 Arc::new(Record::Gift(GiftRecord {
                     user_id: format!("user-{u}").into(),
                     user_name: format!("Name {u}.{g}").into(),
-                    gift_id: format!("gift-{g}"),
+                    gift_id: format!("gift-{g}").into(),
                     stream: STREAMS[((g * 3 + u) % 3) as usize].into(),
                     sticker: sticker.into(),
                     count,
@@ -285,7 +285,7 @@ async fn records_at_or_below_the_checkpoint_are_skipped(backend: Backend) {
                     c.balance_after += 1;
                 }
                 Record::Gift(g) => {
-                    g.gift_id.push_str("-forged");
+                    g.gift_id = format!("{}-forged", g.gift_id).into();
                     g.balance_after += 1;
                 }
                 _ => {}
@@ -426,12 +426,12 @@ async fn a_batch_keeps_lsn_order_semantics_whatever_its_key_order(backend: Backe
     db.store.apply_batch(&records).await.unwrap();
     let snapshot = db.store.load(0).await.unwrap();
     assert_eq!(snapshot, model(&records, 0));
-    let m = snapshot.gifts.iter().find(|g| g.gift_id == "m").unwrap();
+    let m = snapshot.gifts.iter().find(|g| &*g.gift_id == "m").unwrap();
     assert_eq!(
         (&*m.user_name, m.message.as_deref()),
         ("name 1", None)
     );
-    let rp = snapshot.gifts.iter().find(|g| g.gift_id == "rp:p").unwrap();
+    let rp = snapshot.gifts.iter().find(|g| &*g.gift_id == "rp:p").unwrap();
     assert_eq!((rp.amount, &*rp.sticker), (10, "rose"));
     assert_eq!(snapshot.gifted_total, 40);
     assert_eq!(snapshot.revenue.len(), 1);
@@ -501,7 +501,7 @@ async fn packet_records_round_trip(backend: Backend) {
     assert!(loaded
         .gifts
         .iter()
-        .any(|g| g.gift_id == "rp:p" && g.amount == 1));
+        .any(|g| &*g.gift_id == "rp:p" && g.amount == 1));
 }
 
 async fn gifts_load_split_by_the_resident_window_and_are_found_by_id(backend: Backend) {
@@ -525,13 +525,13 @@ async fn gifts_load_split_by_the_resident_window_and_are_found_by_id(backend: Ba
             split
                 .gifts
                 .iter()
-                .map(|g| (g.user_id.to_string(), g.gift_id.clone(), g.amount, g.ts_ms)),
+                .map(|g| (g.user_id.to_string(), g.gift_id.to_string(), g.amount, g.ts_ms)),
         )
         .collect();
     let mut expected: Vec<_> = whole
         .gifts
         .iter()
-        .map(|g| (g.user_id.to_string(), g.gift_id.clone(), g.amount, g.ts_ms))
+        .map(|g| (g.user_id.to_string(), g.gift_id.to_string(), g.amount, g.ts_ms))
         .collect();
     keys.sort();
     expected.sort();
