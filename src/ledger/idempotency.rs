@@ -29,6 +29,7 @@ use fastbloom::AtomicBloomFilter;
 use parking_lot::{Mutex, RwLock};
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::hash::BuildHasher;
 
 /// The generation count as a number of spans.
 const GENERATIONS: u64 = IDEMPOTENCY_FILTER_GENERATIONS as u64;
@@ -73,6 +74,10 @@ pub(crate) struct EvictedIds {
     slots: RwLock<Vec<Option<Generation>>>,
     span_ms: u64,
     bits_per_generation: usize,
+    /// An id is hashed once, with this (randomly seeded) hasher, and that hash goes to every
+    /// generation's filter: a lookup checks up to `IDEMPOTENCY_FILTER_GENERATIONS` filters, and
+    /// each filter's own hasher (SipHash) would hash the id again for each.
+    hasher: foldhash::fast::RandomState,
 }
 
 struct Generation {
@@ -89,7 +94,12 @@ impl EvictedIds {
             slots: RwLock::new((0..IDEMPOTENCY_FILTER_GENERATIONS).map(|_| None).collect()),
             span_ms,
             bits_per_generation,
+            hasher: foldhash::fast::RandomState::default(),
         }
+    }
+
+    fn hash(&self, user_id: &str, gift_id: &str) -> u64 {
+        self.hasher.hash_one((user_id, gift_id))
     }
 
     fn oldest_live(&self, now_ms: u64) -> u64 {
@@ -107,12 +117,12 @@ impl EvictedIds {
         if number < self.oldest_live(now_ms) {
             return;
         }
-        let key = (user_id, gift_id);
+        let key = self.hash(user_id, gift_id);
         {
             let slots = self.slots.read();
             if let Some(g) = &slots[Self::slot_of(number)] {
                 if g.number == number {
-                    g.filter.insert(&key);
+                    g.filter.insert_hash(key);
                     return;
                 }
                 if g.number > number {
@@ -138,18 +148,18 @@ impl EvictedIds {
                 });
             }
         }
-        slot.as_ref().expect("just filled").filter.insert(&key);
+        slot.as_ref().expect("just filled").filter.insert_hash(key);
     }
 
     /// False: the id was never evicted (within the retention). True: it may have been.
     pub(crate) fn may_contain(&self, user_id: &str, gift_id: &str, now_ms: u64) -> bool {
         let oldest = self.oldest_live(now_ms);
-        let key = (user_id, gift_id);
+        let key = self.hash(user_id, gift_id);
         self.slots
             .read()
             .iter()
             .flatten()
-            .any(|g| g.number >= oldest && g.filter.contains(&key))
+            .any(|g| g.number >= oldest && g.filter.contains_hash(key))
     }
 
     /// Bytes allocated for the filter now (generations are allocated when first used).
