@@ -182,7 +182,9 @@ struct Gifter {
     room: String,
     prefix: String,
     n: u64,
-    pending: HashMap<String, Pending>,
+    /// Gifts in flight by their number: the id is `{prefix}-{n}`, so an answer's id is matched
+    /// by parsing its number (`number_of`), not by hashing and comparing the whole string.
+    pending: HashMap<u64, Pending, foldhash::fast::RandomState>,
     acked_amount: u64,
     acked_count: u64,
     rejected: u64,
@@ -198,8 +200,9 @@ impl Gifter {
             let i = (self.rng.next() % self.cfg.stickers.len() as u64) as usize;
             self.cfg.stickers[i].clone()
         };
+        let number = self.n;
         let mut digits = itoa::Buffer::new();
-        let n = digits.format(self.n);
+        let n = digits.format(number);
         let mut id = String::with_capacity(self.prefix.len() + 1 + n.len());
         id.push_str(&self.prefix);
         id.push('-');
@@ -219,7 +222,7 @@ impl Gifter {
         .expect("a gift frame serialises");
         let frame = Utf8Bytes::from(frame);
         self.pending.insert(
-            id,
+            number,
             Pending {
                 sent: Instant::now(),
                 amount: price * self.cfg.count as u64,
@@ -252,7 +255,7 @@ impl Gifter {
         stats: &Stats,
         out: &mut Vec<Utf8Bytes>,
     ) {
-        let Some(p) = self.pending.remove(id) else {
+        let Some((number, p)) = self.take_pending(id) else {
             shard.inc(C::UnexpectedAck, 1);
             return;
         };
@@ -283,7 +286,7 @@ impl Gifter {
         {
             out.push(p.frame.clone());
             self.pending.insert(
-                id.to_string(),
+                number,
                 Pending {
                     sent: Instant::now(),
                     amount: p.amount,
@@ -307,7 +310,7 @@ impl Gifter {
         out: &mut Vec<Utf8Bytes>,
     ) {
         shard.err(&format!("gift_rejected:{code}"));
-        let Some(p) = self.pending.remove(id) else {
+        let Some((_, p)) = self.take_pending(id) else {
             shard.inc(C::UnexpectedAck, 1);
             return;
         };
@@ -332,6 +335,20 @@ impl Gifter {
             return;
         }
         self.top_up(phase, shard, stats, out);
+    }
+
+    /// The number of one of this gifter's ids (`{prefix}-{n}`, `n` as written by `new_gift`,
+    /// without leading zeros); `None` for any other string.
+    fn number_of(&self, id: &str) -> Option<u64> {
+        let digits = id.strip_prefix(self.prefix.as_str())?.strip_prefix('-')?;
+        let n: u64 = digits.parse().ok()?;
+        (itoa::Buffer::new().format(n) == digits).then_some(n)
+    }
+
+    /// Takes the gift in flight with this id.
+    fn take_pending(&mut self, id: &str) -> Option<(u64, Pending)> {
+        let n = self.number_of(id)?;
+        self.pending.remove(&n).map(|p| (n, p))
     }
 
     fn note(&mut self, s: String) {
@@ -1188,7 +1205,7 @@ pub async fn run_worker(
                 room: room.clone(),
                 prefix: format!("lt{run}-{w}-{k}"),
                 n: 0,
-                pending: HashMap::new(),
+                pending: HashMap::default(),
                 acked_amount: 0,
                 acked_count: 0,
                 rejected: 0,
@@ -1498,5 +1515,57 @@ async fn wait_joined(ctx: &Ctx, n: u64, deadline: Instant) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gifter(prefix: &str) -> Gifter {
+        Gifter {
+            cfg: Arc::new(GiftCfg {
+                stickers: vec![("rose".into(), 1)],
+                count: 1,
+                retry_every: 0,
+                inflight: 1,
+                as_fast: true,
+                message: false,
+            }),
+            user: "u".into(),
+            room: "r".into(),
+            prefix: prefix.into(),
+            n: 0,
+            pending: HashMap::default(),
+            acked_amount: 0,
+            acked_count: 0,
+            rejected: 0,
+            exhausted: false,
+            rng: Rng::new(1),
+            tally: MoneyTally::default(),
+            last_balance: None,
+        }
+    }
+
+    #[test]
+    fn an_answer_is_matched_to_its_gift_by_the_exact_id() {
+        let g = gifter("lt1-2-0");
+        assert_eq!(g.number_of("lt1-2-0-0"), Some(0));
+        assert_eq!(g.number_of("lt1-2-0-12345"), Some(12345));
+        // Anything new_gift never writes is not one of ours: another gifter's prefix, leading
+        // zeros, a sign, no number, trailing bytes.
+        for other in [
+            "lt1-2-1-5",
+            "lt1-2-05",
+            "lt1-2-0-05",
+            "lt1-2-0-+5",
+            "lt1-2-0-",
+            "lt1-2-0",
+            "lt1-2-0-5x",
+            "lt1-2-0-5 ",
+            "",
+        ] {
+            assert_eq!(g.number_of(other), None, "{other:?}");
+        }
     }
 }
