@@ -101,6 +101,37 @@ async fn gifts_pass_the_money_check() {
     assert!(text.contains("machine: CPU probe"), "{text}");
 }
 
+/// As fast as acknowledged, a sender whose every gift in flight is refused (`rate_limited`
+/// here; `unavailable` when the journal's backlog is full) sends again after
+/// `REFUSED_BACKOFF_MS`. It used to wait for an answer that could not come, and sent nothing
+/// for the rest of the run: this run acknowledged exactly the limiter's burst and stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_closed_loop_sender_sends_again() {
+    // 600 gifts a minute: a burst of 600, then one every 100 ms.
+    let s = TestServer::start_with(|c| {
+        c.token_secret = Some(SECRET.into());
+        c.chat_rate_per_min = 0;
+        c.gift_rate_per_min = 600;
+        c.max_conns_per_ip = 0;
+    })
+    .await;
+    let url = format!("http://{}", s.addr);
+    let r = loadtest::run_from_args([
+        "loadtest", "gifts", "--url", &url, "--token-secret", SECRET, "--admin-token", ADMIN,
+        "--no-progress", "--wallets", "1", "--rooms", "1", "--rate", "0", "--inflight", "8",
+        "--duration-secs", "4", "--drain-secs", "3", "--sample-ms", "250",
+    ])
+    .await
+    .unwrap();
+    let m = r.money.expect("gift scenario checks money");
+    assert!(m.ok, "{:#?}", m.failures);
+    let refused = r.errors.get("gift_rejected:rate_limited").copied().unwrap_or(0);
+    assert!(refused > 0, "the burst was not exhausted: {:?}", r.counters);
+    // The burst, then ~10 a second for the rest of the run (at least 10 more in ~3.5 s).
+    let acked = r.counters["gifts_ok"];
+    assert!(acked >= 610, "{acked} acknowledged: the sender stopped after its refusals");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_churn_and_soak_run_clean() {
     let s = server().await;

@@ -176,8 +176,16 @@ struct GiftCfg {
     message: bool,
 }
 
+/// As fast as acknowledged, a sender whose gifts were refused with `rate_limited` or
+/// `unavailable` waits this long before it sends again. Without it, a sender whose every gift in
+/// flight was refused (the server's journal backlog full, say) had no answer left to wake it and
+/// sent nothing more for the rest of the run.
+pub const REFUSED_BACKOFF_MS: u64 = 50;
+
 struct Gifter {
     cfg: Arc<GiftCfg>,
+    /// As fast as acknowledged: when to send again after a refusal (`REFUSED_BACKOFF_MS`).
+    resume_at: Option<tokio::time::Instant>,
     user: String,
     room: String,
     prefix: String,
@@ -236,6 +244,7 @@ impl Gifter {
     }
 
     fn top_up(&mut self, phase: Phase, shard: &mut Shard, stats: &Stats, out: &mut Vec<Utf8Bytes>) {
+        self.resume_at = None;
         if !self.cfg.as_fast || phase != Phase::Run {
             return;
         }
@@ -331,7 +340,13 @@ impl Gifter {
             self.exhausted = true;
         }
         if code == "rate_limited" || code == "unavailable" {
-            // back off: no immediate top-up; the next ack or pacer tick resumes.
+            // Back off: no immediate top-up. Paced, the next tick resumes; as fast as
+            // acknowledged, the next answer or `resume_at`, whichever comes first.
+            if self.cfg.as_fast && self.resume_at.is_none() {
+                self.resume_at = Some(
+                    tokio::time::Instant::now() + Duration::from_millis(REFUSED_BACKOFF_MS),
+                );
+            }
             return;
         }
         self.top_up(phase, shard, stats, out);
@@ -523,6 +538,10 @@ impl Member {
         let mut out: Vec<Utf8Bytes> = Vec::new();
         loop {
             let phase = *phase_rx.borrow();
+            let resume_at = match &self.kind {
+                Kind::Gifter(g) => g.resume_at,
+                _ => None,
+            };
             tokio::select! {
                 biased;
                 r = phase_rx.changed() => {
@@ -540,6 +559,14 @@ impl Member {
                 }
                 _ = &mut join_deadline, if !joined => {
                     return (End::Lost("join:timeout".into()), false);
+                }
+                _ = tokio::time::sleep_until(resume_at.unwrap_or_else(tokio::time::Instant::now)),
+                    if joined && resume_at.is_some() =>
+                {
+                    if let Kind::Gifter(g) = &mut self.kind {
+                        let mut sh = ctx.stats.shard(self.g);
+                        g.top_up(phase, &mut sh, &ctx.stats, &mut out);
+                    }
                 }
                 c = next_cmd(&mut self.rx), if joined => {
                     match c {
@@ -1201,6 +1228,7 @@ pub async fn run_worker(
             };
             let gifter = Gifter {
                 cfg: gcfg.clone(),
+                resume_at: None,
                 user: id.user.clone(),
                 room: room.clone(),
                 prefix: format!("lt{run}-{w}-{k}"),
@@ -1524,6 +1552,7 @@ mod tests {
 
     fn gifter(prefix: &str) -> Gifter {
         Gifter {
+            resume_at: None,
             cfg: Arc::new(GiftCfg {
                 stickers: vec![("rose".into(), 1)],
                 count: 1,
