@@ -203,6 +203,25 @@ struct Gifter {
 }
 
 impl Gifter {
+    fn new(cfg: Arc<GiftCfg>, user: String, room: String, prefix: String, seed: u64) -> Gifter {
+        Gifter {
+            cfg,
+            resume_at: None,
+            user,
+            room,
+            prefix,
+            n: 0,
+            pending: HashMap::default(),
+            acked_amount: 0,
+            acked_count: 0,
+            rejected: 0,
+            exhausted: false,
+            rng: Rng::new(seed),
+            tally: MoneyTally::default(),
+            last_balance: None,
+        }
+    }
+
     fn new_gift(&mut self, shard: &mut Shard, stats: &Stats, out: &mut Vec<Utf8Bytes>) {
         let (sticker, price) = {
             let i = (self.rng.next() % self.cfg.stickers.len() as u64) as usize;
@@ -1226,22 +1245,13 @@ pub async fn run_worker(
                 gift_txs.push(tx);
                 Some(rx)
             };
-            let gifter = Gifter {
-                cfg: gcfg.clone(),
-                resume_at: None,
-                user: id.user.clone(),
-                room: room.clone(),
-                prefix: format!("lt{run}-{w}-{k}"),
-                n: 0,
-                pending: HashMap::default(),
-                acked_amount: 0,
-                acked_count: 0,
-                rejected: 0,
-                exhausted: false,
-                rng: Rng::new((w * 31 + k) as u64 + 3),
-                tally: MoneyTally::default(),
-                last_balance: None,
-            };
+            let gifter = Gifter::new(
+                gcfg.clone(),
+                id.user.clone(),
+                room.clone(),
+                format!("lt{run}-{w}-{k}"),
+                (w * 31 + k) as u64 + 3,
+            );
             members.push(Member {
                 g: g + w * shape.conns_per_wallet + k,
                 room: room.clone(),
@@ -1551,29 +1561,15 @@ mod tests {
     use super::*;
 
     fn gifter(prefix: &str) -> Gifter {
-        Gifter {
-            resume_at: None,
-            cfg: Arc::new(GiftCfg {
-                stickers: vec![("rose".into(), 1)],
-                count: 1,
-                retry_every: 0,
-                inflight: 1,
-                as_fast: true,
-                message: false,
-            }),
-            user: "u".into(),
-            room: "r".into(),
-            prefix: prefix.into(),
-            n: 0,
-            pending: HashMap::default(),
-            acked_amount: 0,
-            acked_count: 0,
-            rejected: 0,
-            exhausted: false,
-            rng: Rng::new(1),
-            tally: MoneyTally::default(),
-            last_balance: None,
-        }
+        let cfg = Arc::new(GiftCfg {
+            stickers: vec![("rose".into(), 1)],
+            count: 1,
+            retry_every: 0,
+            inflight: 1,
+            as_fast: true,
+            message: false,
+        });
+        Gifter::new(cfg, "u".into(), "r".into(), prefix.into(), 1)
     }
 
     #[test]
