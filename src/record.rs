@@ -177,3 +177,82 @@ pub struct PacketRefundRecord {
     pub balance_after: u64,
     pub ts_ms: u64,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `GiftRecord` as it was before its names became shared (`Arc<str>`), field for field.
+    #[derive(Serialize, Deserialize, PartialEq, Debug)]
+    struct GiftRecordWithStrings {
+        user_id: String,
+        user_name: String,
+        gift_id: String,
+        stream: String,
+        sticker: String,
+        count: u32,
+        price: u64,
+        amount: u64,
+        shares: Shares,
+        message: Option<String>,
+        balance_after: u64,
+        ts_ms: u64,
+    }
+
+    #[derive(Serialize, Deserialize, PartialEq, Debug)]
+    enum RecordWithStrings {
+        Credit(CreditRecord),
+        Gift(GiftRecordWithStrings),
+    }
+
+    /// Journals written before the names were shared read back the same, and new ones are
+    /// byte for byte what the old code wrote: serde writes an `Arc<str>` as a `str`.
+    #[test]
+    fn shared_names_do_not_change_the_journal_bytes() {
+        let config = bincode::config::standard();
+        let shares = Shares {
+            store: 3,
+            streamer: 5,
+            platform: 2,
+        };
+        let new = Record::Gift(GiftRecord {
+            user_id: "u1".into(),
+            user_name: "Ünïcode name".into(),
+            gift_id: "g-42".into(),
+            stream: "s1".into(),
+            sticker: "rose".into(),
+            count: 3,
+            price: 10,
+            amount: 30,
+            shares,
+            message: Some("hi".into()),
+            balance_after: 970,
+            ts_ms: 1_700_000_000_000,
+        });
+        let old = RecordWithStrings::Gift(GiftRecordWithStrings {
+            user_id: "u1".into(),
+            user_name: "Ünïcode name".into(),
+            gift_id: "g-42".into(),
+            stream: "s1".into(),
+            sticker: "rose".into(),
+            count: 3,
+            price: 10,
+            amount: 30,
+            shares,
+            message: Some("hi".into()),
+            balance_after: 970,
+            ts_ms: 1_700_000_000_000,
+        });
+        let new_bytes = bincode::serde::encode_to_vec(&new, config).unwrap();
+        let old_bytes = bincode::serde::encode_to_vec(&old, config).unwrap();
+        assert_eq!(new_bytes, old_bytes);
+        let (back, _): (Record, usize) =
+            bincode::serde::decode_from_slice(&old_bytes, config).unwrap();
+        assert_eq!(back, new);
+        // The cluster wire and the API speak JSON: the same there.
+        assert_eq!(
+            serde_json::to_string(&new).unwrap(),
+            serde_json::to_string(&old).unwrap()
+        );
+    }
+}
