@@ -182,77 +182,40 @@ pub struct PacketRefundRecord {
 mod tests {
     use super::*;
 
-    /// `GiftRecord` as it was before its names became shared (`Arc<str>`), field for field.
-    #[derive(Serialize, Deserialize, PartialEq, Debug)]
-    struct GiftRecordWithStrings {
-        user_id: String,
-        user_name: String,
-        gift_id: String,
-        stream: String,
-        sticker: String,
-        count: u32,
-        price: u64,
-        amount: u64,
-        shares: Shares,
-        message: Option<String>,
-        balance_after: u64,
-        ts_ms: u64,
-    }
-
-    #[derive(Serialize, Deserialize, PartialEq, Debug)]
-    enum RecordWithStrings {
-        Credit(CreditRecord),
-        Gift(GiftRecordWithStrings),
-    }
-
     /// Journals written before the names were shared read back the same, and new ones are
-    /// byte for byte what the old code wrote: serde writes an `Arc<str>` as a `str`.
+    /// byte for byte what the old code wrote: serde writes an `Arc<str>` as a `str`, so a gift
+    /// record encodes as its variant index followed by its fields with the names as `String`s.
     #[test]
     fn shared_names_do_not_change_the_journal_bytes() {
         let config = bincode::config::standard();
-        let shares = Shares {
-            store: 3,
-            streamer: 5,
-            platform: 2,
+        let g = GiftRecord {
+            user_id: "u1".into(),
+            user_name: "Ünïcode name".into(),
+            gift_id: "g-42".into(),
+            stream: "s1".into(),
+            sticker: "rose".into(),
+            count: 3,
+            price: 10,
+            amount: 30,
+            shares: Shares {
+                store: 3,
+                streamer: 5,
+                platform: 2,
+            },
+            message: Some("hi".into()),
+            balance_after: 970,
+            ts_ms: 1_700_000_000_000,
         };
-        let new = Record::Gift(GiftRecord {
-            user_id: "u1".into(),
-            user_name: "Ünïcode name".into(),
-            gift_id: "g-42".into(),
-            stream: "s1".into(),
-            sticker: "rose".into(),
-            count: 3,
-            price: 10,
-            amount: 30,
-            shares,
-            message: Some("hi".into()),
-            balance_after: 970,
-            ts_ms: 1_700_000_000_000,
-        });
-        let old = RecordWithStrings::Gift(GiftRecordWithStrings {
-            user_id: "u1".into(),
-            user_name: "Ünïcode name".into(),
-            gift_id: "g-42".into(),
-            stream: "s1".into(),
-            sticker: "rose".into(),
-            count: 3,
-            price: 10,
-            amount: 30,
-            shares,
-            message: Some("hi".into()),
-            balance_after: 970,
-            ts_ms: 1_700_000_000_000,
-        });
-        let new_bytes = bincode::serde::encode_to_vec(&new, config).unwrap();
-        let old_bytes = bincode::serde::encode_to_vec(&old, config).unwrap();
-        assert_eq!(new_bytes, old_bytes);
-        let (back, _): (Record, usize) =
-            bincode::serde::decode_from_slice(&old_bytes, config).unwrap();
-        assert_eq!(back, new);
-        // The cluster wire and the API speak JSON: the same there.
-        assert_eq!(
-            serde_json::to_string(&new).unwrap(),
-            serde_json::to_string(&old).unwrap()
-        );
+        // The old layout: `Record::Gift` is variant 1, then the fields in order, names as Strings.
+        let names: [String; 5] = [&g.user_id, &g.user_name, &g.gift_id, &g.stream, &g.sticker]
+            .map(|n| n.to_string());
+        let fields = (names, g.count, g.price, g.amount, g.shares, g.message.clone());
+        let mut old = bincode::serde::encode_to_vec(1u32, config).unwrap();
+        old.extend(bincode::serde::encode_to_vec(&fields, config).unwrap());
+        old.extend(bincode::serde::encode_to_vec((g.balance_after, g.ts_ms), config).unwrap());
+        let record = Record::Gift(g);
+        assert_eq!(bincode::serde::encode_to_vec(&record, config).unwrap(), old);
+        let (back, _): (Record, usize) = bincode::serde::decode_from_slice(&old, config).unwrap();
+        assert_eq!(back, record);
     }
 }
