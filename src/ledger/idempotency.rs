@@ -169,7 +169,7 @@ impl EvictedIds {
 }
 
 /// A durable gift whose id is resident, in the order the journal made them durable. It shares
-/// the record's ids (the sender's name and the gift id, which the wallet's map holds too), not
+/// the record's ids (the sender's id and the gift id, which the wallet's map holds too), not
 /// the record, so that the record is freed when its completion ends, not later.
 pub(crate) struct Resident {
     /// 0: stored already (restored from the store at start).
