@@ -132,10 +132,7 @@ mod tests {
         let k = TokenKeys::new(b"secret-one");
         let t = k.mint("u1", "Ann", Role::Streamer, 60);
         let c = k.verify(&t).unwrap();
-        assert_eq!(
-            (&*c.sub, &*c.name, c.role),
-            ("u1", "Ann", Role::Streamer)
-        );
+        assert_eq!((&*c.sub, &*c.name, c.role), ("u1", "Ann", Role::Streamer));
         assert_eq!(
             TokenKeys::new(b"secret-two").verify(&t).unwrap_err(),
             "bad token"

@@ -207,9 +207,16 @@ mod tests {
             ts_ms: 1_700_000_000_000,
         };
         // The old layout: `Record::Gift` is variant 1, then the fields in order, names as Strings.
-        let names: [String; 5] = [&g.user_id, &g.user_name, &g.gift_id, &g.stream, &g.sticker]
-            .map(|n| n.to_string());
-        let fields = (names, g.count, g.price, g.amount, g.shares, g.message.clone());
+        let names: [String; 5] =
+            [&g.user_id, &g.user_name, &g.gift_id, &g.stream, &g.sticker].map(|n| n.to_string());
+        let fields = (
+            names,
+            g.count,
+            g.price,
+            g.amount,
+            g.shares,
+            g.message.clone(),
+        );
         let mut old = bincode::serde::encode_to_vec(1u32, config).unwrap();
         old.extend(bincode::serde::encode_to_vec(&fields, config).unwrap());
         old.extend(bincode::serde::encode_to_vec((g.balance_after, g.ts_ms), config).unwrap());

@@ -457,10 +457,7 @@ async fn token_command_mints_a_token_the_server_accepts() {
     let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let keys = giftcast::auth::TokenKeys::new(b"0123456789abcdef");
     let claims = keys.verify(&token).unwrap();
-    assert_eq!(
-        (&*claims.sub, claims.role),
-        ("carol", Role::Streamer)
-    );
+    assert_eq!((&*claims.sub, claims.role), ("carol", Role::Streamer));
 }
 
 /// The write timeout at its edge: a socket that accepts nothing for longer than the write

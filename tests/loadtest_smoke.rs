@@ -117,19 +117,46 @@ async fn a_refused_closed_loop_sender_sends_again() {
     .await;
     let url = format!("http://{}", s.addr);
     let r = loadtest::run_from_args([
-        "loadtest", "gifts", "--url", &url, "--token-secret", SECRET, "--admin-token", ADMIN,
-        "--no-progress", "--wallets", "1", "--rooms", "1", "--rate", "0", "--inflight", "8",
-        "--duration-secs", "4", "--drain-secs", "3", "--sample-ms", "250",
+        "loadtest",
+        "gifts",
+        "--url",
+        &url,
+        "--token-secret",
+        SECRET,
+        "--admin-token",
+        ADMIN,
+        "--no-progress",
+        "--wallets",
+        "1",
+        "--rooms",
+        "1",
+        "--rate",
+        "0",
+        "--inflight",
+        "8",
+        "--duration-secs",
+        "4",
+        "--drain-secs",
+        "3",
+        "--sample-ms",
+        "250",
     ])
     .await
     .unwrap();
     let m = r.money.expect("gift scenario checks money");
     assert!(m.ok, "{:#?}", m.failures);
-    let refused = r.errors.get("gift_rejected:rate_limited").copied().unwrap_or(0);
+    let refused = r
+        .errors
+        .get("gift_rejected:rate_limited")
+        .copied()
+        .unwrap_or(0);
     assert!(refused > 0, "the burst was not exhausted: {:?}", r.counters);
     // The burst, then ~10 a second for the rest of the run (at least 10 more in ~3.5 s).
     let acked = r.counters["gifts_ok"];
-    assert!(acked >= 610, "{acked} acknowledged: the sender stopped after its refusals");
+    assert!(
+        acked >= 610,
+        "{acked} acknowledged: the sender stopped after its refusals"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -362,9 +362,8 @@ impl Gifter {
             // Back off: no immediate top-up. Paced, the next tick resumes; as fast as
             // acknowledged, the next answer or `resume_at`, whichever comes first.
             if self.cfg.as_fast && self.resume_at.is_none() {
-                self.resume_at = Some(
-                    tokio::time::Instant::now() + Duration::from_millis(REFUSED_BACKOFF_MS),
-                );
+                self.resume_at =
+                    Some(tokio::time::Instant::now() + Duration::from_millis(REFUSED_BACKOFF_MS));
             }
             return;
         }

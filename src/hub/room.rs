@@ -588,7 +588,10 @@ impl Room {
     /// Removes a gift from the thanks queue; `None` when it is not there.
     pub fn take_queued(&self, gift_id: &str) -> Option<QueuedGift> {
         let mut inner = self.inner.lock();
-        let pos = inner.unthanked.iter().position(|g| *g.gift_id == *gift_id)?;
+        let pos = inner
+            .unthanked
+            .iter()
+            .position(|g| *g.gift_id == *gift_id)?;
         inner.unthanked.remove(pos)
     }
 

@@ -28,8 +28,8 @@ use crate::record::{GiftRecord, Lsn};
 use fastbloom::AtomicBloomFilter;
 use parking_lot::{Mutex, RwLock};
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::hash::BuildHasher;
+use std::sync::Arc;
 
 /// The generation count as a number of spans.
 const GENERATIONS: u64 = IDEMPOTENCY_FILTER_GENERATIONS as u64;

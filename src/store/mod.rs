@@ -412,11 +412,7 @@ impl<'a> Deltas<'a> {
     fn add_gift(&mut self, gift: &'a GiftRecord) -> Result<()> {
         let overflow = || StoreError::Range("revenue total overflows".into());
         self.gifted = self.gifted.checked_add(gift.amount).ok_or_else(overflow)?;
-        let key = (
-            &*gift.stream,
-            &*gift.sticker,
-            &*gift.user_id,
-        );
+        let key = (&*gift.stream, &*gift.sticker, &*gift.user_id);
         let row = self.revenue.entry(key).or_insert_with(|| RevenueRow {
             stream: gift.stream.to_string(),
             sticker: gift.sticker.to_string(),

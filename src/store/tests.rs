@@ -201,7 +201,11 @@ pub(crate) fn model(records: &[(Lsn, Arc<Record>)], since_ms: u64) -> Snapshot {
                             snapshot.gifts.push(g.clone());
                         }
                         let row = revenue
-                            .entry((g.stream.to_string(), g.sticker.to_string(), g.user_id.to_string()))
+                            .entry((
+                                g.stream.to_string(),
+                                g.sticker.to_string(),
+                                g.user_id.to_string(),
+                            ))
                             .or_default();
                         row.stream = g.stream.to_string();
                         row.sticker = g.sticker.to_string();
@@ -321,7 +325,11 @@ async fn revenue_aggregation_is_exact(backend: Backend) {
     let mut grouped: BTreeMap<Key, (u64, u64, u64, u64)> = BTreeMap::new();
     for g in &all_gifts {
         let e = grouped
-            .entry((g.stream.to_string(), g.sticker.to_string(), g.user_id.to_string()))
+            .entry((
+                g.stream.to_string(),
+                g.sticker.to_string(),
+                g.user_id.to_string(),
+            ))
             .or_default();
         e.0 += 1;
         e.1 += u64::from(g.count);
@@ -427,11 +435,12 @@ async fn a_batch_keeps_lsn_order_semantics_whatever_its_key_order(backend: Backe
     let snapshot = db.store.load(0).await.unwrap();
     assert_eq!(snapshot, model(&records, 0));
     let m = snapshot.gifts.iter().find(|g| &*g.gift_id == "m").unwrap();
-    assert_eq!(
-        (&*m.user_name, m.message.as_deref()),
-        ("name 1", None)
-    );
-    let rp = snapshot.gifts.iter().find(|g| &*g.gift_id == "rp:p").unwrap();
+    assert_eq!((&*m.user_name, m.message.as_deref()), ("name 1", None));
+    let rp = snapshot
+        .gifts
+        .iter()
+        .find(|g| &*g.gift_id == "rp:p")
+        .unwrap();
     assert_eq!((rp.amount, &*rp.sticker), (10, "rose"));
     assert_eq!(snapshot.gifted_total, 40);
     assert_eq!(snapshot.revenue.len(), 1);
@@ -521,17 +530,26 @@ async fn gifts_load_split_by_the_resident_window_and_are_found_by_id(backend: Ba
         .gift_keys
         .iter()
         .map(|k| (k.user_id.clone(), k.gift_id.clone(), k.amount, k.ts_ms))
-        .chain(
-            split
-                .gifts
-                .iter()
-                .map(|g| (g.user_id.to_string(), g.gift_id.to_string(), g.amount, g.ts_ms)),
-        )
+        .chain(split.gifts.iter().map(|g| {
+            (
+                g.user_id.to_string(),
+                g.gift_id.to_string(),
+                g.amount,
+                g.ts_ms,
+            )
+        }))
         .collect();
     let mut expected: Vec<_> = whole
         .gifts
         .iter()
-        .map(|g| (g.user_id.to_string(), g.gift_id.to_string(), g.amount, g.ts_ms))
+        .map(|g| {
+            (
+                g.user_id.to_string(),
+                g.gift_id.to_string(),
+                g.amount,
+                g.ts_ms,
+            )
+        })
         .collect();
     keys.sort();
     expected.sort();
