@@ -208,7 +208,7 @@ impl Durable {
         let gifts_today = snapshot
             .gift_keys
             .iter()
-            .map(|k| (k.user_id.as_str(), k.gift_id.as_str(), k.amount, k.ts_ms))
+            .map(|k| (&*k.user_id, &*k.gift_id, k.amount, k.ts_ms))
             .chain(
                 snapshot
                     .gifts

@@ -99,8 +99,9 @@ pub struct Snapshot {
 /// A stored gift older than the resident window, as the start needs it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct GiftKey {
-    pub user_id: String,
-    pub gift_id: String,
+    /// The loaded record's own names, moved here (a start may load tens of millions of keys).
+    pub user_id: Arc<str>,
+    pub gift_id: Arc<str>,
     pub amount: u64,
     pub ts_ms: u64,
 }
@@ -111,8 +112,8 @@ fn sort_gift(snapshot: &mut Snapshot, gift: GiftRecord, resident_since_ms: u64) 
         snapshot.gifts.push(gift);
     } else {
         snapshot.gift_keys.push(GiftKey {
-            user_id: gift.user_id.to_string(),
-            gift_id: gift.gift_id.to_string(),
+            user_id: gift.user_id,
+            gift_id: gift.gift_id,
             amount: gift.amount,
             ts_ms: gift.ts_ms,
         });

@@ -346,10 +346,11 @@ async fn apply(conn: &PgConn, node: &str, records: &[(Lsn, Arc<Record>)]) -> Res
                 ],
             )
             .await?;
-        let mut inserted: HashSet<(String, String)> =
+        // Borrowed from the returned rows: no copy of either id per gift.
+        let mut inserted: HashSet<(&str, &str)> =
             rows.iter().map(|row| (row.get(0), row.get(1))).collect();
         for (_, g) in chunk {
-            if inserted.remove(&(g.user_id.to_string(), g.gift_id.to_string())) {
+            if inserted.remove(&(&*g.user_id, &*g.gift_id)) {
                 deltas.add_gift(g)?;
             }
         }

@@ -529,7 +529,14 @@ async fn gifts_load_split_by_the_resident_window_and_are_found_by_id(backend: Ba
     let mut keys: Vec<_> = split
         .gift_keys
         .iter()
-        .map(|k| (k.user_id.clone(), k.gift_id.clone(), k.amount, k.ts_ms))
+        .map(|k| {
+            (
+                k.user_id.to_string(),
+                k.gift_id.to_string(),
+                k.amount,
+                k.ts_ms,
+            )
+        })
         .chain(split.gifts.iter().map(|g| {
             (
                 g.user_id.to_string(),
