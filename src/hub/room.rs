@@ -52,11 +52,9 @@ struct Inner {
     members: HashMap<u64, Member>,
     next_member: u64,
     last_viewers_sent: usize,
-    /// Streaks by `user_id` NUL `sticker` (both are checked ids, never holding a NUL):
-    /// (count, last gift ms).
-    combos: HashMap<String, (u32, u64)>,
-    /// `combo`'s key buffer.
-    combo_key: String,
+    /// Streaks by (sender, sticker), keyed by the gift record's shared names (no copy per
+    /// gift): (count, last gift ms).
+    combos: HashMap<(Arc<str>, Arc<str>), (u32, u64)>,
     unthanked: VecDeque<QueuedGift>,
     /// The epoch of the room's seqs: this node's run, or (for a mirror) the owner's.
     epoch: Arc<str>,
@@ -146,7 +144,6 @@ impl Room {
                 next_member: 0,
                 last_viewers_sent: 0,
                 combos: HashMap::new(),
-                combo_key: String::new(),
                 unthanked: VecDeque::new(),
                 epoch: Arc::from(epoch),
             }),
@@ -553,7 +550,7 @@ impl Room {
     }
 
     /// The streak of this sender and sticker, counting this gift.
-    pub fn combo(&self, user_id: &str, sticker: &str, now_ms: u64) -> u32 {
+    pub fn combo(&self, user_id: &Arc<str>, sticker: &Arc<str>, now_ms: u64) -> u32 {
         let mut inner = self.inner.lock();
         if inner.combos.len() >= COMBO_TRACKED_MAX {
             inner
@@ -563,19 +560,10 @@ impl Room {
                 inner.combos.clear();
             }
         }
-        // The key is built in a buffer the room keeps: nothing is allocated for a pair seen
-        // before (this runs for every gift, under the room lock).
-        let Inner {
-            combos, combo_key, ..
-        } = &mut *inner;
-        combo_key.clear();
-        combo_key.push_str(user_id);
-        combo_key.push('\0');
-        combo_key.push_str(sticker);
-        let e = match combos.get_mut(combo_key.as_str()) {
-            Some(e) => e,
-            None => combos.entry(combo_key.clone()).or_insert((0, 0)),
-        };
+        let e = inner
+            .combos
+            .entry((user_id.clone(), sticker.clone()))
+            .or_insert((0, 0));
         if e.0 > 0 && now_ms.saturating_sub(e.1) <= COMBO_WINDOW_MS {
             e.0 += 1;
         } else {
