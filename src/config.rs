@@ -116,8 +116,9 @@ pub struct ServeArgs {
     /// At most this many stored gift ids stay in memory (~650 B each); older ones leave early.
     #[arg(long, env = "GIFTCAST_IDEMPOTENCY_RESIDENT_MAX", default_value_t = crate::limits::IDEMPOTENCY_RESIDENT_MAX_DEFAULT)]
     pub idempotency_resident_max: usize,
-    /// Memory of the filter of gift ids that left memory (1-4096 MiB), which decides whether a
-    /// new gift needs a storage lookup; ~1% of them do until a day brings 6.7M ids per 64 MiB.
+    /// Memory budget of the filter of gift ids that left memory (1-16384 MiB), which decides
+    /// whether a new gift needs a storage lookup; allocated as ids come, ~2.5 B each. ~0.1% of
+    /// new gifts need one while the 7-day retention holds fewer than ~430M ids per GiB.
     #[arg(long, env = "GIFTCAST_IDEMPOTENCY_FILTER_MIB", default_value_t = crate::limits::IDEMPOTENCY_FILTER_BYTES_DEFAULT >> 20)]
     pub idempotency_filter_mib: usize,
     /// A room sends at most one round of events per tick (1-100 ms): a lone event goes at
@@ -171,8 +172,8 @@ pub struct ClusterConfig {
 /// Red packets live at most a day.
 pub const RED_PACKET_TTL_SECS_MAX: u64 = 86_400;
 
-/// `--idempotency-filter-mib` at most (4 GiB of filter holds ~430M ids a day at 1%).
-pub const IDEMPOTENCY_FILTER_MIB_MAX: usize = 4096;
+/// `--idempotency-filter-mib` at most (16 GiB of filter holds ~6.9 billion ids at ~0.1%).
+pub const IDEMPOTENCY_FILTER_MIB_MAX: usize = 16_384;
 /// `--journal-segment-mib` at least and at most (recovery holds one segment in memory).
 pub const JOURNAL_SEGMENT_MIB_MIN: u64 = 1;
 pub const JOURNAL_SEGMENT_MIB_MAX: u64 = 1024;
@@ -485,7 +486,7 @@ mod tests {
     fn idempotency_bounds_edges() {
         let c = cfg(&[]).unwrap().idempotency;
         assert_eq!(c, crate::ledger::IdempotencyConfig::default());
-        assert_eq!(c.filter_bytes, 64 << 20);
+        assert_eq!(c.filter_bytes, 1 << 30);
         let c = cfg(&[
             "--idempotency-filter-mib",
             "1",

@@ -90,9 +90,10 @@ pub const IDEMPOTENCY_RESIDENT_MS_DEFAULT: u64 = 10 * 60 * 1000;
 /// Default bound of stored gift ids kept in the wallets' maps (~650 B each with slot, map entry and queue key: ~130 MiB in all);
 /// beyond it the oldest stored ones are evicted early. `--idempotency-resident-max`.
 pub const IDEMPOTENCY_RESIDENT_MAX_DEFAULT: usize = 200_000;
-/// Default memory of the evicted-id filter, all generations together: 8 MiB per generation,
-/// ~1% false positives up to ~6.7M ids per day. `--idempotency-filter-mib`.
-pub const IDEMPOTENCY_FILTER_BYTES_DEFAULT: usize = 64 << 20;
+/// Default budget of the evicted-id filter, all generations together, allocated as ids come
+/// (2.5 B an id; ~430M ids across the retention at ~0.1% false positives: ~70 minutes of
+/// 100,000 gifts/s). `--idempotency-filter-mib`.
+pub const IDEMPOTENCY_FILTER_BYTES_DEFAULT: usize = 1 << 30;
 /// Generations of the evicted-id filter: one more than the spans that cover the retention.
 pub const IDEMPOTENCY_FILTER_GENERATIONS: usize = 8;
 /// A store lookup for a possibly evicted gift id must answer within this, or the gift is

@@ -16,9 +16,13 @@
 //! never a wrong answer.
 //!
 //! The filter is split into generations by the gifts' time, `IDEMPOTENCY_FILTER_GENERATIONS` of
-//! them covering `IDEMPOTENCY_RETENTION_MS`: the oldest is cleared when a new one begins, so the
-//! memory is fixed (`filter_bytes`, allocated one generation at a time as it is first used) and
-//! an id is recognised for at least the retention, as after a restart.
+//! them covering `IDEMPOTENCY_RETENTION_MS`: the oldest is cleared when a new one begins, so an
+//! id is recognised for at least the retention, as after a restart. A generation grows in
+//! stages as it takes ids in (each stage a Bloom filter twice the size of the one before,
+//! allocated when the last is full), so a quiet day takes a few MiB and a busy one what its ids
+//! need, all within one budget (`filter_bytes`). Past the budget, a generation's last stage takes
+//! the rest of its ids beyond its size: nothing is forgotten, but false positives, so store
+//! lookups, grow until a generation leaves and frees its memory.
 
 use crate::limits::{
     IDEMPOTENCY_FILTER_BYTES_DEFAULT, IDEMPOTENCY_FILTER_GENERATIONS,
@@ -29,14 +33,25 @@ use fastbloom::AtomicBloomFilter;
 use parking_lot::{Mutex, RwLock};
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// The generation count as a number of spans.
 const GENERATIONS: u64 = IDEMPOTENCY_FILTER_GENERATIONS as u64;
 
-/// Bits per expected id in a generation: ~1% false positives while a generation holds fewer
-/// than its bits / 10 ids; more ids raise the rate (more store lookups), never a wrong answer.
-const FILTER_BITS_PER_ID: usize = 10;
+/// Bits per id a stage is sized for: ~0.01% false positives per stage while it holds at most
+/// that many ids (`ledger::idempotency::tests` measures the whole filter). A lookup asks every
+/// stage, so their rates add up: a day of 100,000 gifts/s, ~13 stages, stays near 0.1%.
+const FILTER_BITS_PER_ID: usize = 20;
+
+/// Ids the first stage of a generation is sized for (2.5 MiB at `FILTER_BITS_PER_ID`); each
+/// further stage is twice the one before, so a day of N ids takes ~log2(N / this) stages.
+const FILTER_FIRST_STAGE_IDS: usize = 1 << 20;
+
+/// A stage at most (a lookup asks every stage, so stages keep doubling up to this; past it the
+/// budget is taken in stages of this size). Zeroing one takes tens of milliseconds, done outside
+/// the filter's lock.
+const FILTER_STAGE_BYTES_MAX: usize = 128 << 20;
 
 /// Evictions done per remembered gift at most, so one call never stalls the settle thread
 /// (twice the arrival rate: a backlog left by a storage outage drains while gifts flow).
@@ -50,7 +65,7 @@ pub struct IdempotencyConfig {
     /// evicted early. (Gifts not yet stored stay resident whatever this says: their number is
     /// bounded by the journal's backlog.)
     pub resident_max: usize,
-    /// Memory of the evicted-id filter, all generations together.
+    /// Memory of the evicted-id filter at most, all generations together.
     pub filter_bytes: usize,
     /// How long an evicted id is recognised.
     pub retention_ms: u64,
@@ -67,33 +82,91 @@ impl Default for IdempotencyConfig {
     }
 }
 
-/// Ids evicted from the wallets' maps, by generation of the gift's time.
+/// Ids evicted from the wallets' maps, by generation of the gift's time; a generation grows
+/// in stages as it takes ids in, within one memory budget for all of them.
 pub(crate) struct EvictedIds {
     /// `IDEMPOTENCY_FILTER_GENERATIONS` slots; generation `g` (gift time / span) lives in slot
     /// `g % IDEMPOTENCY_FILTER_GENERATIONS`.
     slots: RwLock<Vec<Option<Generation>>>,
     span_ms: u64,
-    bits_per_generation: usize,
+    /// The first stage of every generation: each may have one whatever the others took, so a
+    /// new day always has somewhere of its own to go (its ids must leave with it, not before).
+    /// The first stages take at most a quarter of the budget.
+    first_stage_bytes: usize,
+    /// What further stages of all generations may take together: the budget less every
+    /// generation's first stage.
+    growth_bytes: usize,
+    /// Set when a stage could not grow for want of budget: until a generation is cleared, ids
+    /// go into their generation's last stage past its size (more false positives, so more
+    /// store lookups; never a wrong answer) without asking the write lock again.
+    at_budget: AtomicBool,
     /// An id is hashed once, with this (randomly seeded) hasher, and that hash goes to every
-    /// generation's filter: a lookup checks up to `IDEMPOTENCY_FILTER_GENERATIONS` filters, and
-    /// each filter's own hasher (SipHash) would hash the id again for each.
+    /// stage's filter: a lookup checks every stage of every live generation, and each filter's
+    /// own hasher (SipHash) would hash the id again for each.
     hasher: foldhash::fast::RandomState,
 }
 
 struct Generation {
     number: u64,
+    /// Oldest first; every one but the last is full.
+    stages: Vec<Stage>,
+}
+
+/// One Bloom filter sized for `capacity` ids at `FILTER_BITS_PER_ID`.
+struct Stage {
     filter: AtomicBloomFilter,
+    capacity: usize,
+    /// Ids inserted (a duplicate counts again: it only makes the stage full a little sooner).
+    taken: AtomicUsize,
+}
+
+impl Stage {
+    fn new(bytes: usize) -> Stage {
+        let capacity = (bytes * 8 / FILTER_BITS_PER_ID).max(1);
+        Stage {
+            filter: AtomicBloomFilter::with_num_bits(bytes * 8).expected_items(capacity),
+            capacity,
+            taken: AtomicUsize::new(0),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.filter.num_bits() / 8
+    }
+
+    /// Inserts; false if the stage was full already (the id is not inserted then).
+    fn insert_if_room(&self, key: u64) -> bool {
+        if self.taken.fetch_add(1, Ordering::Relaxed) >= self.capacity {
+            return false;
+        }
+        self.filter.insert_hash(key);
+        true
+    }
+
+    fn insert(&self, key: u64) {
+        self.taken.fetch_add(1, Ordering::Relaxed);
+        self.filter.insert_hash(key);
+    }
 }
 
 impl EvictedIds {
     pub(crate) fn new(filter_bytes: usize, retention_ms: u64) -> EvictedIds {
         // `GENERATIONS - 1` whole spans cover the retention; the extra one is the current.
         let span_ms = retention_ms.div_ceil(GENERATIONS - 1).max(1);
-        let bits_per_generation = (filter_bytes * 8 / IDEMPOTENCY_FILTER_GENERATIONS).max(64);
+        // First stages take at most a quarter of the budget; whole 64-bit words (fastbloom's
+        // unit), at least one.
+        let first_stage_bytes = (FILTER_FIRST_STAGE_IDS * FILTER_BITS_PER_ID / 8)
+            .min(filter_bytes / (4 * IDEMPOTENCY_FILTER_GENERATIONS))
+            .max(8)
+            & !7;
+        let growth_bytes =
+            filter_bytes.saturating_sub(first_stage_bytes * IDEMPOTENCY_FILTER_GENERATIONS);
         EvictedIds {
             slots: RwLock::new((0..IDEMPOTENCY_FILTER_GENERATIONS).map(|_| None).collect()),
             span_ms,
-            bits_per_generation,
+            first_stage_bytes,
+            growth_bytes,
+            at_budget: AtomicBool::new(false),
             hasher: foldhash::fast::RandomState::default(),
         }
     }
@@ -121,34 +194,85 @@ impl EvictedIds {
         {
             let slots = self.slots.read();
             if let Some(g) = &slots[Self::slot_of(number)] {
-                if g.number == number {
-                    g.filter.insert_hash(key);
-                    return;
-                }
                 if g.number > number {
                     // The slot already holds a newer generation: this id is past the retention.
                     return;
                 }
+                if g.number == number {
+                    let last = g.stages.last().expect("a generation has a stage");
+                    if self.at_budget.load(Ordering::Relaxed) {
+                        last.insert(key);
+                        return;
+                    }
+                    if last.insert_if_room(key) {
+                        return;
+                    }
+                }
             }
         }
-        let mut slots = self.slots.write();
-        let slot = &mut slots[Self::slot_of(number)];
-        match slot {
-            Some(g) if g.number == number => {}
-            Some(g) if g.number > number => return,
-            Some(g) => {
-                g.filter.clear();
-                g.number = number;
+        // A new generation, or the last stage is full: the write lock, rarely (a stage holds
+        // a million ids or more at the default budget). A new stage is allocated (zeroed: up to
+        // `FILTER_STAGE_BYTES_MAX`) outside the lock, then put in place if it is still needed.
+        let i = Self::slot_of(number);
+        let mut fresh: Option<Stage> = None;
+        loop {
+            let mut slots = self.slots.write();
+            let need = match &slots[i] {
+                Some(g) if g.number > number => return,
+                Some(g) if g.number == number => {
+                    let last = g.stages.last().expect("a generation has a stage");
+                    if last.taken.load(Ordering::Relaxed) < last.capacity
+                        || self.at_budget.load(Ordering::Relaxed)
+                    {
+                        None
+                    } else {
+                        let left = self.growth_bytes.saturating_sub(Self::growth_used(&slots));
+                        let next = (last.bytes() * 2).min(FILTER_STAGE_BYTES_MAX).min(left) & !7;
+                        if next < self.first_stage_bytes {
+                            self.at_budget.store(true, Ordering::Relaxed);
+                            None
+                        } else {
+                            Some(next)
+                        }
+                    }
+                }
+                // A generation past the retention (or none): its slot goes to this one.
+                _ => Some(self.first_stage_bytes),
+            };
+            let Some(bytes) = need else {
+                let g = slots[i].as_ref().expect("a live generation");
+                g.stages
+                    .last()
+                    .expect("a generation has a stage")
+                    .insert(key);
+                return;
+            };
+            let Some(stage) = fresh.take().filter(|s| s.bytes() == bytes) else {
+                drop(slots);
+                fresh = Some(Stage::new(bytes));
+                continue;
+            };
+            stage.insert(key);
+            match &mut slots[i] {
+                Some(g) if g.number == number => g.stages.push(stage),
+                old => {
+                    // The old generation's memory is free again.
+                    if old.as_ref().is_some_and(|g| g.stages.len() > 1) {
+                        self.at_budget.store(false, Ordering::Relaxed);
+                    }
+                    *old = Some(Generation {
+                        number,
+                        stages: vec![stage],
+                    });
+                }
             }
-            None => {
-                *slot = Some(Generation {
-                    number,
-                    filter: AtomicBloomFilter::with_num_bits(self.bits_per_generation)
-                        .expected_items(self.bits_per_generation / FILTER_BITS_PER_ID),
-                });
-            }
+            return;
         }
-        slot.as_ref().expect("just filled").filter.insert_hash(key);
+    }
+
+    /// Bytes the stages past each generation's first take now.
+    fn growth_used(slots: &[Option<Generation>]) -> usize {
+        slots.iter().flatten().map(Generation::growth_bytes).sum()
     }
 
     /// False: the id was never evicted (within the retention). True: it may have been.
@@ -159,12 +283,35 @@ impl EvictedIds {
             .read()
             .iter()
             .flatten()
-            .any(|g| g.number >= oldest && g.filter.contains_hash(key))
+            .any(|g| g.number >= oldest && g.stages.iter().any(|s| s.filter.contains_hash(key)))
     }
 
-    /// Bytes allocated for the filter now (generations are allocated when first used).
+    /// Bytes allocated for the filter now (stages are allocated when first used).
     pub(crate) fn allocated_bytes(&self) -> usize {
-        self.slots.read().iter().flatten().count() * self.bits_per_generation / 8
+        self.slots
+            .read()
+            .iter()
+            .flatten()
+            .flat_map(|g| &g.stages)
+            .map(Stage::bytes)
+            .sum()
+    }
+
+    /// Stages allocated now, all generations together.
+    #[cfg(test)]
+    fn stages(&self) -> usize {
+        self.slots
+            .read()
+            .iter()
+            .flatten()
+            .map(|g| g.stages.len())
+            .sum()
+    }
+}
+
+impl Generation {
+    fn growth_bytes(&self) -> usize {
+        self.stages[1..].iter().map(Stage::bytes).sum()
     }
 }
 
@@ -284,7 +431,7 @@ mod tests {
     }
 
     #[test]
-    fn the_filter_memory_is_fixed_and_allocated_as_used() {
+    fn the_filter_memory_is_bounded_and_allocated_as_used() {
         let bytes = 1 << 16;
         let f = EvictedIds::new(bytes, 7 * DAY);
         assert_eq!(f.allocated_bytes(), 0, "an idle server allocates nothing");
@@ -293,6 +440,91 @@ mod tests {
             f.insert("u", "g", now, now);
             now += DAY;
         }
-        assert_eq!(f.allocated_bytes(), bytes, "never more than the setting");
+        // One small first stage per live generation, a quarter of the budget in all.
+        assert_eq!(f.stages(), IDEMPOTENCY_FILTER_GENERATIONS);
+        assert_eq!(f.allocated_bytes(), bytes / 4);
+    }
+
+    /// Ids and others, distinct by construction.
+    fn ids(prefix: &str, n: usize) -> impl Iterator<Item = String> + '_ {
+        (0..n).map(move |i| format!("{prefix}{i}"))
+    }
+
+    #[test]
+    fn a_busy_day_grows_in_stages_and_keeps_every_id() {
+        // 4 MiB: first stages of 128 KiB (52,428 ids), then 256 KiB, 512 KiB, 1 MiB...
+        let bytes = 4 << 20;
+        let f = EvictedIds::new(bytes, 7 * DAY);
+        let now = 100 * DAY;
+        let n = 600_000;
+        for id in ids("g", n) {
+            f.insert("u", &id, now, now);
+        }
+        // 52,428 + 104,857 + 209,715 + 419,430 ids: the fourth stage holds the last of them.
+        assert_eq!(f.stages(), 4);
+        assert_eq!(f.allocated_bytes(), (128 + 256 + 512 + 1024) << 10);
+        assert!(f.allocated_bytes() <= bytes);
+        let forgotten = ids("g", n)
+            .filter(|id| !f.may_contain("u", id, now))
+            .count();
+        assert_eq!(forgotten, 0, "a Bloom filter has no false negatives");
+        // Every stage within its size: ~0.01% each (the rates add up over the stages).
+        let others = 400_000;
+        let false_positives = ids("other", others)
+            .filter(|id| f.may_contain("u", id, now))
+            .count();
+        assert!(
+            false_positives * 1000 < others,
+            "{false_positives} false positives in {others} (0.1% at most)"
+        );
+    }
+
+    #[test]
+    fn at_its_budget_the_filter_keeps_every_id_and_grows_again_when_a_day_leaves() {
+        // 1 MiB: first stages of 32 KiB (a quarter of it for the 8), and 768 KiB to grow in:
+        // stages of 64, 128, 256 KiB, then the 320 KiB left.
+        let bytes = 1 << 20;
+        let f = EvictedIds::new(bytes, 7 * DAY);
+        let day0 = 100 * DAY;
+        let n = 1_000_000;
+        for id in ids("g", n) {
+            f.insert("u", &id, day0, day0);
+        }
+        assert_eq!(f.stages(), 5, "32 + 64 + 128 + 256 + 320 KiB");
+        assert_eq!(f.allocated_bytes(), (32 + 64 + 128 + 256 + 320) << 10);
+        // Past its budget the last stage takes the rest: more false positives, none missing.
+        let forgotten = ids("g", n)
+            .filter(|id| !f.may_contain("u", id, day0))
+            .count();
+        assert_eq!(forgotten, 0, "nothing forgotten at the budget");
+        // Another day still gets its own first stage (the budget keeps one for each).
+        let day1 = day0 + DAY;
+        f.insert("u", "next-day", day1, day1);
+        assert_eq!(f.allocated_bytes(), (32 + 32 + 64 + 128 + 256 + 320) << 10);
+        assert!(f.may_contain("u", "g0", day1) && f.may_contain("u", "next-day", day1));
+        // Once day 0 is past the retention its slot and its growth are free again: a new busy
+        // day grows in stages as before.
+        let later = day0 + 8 * DAY;
+        for id in ids("h", 150_000) {
+            f.insert("u", &id, later, later);
+        }
+        assert_eq!(
+            f.stages(),
+            1 + 4,
+            "day 1's one stage, then 32 + 64 + 128 + 256 KiB"
+        );
+        assert_eq!(f.allocated_bytes(), (32 + 32 + 64 + 128 + 256) << 10);
+        let day0_kept = ids("g", 10_000)
+            .filter(|id| f.may_contain("u", id, later))
+            .count();
+        assert!(
+            day0_kept < 100,
+            "day 0 is past the retention: {day0_kept} of 10,000 still seen"
+        );
+        let forgotten = ids("h", 150_000)
+            .filter(|id| !f.may_contain("u", id, later))
+            .count();
+        assert_eq!(forgotten, 0);
+        assert!(f.allocated_bytes() <= bytes);
     }
 }
