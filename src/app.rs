@@ -13,7 +13,7 @@ use crate::limits::{
     IDEMPOTENCY_SWEEP_MAX, IDEMPOTENCY_SWEEP_MS, THANKS_CHARS_MAX,
 };
 use crate::protocol::{self, clean_text, valid_id, UserRef};
-use crate::record::GiftRecord;
+use crate::record::{GiftRecord, Lsn};
 use dashmap::DashMap;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -133,11 +133,11 @@ pub struct WalletGift<'a> {
     pub message: Option<&'a str>,
 }
 
-/// Where a gift's store lookups stand: the wallet's eviction count when the last one began, and
-/// how many have run.
+/// Where a gift's store lookups stand: the ledger's mark when the last one began (see
+/// `GiftRequest::store_checked`), and how many have run.
 #[derive(Clone, Copy, Debug)]
 struct StoreChecked {
-    evicted: u64,
+    mark: Lsn,
     tries: u32,
 }
 
@@ -582,7 +582,7 @@ impl App {
             count,
             message,
             ts_ms: crate::now_ms(),
-            store_checked: checked.map(|c| c.evicted),
+            store_checked: checked.map(|c| c.mark),
         };
         let tier = sticker.tier;
         // The completion holds a copy of the reservation, released only if the journal fails
@@ -608,12 +608,12 @@ impl App {
                 }
                 slot
             }
-            GiftStart::Lookup { evicted } => {
+            GiftStart::Lookup { mark } => {
                 if let Some(r) = reservation {
                     self.daily_spend.release(user_id, r);
                 }
                 let tries = checked.map_or(0, |c| c.tries) + 1;
-                return self.look_up_gift(gift, answer, StoreChecked { evicted, tries });
+                return self.look_up_gift(gift, answer, StoreChecked { mark, tries });
             }
             GiftStart::New { slot, .. } => slot,
         };

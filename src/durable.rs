@@ -65,6 +65,10 @@ impl RecordSink for JournalSink {
     fn stored_lsn(&self) -> Lsn {
         self.journal.released_lsn()
     }
+
+    fn assigned_lsn(&self) -> Lsn {
+        self.journal.assigned_lsn()
+    }
 }
 
 /// The durable path of a running server.

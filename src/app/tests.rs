@@ -180,9 +180,16 @@ struct LookupRig {
     _dir: tempfile::TempDir,
 }
 
-/// Builds the rig; its hook evicts one of `a`'s stored ids after each of the first
-/// `evict_on_lookups` lookups (so those lookups' "not found" are stale) and nothing after.
+/// Builds the rig; its hook evicts one of `a`'s stored ids (LSNs 1, 2, ...) after each of the
+/// first `evict_on_lookups` lookups and nothing after. Those ids count as accepted while the
+/// lookup ran (above its mark: the sink had given fewer LSNs), so those lookups' "not found"
+/// are stale.
 async fn lookup_rig(stored_ids: usize, evict_on_lookups: u32) -> LookupRig {
+    lookup_rig_assigned(stored_ids, evict_on_lookups, 0).await
+}
+
+/// The rig, with the sink having given LSNs up to `assigned` before the gift is sent.
+async fn lookup_rig_assigned(stored_ids: usize, evict_on_lookups: u32, assigned: u64) -> LookupRig {
     let dir = tempfile::tempdir().unwrap();
     let config = crate::config::Config::for_tests(dir.path().to_path_buf());
     // The durable part only for its store (the ledger it rebuilds, on the journal, is unused).
@@ -220,6 +227,7 @@ async fn lookup_rig(stored_ids: usize, evict_on_lookups: u32) -> LookupRig {
     // `x-1` in the filter with no gift behind it: a false positive (and `a` has evicted).
     ledger.restore_evicted("a", "x-1", crate::now_ms());
     sink.set_stored(u64::MAX);
+    sink.set_assigned(assigned);
     assert_eq!(ledger.resident_gifts(), stored_ids);
     let keys = TokenKeys::load_or_create(None, dir.path()).unwrap();
     let app = Arc::new(App::new(
@@ -235,11 +243,17 @@ async fn lookup_rig(stored_ids: usize, evict_on_lookups: u32) -> LookupRig {
         Arc::new(Mutex::new(Vec::new())),
     );
     let hook = {
-        let (lookups, evictions) = (lookups.clone(), evictions.clone());
+        let (lookups, evictions, sink) = (lookups.clone(), evictions.clone(), sink.clone());
         move |user: &str, gift_id: &str| {
             assert_eq!((user, gift_id), ("a", "x-1"));
             if lookups.fetch_add(1, Ordering::SeqCst) < evict_on_lookups {
-                evictions.lock().unwrap().push(ledger.sweep_resident(1));
+                let mut evictions = evictions.lock().unwrap();
+                evictions.push(ledger.sweep_resident(1));
+                // The id just evicted (LSN k, the k-th evicted) was accepted while this lookup
+                // ran: the sink has given LSNs up to k at least, so the next lookup's mark
+                // covers it and only a further eviction makes that one stale.
+                let k = evictions.len() as u64;
+                sink.set_assigned(crate::ledger::RecordSink::assigned_lsn(&*sink).max(k));
             }
         }
     };
@@ -305,6 +319,32 @@ async fn a_gift_whose_lookups_all_go_stale_is_refused_after_idempotency_lookup_t
     assert_eq!(rig.app.ledger.resident_gifts(), 1);
     assert_eq!(rig.app.ledger.balance("a"), 100, "nothing debited");
     assert!(!rig.app.ledger.has_gift("a", "x-1"));
+    assert!(rig.app.ledger.audit().ok);
+}
+
+#[tokio::test]
+async fn a_lookup_is_not_stale_when_only_ids_accepted_before_it_leave_memory() {
+    // The wallet evicts one of its older ids (LSNs up to 4, the sink has given 4) during every
+    // lookup, as a busy sender does all the time: they cannot be x-1, so the first miss is
+    // trusted and x-1 goes through after one lookup.
+    let rig = lookup_rig_assigned(4, u32::MAX, 4).await;
+    let _reply = send_x1(&rig.app);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !rig.app.ledger.has_gift("a", "x-1") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "x-1 never went through"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(rig.lookups.load(Ordering::SeqCst), 1, "one lookup, trusted");
+    assert_eq!(
+        *rig.evictions.lock().unwrap(),
+        vec![1],
+        "an id left during it"
+    );
+    assert_eq!(rig.app.ledger.balance("a"), 90, "one coffee debited once");
+    rig.sink.settle_all();
     assert!(rig.app.ledger.audit().ok);
 }
 

@@ -434,6 +434,12 @@ impl Journal {
         }
     }
 
+    /// The highest LSN given to a record so far (0: none); a record submitted after this call
+    /// returns gets a higher one.
+    pub fn assigned_lsn(&self) -> Lsn {
+        self.shared.queue.lock().next_lsn - 1
+    }
+
     /// The released position alone (no lock): the store holds every record at or below it.
     pub fn released_lsn(&self) -> Lsn {
         self.shared.released_lsn.load(Ordering::Acquire)

@@ -53,6 +53,13 @@ pub trait RecordSink: Send + Sync + 'static {
     /// The store holds every record at or below this LSN (the journal's released position):
     /// only such gifts' ids may leave the wallets' maps.
     fn stored_lsn(&self) -> Lsn;
+
+    /// The highest LSN given to a record so far; a record submitted after this returns gets a
+    /// higher one. The default, 0, is always safe: it only makes a store lookup's miss look
+    /// stale more often (see `GiftRequest::store_checked`).
+    fn assigned_lsn(&self) -> Lsn {
+        0
+    }
 }
 
 /// A sink that makes nothing durable, for unit tests: it keeps the callbacks until
@@ -75,6 +82,12 @@ impl MemorySink {
         }
     }
 
+    /// Pretends records up to `lsn` were submitted already: the next gets `lsn + 1`.
+    #[cfg(test)]
+    pub(crate) fn set_assigned(&self, lsn: Lsn) {
+        self.next_lsn.store(lsn, Ordering::SeqCst);
+    }
+
     /// Pretends the store holds every record up to `lsn`.
     pub fn set_stored(&self, lsn: Lsn) {
         self.stored.store(lsn, Ordering::SeqCst);
@@ -90,6 +103,10 @@ impl RecordSink for MemorySink {
 
     fn stored_lsn(&self) -> Lsn {
         self.stored.load(Ordering::SeqCst)
+    }
+
+    fn assigned_lsn(&self) -> Lsn {
+        self.next_lsn.load(Ordering::SeqCst)
     }
 }
 
@@ -213,8 +230,11 @@ struct Wallet {
     /// bounded by the gift rate and `resident_max`.
     gifts: HashMap<Arc<str>, Arc<Slot>, foldhash::fast::RandomState>,
     /// Ids of this wallet moved from `gifts` to the evicted-id filter, ever: 0 means no filter
-    /// check is needed; a change while a store lookup ran means its "not found" is stale.
+    /// check is needed.
     evicted: u64,
+    /// The highest LSN of an id this wallet evicted (0: none, or only ids restored from the
+    /// store at start): a store lookup's "not found" is stale if this passed the lookup's mark.
+    evicted_lsn_max: Lsn,
 }
 
 /// A gift as the ledger sees it, already validated for shape by the protocol layer.
@@ -230,9 +250,14 @@ pub struct GiftRequest<'a> {
     pub count: u32,
     pub message: Option<&'a str>,
     pub ts_ms: u64,
-    /// Set after a store lookup found no gift with this id: the wallet's eviction count when
-    /// [`GiftStart::Lookup`] was returned. Trusted only if the count has not moved since.
-    pub store_checked: Option<u64>,
+    /// Set after a store lookup found no gift with this id: the mark [`GiftStart::Lookup`]
+    /// returned, the sink's `assigned_lsn` then. The miss is trusted only if the wallet has not
+    /// evicted an id with a higher LSN since: the id was not resident when `Lookup` was
+    /// returned, so it was either evicted (stored) already, which the lookup would have found,
+    /// or not accepted yet; accepted after, it has a higher LSN, and only then could it be
+    /// stored and evicted while the lookup ran. Ids accepted before the mark leave memory all
+    /// the time on a busy wallet; they cannot be this one.
+    pub store_checked: Option<Lsn>,
 }
 
 impl GiftRequest<'_> {
@@ -277,8 +302,8 @@ pub enum GiftStart {
     /// A retry of an accepted gift: answer from the slot, debit nothing.
     Retry(Arc<Slot>),
     /// The id is not resident but may have been evicted: look it up in the store (found: a
-    /// retry; not found: call again with `store_checked: Some(evicted)`). Nothing changed.
-    Lookup { evicted: u64 },
+    /// retry; not found: call again with `store_checked: Some(mark)`). Nothing changed.
+    Lookup { mark: Lsn },
     Rejected {
         code: &'static str,
         balance: Option<u64>,
@@ -425,14 +450,17 @@ impl Ledger {
             return GiftStart::Retry(slot.clone());
         }
         if wallet.evicted > 0
-            && req.store_checked != Some(wallet.evicted)
+            && req
+                .store_checked
+                .is_none_or(|mark| wallet.evicted_lsn_max > mark)
             && self
                 .evicted_ids
                 .may_contain(req.user_id, req.gift_id, req.ts_ms)
         {
             metrics::counter!("giftcast_idempotency_lookups_total").increment(1);
+            // Read under the wallet's entry: this id, accepted later, gets a higher LSN.
             return GiftStart::Lookup {
-                evicted: wallet.evicted,
+                mark: self.sink.assigned_lsn(),
             };
         }
         let Some(balance_after) = wallet.balance.checked_sub(amount.0) else {
@@ -535,6 +563,7 @@ impl Ledger {
             self.evicted_ids
                 .insert(user_id, gift_id, resident.ts_ms, now_ms);
             wallet.evicted += 1;
+            wallet.evicted_lsn_max = wallet.evicted_lsn_max.max(resident.lsn);
             evicted += 1;
         }
         if evicted > 0 {

@@ -525,33 +525,51 @@ fn old_stored_ids_leave_memory_after_the_resident_time() {
 }
 
 #[test]
-fn a_store_miss_is_trusted_only_if_the_wallet_evicted_nothing_meanwhile() {
+fn a_store_miss_is_trusted_unless_the_wallet_evicted_an_id_accepted_after_the_lookup_began() {
     let (l, sink) = bounded(0, 3_600_000);
     credit(&l, "a", 100, "r");
     sink.set_stored(u64::MAX);
     assert_eq!(start(&l, &gift_now("a", "g1")), "new");
     sink.settle_all();
     assert_eq!(l.resident_gifts(), 0, "resident_max 0: evicted once stored");
+    // (The credit took LSN 1, g1 LSN 2.) g0 accepted (LSN 3), not durable yet: it leaves memory while g1's lookup runs.
+    assert_eq!(start(&l, &gift_now("a", "g0")), "new");
     // g1 needs a lookup; say the store answered "not found" (as it would for a filter false
     // positive): the app then asks again with the mark `Lookup` gave.
-    let GiftStart::Lookup { evicted } = l.begin_gift(&gift_now("a", "g1"), no_completion) else {
+    let GiftStart::Lookup { mark } = l.begin_gift(&gift_now("a", "g1"), no_completion) else {
         panic!("g1 needs a lookup")
     };
-    // Meanwhile the wallet evicts another id: the earlier miss is stale, look again.
-    assert_eq!(start(&l, &gift_now("a", "g2")), "new");
+    assert_eq!(mark, 3, "the highest LSN given so far");
+    // Meanwhile the wallet evicts g0, accepted before the lookup began: it cannot be g1 (g1 was
+    // not resident then), so the miss is still trusted. A busy sender evicts all the time.
     sink.settle_all();
-    let stale = GiftRequest {
-        store_checked: Some(evicted),
+    assert_eq!(l.resident_gifts(), 0, "g0 evicted");
+    let before = GiftRequest {
+        store_checked: Some(mark),
         ..gift_now("a", "g1")
+    };
+    assert_eq!(start(&l, &before), "new");
+    // g0 (evicted) needs a lookup; meanwhile g4 is accepted after its mark and evicted: that
+    // one could have been g0 itself (sent again on another connection), so the miss is stale.
+    let GiftStart::Lookup { mark } = l.begin_gift(&gift_now("a", "g0"), no_completion) else {
+        panic!("g0 needs a lookup")
+    };
+    assert_eq!(mark, 4, "g1 took LSN 4");
+    assert_eq!(start(&l, &gift_now("a", "g4")), "new");
+    sink.settle_all();
+    assert_eq!(l.resident_gifts(), 0, "g1 and g4 evicted");
+    let stale = GiftRequest {
+        store_checked: Some(mark),
+        ..gift_now("a", "g0")
     };
     assert_eq!(start(&l, &stale), "lookup");
     // With an up-to-date mark the miss is trusted and the gift goes ahead.
-    let GiftStart::Lookup { evicted } = l.begin_gift(&gift_now("a", "g1"), no_completion) else {
-        panic!("g1 needs a lookup")
+    let GiftStart::Lookup { mark } = l.begin_gift(&gift_now("a", "g0"), no_completion) else {
+        panic!("g0 needs a lookup")
     };
     let fresh = GiftRequest {
-        store_checked: Some(evicted),
-        ..gift_now("a", "g1")
+        store_checked: Some(mark),
+        ..gift_now("a", "g0")
     };
     assert_eq!(start(&l, &fresh), "new");
 }
