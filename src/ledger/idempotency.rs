@@ -93,6 +93,8 @@ pub(crate) struct EvictedIds {
     /// new day always has somewhere of its own to go (its ids must leave with it, not before).
     /// The first stages take at most a quarter of the budget.
     first_stage_bytes: usize,
+    /// A stage at most (`FILTER_STAGE_BYTES_MAX`).
+    stage_bytes_max: usize,
     /// What further stages of all generations may take together: the budget less every
     /// generation's first stage.
     growth_bytes: usize,
@@ -151,11 +153,26 @@ impl Stage {
 
 impl EvictedIds {
     pub(crate) fn new(filter_bytes: usize, retention_ms: u64) -> EvictedIds {
+        Self::with_stages(
+            filter_bytes,
+            retention_ms,
+            FILTER_FIRST_STAGE_IDS * FILTER_BITS_PER_ID / 8,
+            FILTER_STAGE_BYTES_MAX,
+        )
+    }
+
+    /// `new` with other stage sizes (tests reach the largest stage without allocating 128 MiB).
+    fn with_stages(
+        filter_bytes: usize,
+        retention_ms: u64,
+        first_stage_bytes: usize,
+        stage_bytes_max: usize,
+    ) -> EvictedIds {
         // `GENERATIONS - 1` whole spans cover the retention; the extra one is the current.
         let span_ms = retention_ms.div_ceil(GENERATIONS - 1).max(1);
         // First stages take at most a quarter of the budget; whole 64-bit words (fastbloom's
         // unit), at least one.
-        let first_stage_bytes = (FILTER_FIRST_STAGE_IDS * FILTER_BITS_PER_ID / 8)
+        let first_stage_bytes = first_stage_bytes
             .min(filter_bytes / (4 * IDEMPOTENCY_FILTER_GENERATIONS))
             .max(8)
             & !7;
@@ -165,6 +182,7 @@ impl EvictedIds {
             slots: RwLock::new((0..IDEMPOTENCY_FILTER_GENERATIONS).map(|_| None).collect()),
             span_ms,
             first_stage_bytes,
+            stage_bytes_max,
             growth_bytes,
             at_budget: AtomicBool::new(false),
             hasher: foldhash::fast::RandomState::default(),
@@ -227,7 +245,8 @@ impl EvictedIds {
                         None
                     } else {
                         let left = self.growth_bytes.saturating_sub(Self::growth_used(&slots));
-                        let next = (last.bytes() * 2).min(FILTER_STAGE_BYTES_MAX).min(left) & !7;
+                        let next = (last.bytes() * 2).min(self.stage_bytes_max).min(left) & !7;
+                        // A stage smaller than a first one is not worth another probe per lookup.
                         if next < self.first_stage_bytes {
                             self.at_budget.store(true, Ordering::Relaxed);
                             None
@@ -443,6 +462,41 @@ mod tests {
         // One small first stage per live generation, a quarter of the budget in all.
         assert_eq!(f.stages(), IDEMPOTENCY_FILTER_GENERATIONS);
         assert_eq!(f.allocated_bytes(), bytes / 4);
+    }
+
+    #[test]
+    fn the_default_first_stage_is_a_million_ids_and_stages_stop_doubling_at_their_largest() {
+        let f = EvictedIds::new(IDEMPOTENCY_FILTER_BYTES_DEFAULT, 7 * DAY);
+        let now = 100 * DAY;
+        f.insert("u", "g", now, now);
+        assert_eq!(
+            f.allocated_bytes(),
+            (1 << 20) * 20 / 8,
+            "2.5 MiB: 1M ids at 20 bits"
+        );
+        // The same rule at a small scale: first stages of 8 KiB (3,276 ids), at most 32 KiB.
+        let f = EvictedIds::with_stages(1 << 20, 7 * DAY, 8 << 10, 32 << 10);
+        let mut sizes = Vec::new();
+        for id in ids("g", 100_000) {
+            f.insert("u", &id, now, now);
+            let stages = f.slots.read()[EvictedIds::slot_of(now / f.span_ms)]
+                .as_ref()
+                .map(|g| g.stages.iter().map(|s| s.bytes() >> 10).collect::<Vec<_>>())
+                .unwrap();
+            if stages.len() > sizes.len() {
+                sizes = stages;
+            }
+        }
+        assert_eq!(
+            sizes[..5],
+            [8, 16, 32, 32, 32],
+            "doubling up to the largest, then more of it"
+        );
+        assert!(sizes[2..].iter().all(|&k| k == 32));
+        let forgotten = ids("g", 100_000)
+            .filter(|id| !f.may_contain("u", id, now))
+            .count();
+        assert_eq!(forgotten, 0);
     }
 
     /// Ids and others, distinct by construction.
