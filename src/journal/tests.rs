@@ -100,8 +100,15 @@ async fn round_trip_and_reopen_filters_by_after_lsn() {
     let (journal, recovered, mut rx) = Journal::open(config(dir.path()), 0).unwrap();
     assert!(recovered.records.is_empty());
     assert_eq!(recovered.next_lsn, 1);
+    assert_eq!(journal.assigned_lsn(), 0, "no LSN given yet");
+    // `assigned_lsn` is exactly the last LSN given: the ledger's lookup mark relies on a
+    // record submitted after it getting a higher one (one more would trust a stale miss).
     let tickets: Vec<Ticket> = (1..=100)
-        .map(|n| journal.submit(record(n)).unwrap())
+        .map(|n| {
+            let ticket = journal.submit(record(n)).unwrap();
+            assert_eq!(journal.assigned_lsn(), ticket.lsn());
+            ticket
+        })
         .collect();
     for (i, ticket) in tickets.into_iter().enumerate() {
         assert_eq!(ticket.wait().await, Ok(i as u64 + 1));
@@ -131,6 +138,11 @@ async fn round_trip_and_reopen_filters_by_after_lsn() {
     assert_eq!(recovered.records, expected);
     assert_eq!(recovered.next_lsn, 101);
     assert_eq!(recovered.torn_tail, None);
+    assert_eq!(
+        journal.assigned_lsn(),
+        100,
+        "recovered records' LSNs count as given"
+    );
     for n in 1..=100 {
         assert_eq!(
             rx.recv().await.unwrap().0,
