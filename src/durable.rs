@@ -71,6 +71,9 @@ impl RecordSink for JournalSink {
     }
 }
 
+/// Gift ids restored into the evicted-id filter between two progress lines at start.
+const RESTORE_PROGRESS_IDS: usize = 1_000_000;
+
 /// The durable path of a running server.
 pub struct Durable {
     pub journal: Journal,
@@ -127,10 +130,25 @@ impl Durable {
         let now = crate::now_ms();
         let since = now.saturating_sub(idempotency.retention_ms);
         let resident_since = now.saturating_sub(idempotency.resident_ms);
+        tracing::info!(
+            backend = store.backend(),
+            "loading balances, revenue and the gift ids of the retention from storage"
+        );
+        let started = std::time::Instant::now();
         let snapshot = store
-            .load_window(since, resident_since)
+            .load_window(crate::store::Window {
+                since_ms: since,
+                resident_since_ms: resident_since,
+                resident_max: idempotency.resident_max,
+            })
             .await
             .context("loading storage")?;
+        tracing::info!(
+            gifts = snapshot.gifts.len() + snapshot.gift_keys.len(),
+            resident = snapshot.gifts.len(),
+            secs = started.elapsed().as_secs_f64(),
+            "loaded from storage"
+        );
         let mut jconfig = JournalConfig::new(data_dir);
         jconfig.segment_bytes_max = journal_settings.segment_bytes;
         jconfig.preallocate = journal_settings.preallocate;
@@ -157,8 +175,15 @@ impl Durable {
         }
         // Older gifts' ids go straight into the evicted-id filter; recent ones are resident
         // (stored already: LSN 0), to be evicted like any other.
-        for k in &snapshot.gift_keys {
+        for (i, k) in snapshot.gift_keys.iter().enumerate() {
             ledger.restore_evicted(&k.user_id, &k.gift_id, k.ts_ms);
+            if (i + 1) % RESTORE_PROGRESS_IDS == 0 {
+                tracing::info!(
+                    ids = i + 1,
+                    of = snapshot.gift_keys.len(),
+                    "gift ids into the evicted-id filter"
+                );
+            }
         }
         for g in &snapshot.gifts {
             ledger.restore_gift(g);

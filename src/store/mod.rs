@@ -81,10 +81,11 @@ pub struct Snapshot {
     pub balances: Vec<(String, u64)>,
     /// Every credit (idempotency on `reference`), in LSN order.
     pub credits: Vec<CreditRecord>,
-    /// Gifts with `ts_ms >= resident_since_ms` (the resident gift-id memory), in LSN order.
+    /// Gifts with `ts_ms >= resident_since_ms` (the resident gift-id memory), the newest
+    /// `resident_max` of them, in LSN order.
     pub gifts: Vec<GiftRecord>,
-    /// Gifts with `idempotency_since_ms <= ts_ms < resident_since_ms`: only what the evicted-id
-    /// filter and the daily cap need, in LSN order.
+    /// The other gifts since `since_ms`: only what the evicted-id filter and the daily cap
+    /// need, in no particular order.
     pub gift_keys: Vec<GiftKey>,
     /// Sorted by (stream, sticker, user_id).
     pub revenue: Vec<RevenueRow>,
@@ -106,17 +107,100 @@ pub struct GiftKey {
     pub ts_ms: u64,
 }
 
-/// Where a loaded gift goes: whole (resident) or as a key.
-fn sort_gift(snapshot: &mut Snapshot, gift: GiftRecord, resident_since_ms: u64) {
-    if gift.ts_ms >= resident_since_ms {
-        snapshot.gifts.push(gift);
-    } else {
-        snapshot.gift_keys.push(GiftKey {
+/// Which gifts a start loads, and how: since `since_ms` (the idempotency retention), the ones
+/// since `resident_since_ms` whole (their ids resident), at most the newest `resident_max` of
+/// them; the rest as keys.
+#[derive(Clone, Copy, Debug)]
+pub struct Window {
+    pub since_ms: u64,
+    pub resident_since_ms: u64,
+    pub resident_max: usize,
+}
+
+/// Loaded gift rows a progress line is logged after, at start.
+const LOAD_PROGRESS_ROWS: u64 = 1_000_000;
+
+/// Sorts loaded gifts into whole ones and keys as they come, in any order (no sort in the
+/// database: a start after a busy stretch reads millions), so that it holds at most
+/// `resident_max` whole records, the newest by LSN, not all of them: the ledger would evict the
+/// rest at once anyway.
+struct GiftSorter {
+    window: Window,
+    /// The newest whole gifts so far, the oldest of them on top.
+    recent: std::collections::BinaryHeap<std::cmp::Reverse<ByLsn>>,
+    keys: Vec<GiftKey>,
+    rows: u64,
+}
+
+/// A loaded gift ordered by its LSN alone.
+struct ByLsn(Lsn, GiftRecord);
+
+impl PartialEq for ByLsn {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+
+impl Eq for ByLsn {}
+
+impl PartialOrd for ByLsn {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ByLsn {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.cmp(&other.0)
+    }
+}
+
+impl GiftSorter {
+    fn new(window: Window) -> GiftSorter {
+        GiftSorter {
+            window,
+            recent: std::collections::BinaryHeap::new(),
+            keys: Vec::new(),
+            rows: 0,
+        }
+    }
+
+    fn push(&mut self, lsn: Lsn, gift: GiftRecord) {
+        self.rows += 1;
+        if self.rows.is_multiple_of(LOAD_PROGRESS_ROWS) {
+            tracing::info!(
+                rows = self.rows,
+                "loading gifts of the retention from storage"
+            );
+        }
+        if gift.ts_ms >= self.window.resident_since_ms {
+            self.recent.push(std::cmp::Reverse(ByLsn(lsn, gift)));
+            if self.recent.len() > self.window.resident_max {
+                let std::cmp::Reverse(ByLsn(_, oldest)) =
+                    self.recent.pop().expect("over the bound");
+                self.keys.push(GiftKey::of(oldest));
+            }
+        } else {
+            self.keys.push(GiftKey::of(gift));
+        }
+    }
+
+    fn finish(self, snapshot: &mut Snapshot) {
+        let mut recent: Vec<ByLsn> = self.recent.into_iter().map(|r| r.0).collect();
+        recent.sort_unstable();
+        snapshot.gifts = recent.into_iter().map(|g| g.1).collect();
+        snapshot.gift_keys = self.keys;
+    }
+}
+
+impl GiftKey {
+    fn of(gift: GiftRecord) -> GiftKey {
+        GiftKey {
             user_id: gift.user_id,
             gift_id: gift.gift_id,
             amount: gift.amount,
             ts_ms: gift.ts_ms,
-        });
+        }
     }
 }
 
@@ -182,21 +266,23 @@ impl Store {
 
     /// Everything, with the gifts since `idempotency_since_ms` whole.
     pub async fn load(&self, idempotency_since_ms: u64) -> Result<Snapshot> {
-        self.load_window(idempotency_since_ms, idempotency_since_ms)
-            .await
+        self.load_window(Window {
+            since_ms: idempotency_since_ms,
+            resident_since_ms: idempotency_since_ms,
+            resident_max: usize::MAX,
+        })
+        .await
     }
 
-    /// Everything, with the gifts since `resident_since_ms` whole and the older ones since
-    /// `idempotency_since_ms` as keys.
-    pub async fn load_window(
-        &self,
-        idempotency_since_ms: u64,
-        resident_since_ms: u64,
-    ) -> Result<Snapshot> {
-        let resident_since_ms = resident_since_ms.max(idempotency_since_ms);
+    /// Everything, with the gifts of the window whole or as keys (see `Window`).
+    pub async fn load_window(&self, window: Window) -> Result<Snapshot> {
+        let window = Window {
+            resident_since_ms: window.resident_since_ms.max(window.since_ms),
+            ..window
+        };
         match self {
-            Store::Sqlite(s) => s.load(idempotency_since_ms, resident_since_ms).await,
-            Store::Postgres(s) => s.load(idempotency_since_ms, resident_since_ms).await,
+            Store::Sqlite(s) => s.load(window).await,
+            Store::Postgres(s) => s.load(window).await,
         }
     }
 

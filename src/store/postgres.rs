@@ -180,13 +180,13 @@ impl PgStore {
         .await
     }
 
-    pub async fn load(&self, since_ms: u64, resident_since_ms: u64) -> Result<Snapshot> {
+    pub async fn load(&self, window: super::Window) -> Result<Snapshot> {
         let node = self.inner.node_id.clone();
         self.run(|conn| async move {
             conn.client
                 .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
                 .await?;
-            let snapshot = load(&conn.client, &node, since_ms, resident_since_ms).await?;
+            let snapshot = load(&conn.client, &node, window).await?;
             conn.client.batch_execute("COMMIT").await?;
             Ok(snapshot)
         })
@@ -418,12 +418,7 @@ async fn apply(conn: &PgConn, node: &str, records: &[(Lsn, Arc<Record>)]) -> Res
     Ok(())
 }
 
-async fn load(
-    client: &Client,
-    node: &str,
-    since_ms: u64,
-    resident_since_ms: u64,
-) -> Result<Snapshot> {
+async fn load(client: &Client, node: &str, window: super::Window) -> Result<Snapshot> {
     let checkpoint: Option<i64> = client
         .query_opt("SELECT lsn FROM checkpoints WHERE node_id = $1", &[&node])
         .await?
@@ -464,10 +459,15 @@ async fn load(
             ts_ms: to_u64(row.get(4), "ts_ms")?,
         });
     }
-    let sql = format!("SELECT {GIFT_COLUMNS} FROM gifts WHERE ts_ms >= $1 ORDER BY lsn");
-    for row in client.query(&sql, &[&to_i64(since_ms, "since")?]).await? {
-        super::sort_gift(&mut snapshot, gift_row(&row)?, resident_since_ms);
+    let sql = format!("SELECT {GIFT_COLUMNS}, lsn FROM gifts WHERE ts_ms >= $1");
+    let mut gifts = super::GiftSorter::new(window);
+    for row in client
+        .query(&sql, &[&to_i64(window.since_ms, "since")?])
+        .await?
+    {
+        gifts.push(to_u64(row.get(14), "lsn")?, gift_row(&row)?);
     }
+    gifts.finish(&mut snapshot);
     for row in client
         .query(
             "SELECT stream, sticker, user_id, user_name, gifts, stickers, gross, store_share,

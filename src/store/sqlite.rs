@@ -182,10 +182,10 @@ impl SqliteStore {
         .await
     }
 
-    pub async fn load(&self, since_ms: u64, resident_since_ms: u64) -> Result<Snapshot> {
+    pub async fn load(&self, window: super::Window) -> Result<Snapshot> {
         self.with_conn(move |conn, node| {
             let tx = conn.transaction()?; // one consistent read
-            let snapshot = load(&tx, node, since_ms, resident_since_ms)?;
+            let snapshot = load(&tx, node, window)?;
             tx.commit()?;
             Ok(snapshot)
         })
@@ -628,12 +628,7 @@ fn apply(
     Ok(())
 }
 
-fn load(
-    tx: &Transaction<'_>,
-    node: &str,
-    since_ms: u64,
-    resident_since_ms: u64,
-) -> Result<Snapshot> {
+fn load(tx: &Transaction<'_>, node: &str, window: super::Window) -> Result<Snapshot> {
     let checkpoint: Option<i64> = tx
         .query_row(
             "SELECT lsn FROM checkpoints WHERE node_id = ?1",
@@ -672,13 +667,26 @@ fn load(
             ts_ms: to_u64(row.get(4)?, "ts_ms")?,
         });
     }
-    let sql = format!("SELECT {GIFT_COLUMNS} FROM gifts WHERE ts_ms >= ?1 ORDER BY lsn");
+    // No ORDER BY: sorting millions of whole rows took SQLite ~20 s before the first of 6.3M
+    // came (`GiftSorter` keeps the newest whole, by LSN, as they come). When every stored gift
+    // is within the retention (a young file, or a busy week), the table is read in storage
+    // order, about twice as fast as through the `ts_ms` index; otherwise the index skips the
+    // older ones.
+    let since = to_i64(window.since_ms, "since")?;
+    let oldest: Option<i64> = tx.query_row("SELECT MIN(ts_ms) FROM gifts", [], |r| r.get(0))?;
+    let source = if oldest.is_none_or(|ts| ts >= since) {
+        "gifts NOT INDEXED"
+    } else {
+        "gifts"
+    };
+    let sql = format!("SELECT {GIFT_COLUMNS}, lsn FROM {source} WHERE ts_ms >= ?1");
     let mut stmt = tx.prepare(&sql)?;
-    let mut rows = stmt.query([to_i64(since_ms, "since")?])?;
+    let mut rows = stmt.query([since])?;
+    let mut gifts = super::GiftSorter::new(window);
     while let Some(row) = rows.next()? {
-        let gift = gift_row(row)?;
-        super::sort_gift(&mut snapshot, gift, resident_since_ms);
+        gifts.push(to_u64(row.get(14)?, "lsn")?, gift_row(row)?);
     }
+    gifts.finish(&mut snapshot);
     let mut stmt = tx.prepare(
         "SELECT stream, sticker, user_id, user_name, gifts, stickers, gross, store_share,
              streamer_share, platform_share

@@ -518,7 +518,12 @@ async fn gifts_load_split_by_the_resident_window_and_are_found_by_id(backend: Ba
     let records = history(20, 10);
     db.store.apply_batch(&records).await.unwrap();
     let (since, resident_since) = (1_000 + 50, 1_000 + 150);
-    let split = db.store.load_window(since, resident_since).await.unwrap();
+    let window = |resident_max| Window {
+        since_ms: since,
+        resident_since_ms: resident_since,
+        resident_max,
+    };
+    let split = db.store.load_window(window(usize::MAX)).await.unwrap();
     let whole = db.store.load(since).await.unwrap();
     // The same gifts, the older ones as keys only, nothing else different.
     assert!(split.gifts.iter().all(|g| g.ts_ms >= resident_since));
@@ -570,6 +575,38 @@ async fn gifts_load_split_by_the_resident_window_and_are_found_by_id(backend: Ba
         },
         whole
     );
+    // At most `resident_max` whole, the newest (in LSN order); the ones they push out join the
+    // keys, nothing lost.
+    let recent: Vec<&GiftRecord> = whole
+        .gifts
+        .iter()
+        .filter(|g| g.ts_ms >= resident_since)
+        .collect();
+    assert!(recent.len() > 3);
+    for resident_max in [0, 3, recent.len() - 1, recent.len()] {
+        let bounded = db.store.load_window(window(resident_max)).await.unwrap();
+        let newest: Vec<&GiftRecord> = recent[recent.len() - resident_max..].to_vec();
+        assert_eq!(
+            bounded.gifts.iter().collect::<Vec<_>>(),
+            newest,
+            "{resident_max}"
+        );
+        assert_eq!(
+            bounded.gift_keys.len(),
+            split.gift_keys.len() + recent.len() - resident_max,
+            "{resident_max}"
+        );
+        let mut ids: Vec<_> = bounded
+            .gift_keys
+            .iter()
+            .map(|k| k.gift_id.to_string())
+            .chain(bounded.gifts.iter().map(|g| g.gift_id.to_string()))
+            .collect();
+        let mut all: Vec<_> = whole.gifts.iter().map(|g| g.gift_id.to_string()).collect();
+        ids.sort();
+        all.sort();
+        assert_eq!(ids, all, "{resident_max}");
+    }
     // Every stored gift is found whole by (user, id); others are not.
     for (_, record) in &records {
         if let Record::Gift(g) = &**record {
