@@ -267,6 +267,18 @@ async fn lookup_rig_assigned(stored_ids: usize, evict_on_lookups: u32, assigned:
     }
 }
 
+/// Waits (at most 10 s) until `a`'s gift `x-1` went through: debited, waiting for the sink.
+async fn wait_for_x1(app: &Arc<App>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !app.ledger.has_gift("a", "x-1") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "x-1 never went through"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Sends `a`'s one-coffee gift `x-1`; the receiver gets its answer.
 fn send_x1(app: &Arc<App>) -> tokio::sync::oneshot::Receiver<GiftReply> {
     let sticker = app.config.catalog.get("coffee").expect("coffee").clone();
@@ -329,14 +341,7 @@ async fn a_lookup_is_not_stale_when_only_ids_accepted_before_it_leave_memory() {
     // trusted and x-1 goes through after one lookup.
     let rig = lookup_rig_assigned(4, u32::MAX, 4).await;
     let _reply = send_x1(&rig.app);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !rig.app.ledger.has_gift("a", "x-1") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "x-1 never went through"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for_x1(&rig.app).await;
     assert_eq!(rig.lookups.load(Ordering::SeqCst), 1, "one lookup, trusted");
     assert_eq!(
         *rig.evictions.lock().unwrap(),
@@ -354,14 +359,7 @@ async fn a_gift_whose_last_allowed_lookup_is_fresh_goes_through_and_is_debited_o
     let rig = lookup_rig(tries + 1, IDEMPOTENCY_LOOKUP_TRIES_MAX - 1).await;
     let reply = send_x1(&rig.app);
     // The last allowed lookup's miss is trusted: debited, waiting for the journal (the sink).
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !rig.app.ledger.has_gift("a", "x-1") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "x-1 never went through"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for_x1(&rig.app).await;
     assert_eq!(
         rig.lookups.load(Ordering::SeqCst),
         IDEMPOTENCY_LOOKUP_TRIES_MAX

@@ -493,15 +493,27 @@ mod tests {
             "doubling up to the largest, then more of it"
         );
         assert!(sizes[2..].iter().all(|&k| k == 32));
-        let forgotten = ids("g", 100_000)
-            .filter(|id| !f.may_contain("u", id, now))
-            .count();
+        let forgotten = count_forgotten(&f, "g", 100_000, now);
         assert_eq!(forgotten, 0);
     }
 
     /// Ids and others, distinct by construction.
     fn ids(prefix: &str, n: usize) -> impl Iterator<Item = String> + '_ {
         (0..n).map(move |i| format!("{prefix}{i}"))
+    }
+
+    /// Inserts `ids(prefix, n)` of user `u` made at `now`.
+    fn insert_all(f: &EvictedIds, prefix: &str, n: usize, now: u64) {
+        for id in ids(prefix, n) {
+            f.insert("u", &id, now, now);
+        }
+    }
+
+    /// How many of `ids(prefix, n)` the filter says it never saw (a false negative each).
+    fn count_forgotten(f: &EvictedIds, prefix: &str, n: usize, now: u64) -> usize {
+        ids(prefix, n)
+            .filter(|id| !f.may_contain("u", id, now))
+            .count()
     }
 
     #[test]
@@ -511,16 +523,12 @@ mod tests {
         let f = EvictedIds::new(bytes, 7 * DAY);
         let now = 100 * DAY;
         let n = 600_000;
-        for id in ids("g", n) {
-            f.insert("u", &id, now, now);
-        }
+        insert_all(&f, "g", n, now);
         // 52,428 + 104,857 + 209,715 + 419,430 ids: the fourth stage holds the last of them.
         assert_eq!(f.stages(), 4);
         assert_eq!(f.allocated_bytes(), (128 + 256 + 512 + 1024) << 10);
         assert!(f.allocated_bytes() <= bytes);
-        let forgotten = ids("g", n)
-            .filter(|id| !f.may_contain("u", id, now))
-            .count();
+        let forgotten = count_forgotten(&f, "g", n, now);
         assert_eq!(forgotten, 0, "a Bloom filter has no false negatives");
         // Every stage within its size: ~0.01% each (the rates add up over the stages).
         let others = 400_000;
@@ -541,15 +549,11 @@ mod tests {
         let f = EvictedIds::new(bytes, 7 * DAY);
         let day0 = 100 * DAY;
         let n = 1_000_000;
-        for id in ids("g", n) {
-            f.insert("u", &id, day0, day0);
-        }
+        insert_all(&f, "g", n, day0);
         assert_eq!(f.stages(), 5, "32 + 64 + 128 + 256 + 320 KiB");
         assert_eq!(f.allocated_bytes(), (32 + 64 + 128 + 256 + 320) << 10);
         // Past its budget the last stage takes the rest: more false positives, none missing.
-        let forgotten = ids("g", n)
-            .filter(|id| !f.may_contain("u", id, day0))
-            .count();
+        let forgotten = count_forgotten(&f, "g", n, day0);
         assert_eq!(forgotten, 0, "nothing forgotten at the budget");
         // Another day still gets its own first stage (the budget keeps one for each).
         let day1 = day0 + DAY;
@@ -559,9 +563,7 @@ mod tests {
         // Once day 0 is past the retention its slot and its growth are free again: a new busy
         // day grows in stages as before.
         let later = day0 + 8 * DAY;
-        for id in ids("h", 150_000) {
-            f.insert("u", &id, later, later);
-        }
+        insert_all(&f, "h", 150_000, later);
         assert_eq!(
             f.stages(),
             1 + 4,
@@ -575,9 +577,7 @@ mod tests {
             day0_kept < 100,
             "day 0 is past the retention: {day0_kept} of 10,000 still seen"
         );
-        let forgotten = ids("h", 150_000)
-            .filter(|id| !f.may_contain("u", id, later))
-            .count();
+        let forgotten = count_forgotten(&f, "h", 150_000, later);
         assert_eq!(forgotten, 0);
         assert!(f.allocated_bytes() <= bytes);
     }
