@@ -126,40 +126,18 @@ const LOAD_PROGRESS_ROWS: u64 = 1_000_000;
 /// rest at once anyway.
 struct GiftSorter {
     window: Window,
-    /// The newest whole gifts so far, the oldest of them on top.
-    recent: std::collections::BinaryHeap<std::cmp::Reverse<ByLsn>>,
+    /// The newest whole gifts so far, by (LSN, row number): the row number keeps two gifts apart
+    /// that share an LSN (cluster nodes sharing PostgreSQL each number their own journal).
+    recent: std::collections::BTreeMap<(Lsn, u64), GiftRecord>,
     keys: Vec<GiftKey>,
     rows: u64,
-}
-
-/// A loaded gift ordered by its LSN alone.
-struct ByLsn(Lsn, GiftRecord);
-
-impl PartialEq for ByLsn {
-    fn eq(&self, other: &Self) -> bool {
-        self.0 == other.0
-    }
-}
-
-impl Eq for ByLsn {}
-
-impl PartialOrd for ByLsn {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for ByLsn {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.0.cmp(&other.0)
-    }
 }
 
 impl GiftSorter {
     fn new(window: Window) -> GiftSorter {
         GiftSorter {
             window,
-            recent: std::collections::BinaryHeap::new(),
+            recent: std::collections::BTreeMap::new(),
             keys: Vec::new(),
             rows: 0,
         }
@@ -174,10 +152,9 @@ impl GiftSorter {
             );
         }
         if gift.ts_ms >= self.window.resident_since_ms {
-            self.recent.push(std::cmp::Reverse(ByLsn(lsn, gift)));
+            self.recent.insert((lsn, self.rows), gift);
             if self.recent.len() > self.window.resident_max {
-                let std::cmp::Reverse(ByLsn(_, oldest)) =
-                    self.recent.pop().expect("over the bound");
+                let (_, oldest) = self.recent.pop_first().expect("over the bound");
                 self.keys.push(GiftKey::of(oldest));
             }
         } else {
@@ -186,9 +163,7 @@ impl GiftSorter {
     }
 
     fn finish(self, snapshot: &mut Snapshot) {
-        let mut recent: Vec<ByLsn> = self.recent.into_iter().map(|r| r.0).collect();
-        recent.sort_unstable();
-        snapshot.gifts = recent.into_iter().map(|g| g.1).collect();
+        snapshot.gifts = self.recent.into_values().collect();
         snapshot.gift_keys = self.keys;
     }
 }
