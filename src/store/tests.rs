@@ -591,6 +591,17 @@ async fn gifts_load_split_by_the_resident_window_and_are_found_by_id(backend: Ba
             newest,
             "{resident_max}"
         );
+        // From 0, every stored gift is in the window: SQLite reads the table, not the `ts_ms`
+        // index; the same newest whole.
+        let scanned = db
+            .store
+            .load_window(Window {
+                since_ms: 0,
+                ..window(resident_max)
+            })
+            .await
+            .unwrap();
+        assert_eq!(scanned.gifts, bounded.gifts, "table scan, {resident_max}");
         assert_eq!(
             bounded.gift_keys.len(),
             split.gift_keys.len() + recent.len() - resident_max,
