@@ -29,6 +29,9 @@
 //! PostgreSQL tests use the real server on 127.0.0.1:5432 (database `test`, user `postgres`),
 //! each in a fresh schema that is dropped afterwards; they FAIL when it is unreachable.
 
+mod common;
+
+use common::{pg_admin, Schema};
 use futures_util::{SinkExt, StreamExt};
 use giftcast::auth::{Role, TokenKeys};
 use rand::Rng;
@@ -47,7 +50,6 @@ use tokio_tungstenite::tungstenite::Message;
 const BIN: &str = env!("CARGO_BIN_EXE_giftcast");
 const ADMIN: &str = "crash-test-admin-token";
 const SECRET: &str = "crash-test-token-secret";
-const PG_ADMIN: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test";
 /// Any single wait in these tests (start, stop, an answer) gives up after this.
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -833,14 +835,6 @@ fn sqlite_stored(data_dir: &Path) -> Stored {
     }
 }
 
-async fn pg_admin() -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(PG_ADMIN, tokio_postgres::NoTls)
-        .await
-        .expect("PostgreSQL must be reachable at 127.0.0.1:5432 for this test (it is not skipped)");
-    tokio::spawn(connection);
-    client
-}
-
 async fn pg_stored(schema: &str) -> Stored {
     let pg = pg_admin().await;
     let mut gifts = HashMap::new();
@@ -898,57 +892,6 @@ fn check_stored(stored: &Stored, model: &Model, prices: &Prices, audit: &Value) 
     assert_eq!(stored.gifted_total, audit["gifted"]);
     assert_eq!(stored.credited_total, audit["credited"]);
     assert_eq!(stored.wallets_sum, audit["balances"]);
-}
-
-/// A fresh PostgreSQL schema, dropped (with everything in it) on drop.
-struct Schema(String);
-
-impl Schema {
-    async fn create() -> Schema {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let name = format!(
-            "gc_crash_{}_{}_{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed),
-            rand::rng().random_range(0..1_000_000u32)
-        );
-        pg_admin()
-            .await
-            .batch_execute(&format!("CREATE SCHEMA {name}"))
-            .await
-            .unwrap();
-        Schema(name)
-    }
-
-    fn url(&self, host_port: &str) -> String {
-        format!(
-            "postgres://postgres@{host_port}/test?options=-csearch_path%3D{}",
-            self.0
-        )
-    }
-}
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        let name = std::mem::take(&mut self.0);
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                if let Ok((c, conn)) =
-                    tokio_postgres::connect(PG_ADMIN, tokio_postgres::NoTls).await
-                {
-                    tokio::spawn(conn);
-                    let _ = c
-                        .batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
-                        .await;
-                }
-            })
-        })
-        .join();
-    }
 }
 
 /// True when a journal segment is exactly as large as a preallocated one (the 64 MiB default):

@@ -16,6 +16,67 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub const ADMIN: &str = "test-admin-token";
 pub const RECV_TIMEOUT: Duration = Duration::from_secs(10);
+pub const PG_ADMIN: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test";
+
+/// The real PostgreSQL on 127.0.0.1:5432; a test that needs it FAILS when it is unreachable.
+pub async fn pg_admin() -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(PG_ADMIN, tokio_postgres::NoTls)
+        .await
+        .expect("PostgreSQL must be reachable at 127.0.0.1:5432 for this test (it is not skipped)");
+    tokio::spawn(connection);
+    client
+}
+
+/// A fresh PostgreSQL schema, dropped (with everything in it) on drop.
+pub struct Schema(pub String);
+
+impl Schema {
+    pub async fn create() -> Schema {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let name = format!(
+            "gc_it_{}_{}_{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            rand::Rng::random_range(&mut rand::rng(), 0..1_000_000u32)
+        );
+        pg_admin()
+            .await
+            .batch_execute(&format!("CREATE SCHEMA {name}"))
+            .await
+            .unwrap();
+        Schema(name)
+    }
+
+    pub fn url(&self, host_port: &str) -> String {
+        format!(
+            "postgres://postgres@{host_port}/test?options=-csearch_path%3D{}",
+            self.0
+        )
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        let name = std::mem::take(&mut self.0);
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                if let Ok((c, conn)) =
+                    tokio_postgres::connect(PG_ADMIN, tokio_postgres::NoTls).await
+                {
+                    tokio::spawn(conn);
+                    let _ = c
+                        .batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
+                        .await;
+                }
+            })
+        })
+        .join();
+    }
+}
 
 pub struct TestServer {
     pub addr: SocketAddr,
