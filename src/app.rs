@@ -608,12 +608,12 @@ impl App {
                 }
                 slot
             }
-            GiftStart::Lookup { mark } => {
+            GiftStart::Lookup { mark, since_ms } => {
                 if let Some(r) = reservation {
                     self.daily_spend.release(user_id, r);
                 }
                 let tries = checked.map_or(0, |c| c.tries) + 1;
-                return self.look_up_gift(gift, answer, StoreChecked { mark, tries });
+                return self.look_up_gift(gift, answer, StoreChecked { mark, tries }, since_ms);
             }
             GiftStart::New { slot, .. } => slot,
         };
@@ -635,8 +635,14 @@ impl App {
     /// A gift whose id the ledger may have evicted: the store says whether it is a retry (then
     /// it gets its original `gift_ok`, or `conflict`) or new (then it goes round again). Off the
     /// wallet lock, on a task: this is the rare path (a retry after `resident_ms`, or a filter
-    /// false positive).
-    fn look_up_gift(self: &Arc<Self>, gift: &WalletGift<'_>, answer: GiftAnswer, at: StoreChecked) {
+    /// false positive). Only gifts made at `since_ms` or later count: what the filter remembers.
+    fn look_up_gift(
+        self: &Arc<Self>,
+        gift: &WalletGift<'_>,
+        answer: GiftAnswer,
+        at: StoreChecked,
+        since_ms: u64,
+    ) {
         let unavailable = |app: &App, user_id: &str| GiftReply::Rejected {
             code: "unavailable",
             balance: Some(app.ledger.balance(user_id)),
@@ -649,8 +655,11 @@ impl App {
         tokio::spawn(async move {
             let gift = owned.as_gift();
             let timeout = Duration::from_millis(IDEMPOTENCY_LOOKUP_TIMEOUT_MS);
-            let found =
-                tokio::time::timeout(timeout, store.find_gift(gift.user_id, gift.gift_id)).await;
+            let found = tokio::time::timeout(
+                timeout,
+                store.find_gift(gift.user_id, gift.gift_id, since_ms),
+            )
+            .await;
             #[cfg(test)]
             if let Some(hook) = app.after_find_gift.get() {
                 hook(gift.user_id, gift.gift_id);

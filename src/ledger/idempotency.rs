@@ -295,6 +295,13 @@ impl EvictedIds {
         slots.iter().flatten().map(Generation::growth_bytes).sum()
     }
 
+    /// The time from which `may_contain(_, _, now_ms)` remembers ids: it answers for the gifts
+    /// made at this time or later, and never for older ones (so a store lookup after a "maybe"
+    /// needs to look no further back; `Store::find_gift`).
+    pub(crate) fn remembered_since_ms(&self, now_ms: u64) -> u64 {
+        self.oldest_live(now_ms) * self.span_ms
+    }
+
     /// False: the id was never evicted (within the retention). True: it may have been.
     pub(crate) fn may_contain(&self, user_id: &str, gift_id: &str, now_ms: u64) -> bool {
         let oldest = self.oldest_live(now_ms);

@@ -301,9 +301,10 @@ pub enum GiftStart {
     New { slot: Arc<Slot>, record: SharedGift },
     /// A retry of an accepted gift: answer from the slot, debit nothing.
     Retry(Arc<Slot>),
-    /// The id is not resident but may have been evicted: look it up in the store (found: a
+    /// The id is not resident but may have been evicted: look it up in the store among the
+    /// gifts made at `since_ms` or later, the ones the evicted-id filter remembers (found: a
     /// retry; not found: call again with `store_checked: Some(mark)`). Nothing changed.
-    Lookup { mark: Lsn },
+    Lookup { mark: Lsn, since_ms: u64 },
     Rejected {
         code: &'static str,
         balance: Option<u64>,
@@ -461,6 +462,7 @@ impl Ledger {
             // Read under the wallet's entry: this id, accepted later, gets a higher LSN.
             return GiftStart::Lookup {
                 mark: self.sink.assigned_lsn(),
+                since_ms: self.evicted_ids.remembered_since_ms(req.ts_ms),
             };
         }
         let Some(balance_after) = wallet.balance.checked_sub(amount.0) else {

@@ -536,7 +536,7 @@ fn a_store_miss_is_trusted_unless_the_wallet_evicted_an_id_accepted_after_the_lo
     assert_eq!(start(&l, &gift_now("a", "g0")), "new");
     // g1 needs a lookup; say the store answered "not found" (as it would for a filter false
     // positive): the app then asks again with the mark `Lookup` gave.
-    let GiftStart::Lookup { mark } = l.begin_gift(&gift_now("a", "g1"), no_completion) else {
+    let GiftStart::Lookup { mark, .. } = l.begin_gift(&gift_now("a", "g1"), no_completion) else {
         panic!("g1 needs a lookup")
     };
     assert_eq!(mark, 3, "the highest LSN given so far");
@@ -551,7 +551,7 @@ fn a_store_miss_is_trusted_unless_the_wallet_evicted_an_id_accepted_after_the_lo
     assert_eq!(start(&l, &before), "new");
     // g0 (evicted) needs a lookup; meanwhile g4 is accepted after its mark and evicted: that
     // one could have been g0 itself (sent again on another connection), so the miss is stale.
-    let GiftStart::Lookup { mark } = l.begin_gift(&gift_now("a", "g0"), no_completion) else {
+    let GiftStart::Lookup { mark, .. } = l.begin_gift(&gift_now("a", "g0"), no_completion) else {
         panic!("g0 needs a lookup")
     };
     assert_eq!(mark, 4, "g1 took LSN 4");
@@ -564,7 +564,7 @@ fn a_store_miss_is_trusted_unless_the_wallet_evicted_an_id_accepted_after_the_lo
     };
     assert_eq!(start(&l, &stale), "lookup");
     // With an up-to-date mark the miss is trusted and the gift goes ahead.
-    let GiftStart::Lookup { mark } = l.begin_gift(&gift_now("a", "g0"), no_completion) else {
+    let GiftStart::Lookup { mark, .. } = l.begin_gift(&gift_now("a", "g0"), no_completion) else {
         panic!("g0 needs a lookup")
     };
     let fresh = GiftRequest {

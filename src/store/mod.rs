@@ -261,11 +261,19 @@ impl Store {
         }
     }
 
-    /// The stored gift `gift_id` of `user_id`, if any (for a retry of an evicted id).
-    pub async fn find_gift(&self, user_id: &str, gift_id: &str) -> Result<Option<GiftRecord>> {
+    /// The stored gift `gift_id` of `user_id` made at `since_ms` or later, if any (for a retry of
+    /// an evicted id; `since_ms` is where the evicted-id filter's memory begins, so an older
+    /// gift with the same id is past the retention and not this one). The newest copy if there
+    /// are several (an id used again once past the retention is a new gift, stored as such).
+    pub async fn find_gift(
+        &self,
+        user_id: &str,
+        gift_id: &str,
+        since_ms: u64,
+    ) -> Result<Option<GiftRecord>> {
         match self {
-            Store::Sqlite(s) => s.find_gift(user_id, gift_id).await,
-            Store::Postgres(s) => s.find_gift(user_id, gift_id).await,
+            Store::Sqlite(s) => s.find_gift(user_id, gift_id, since_ms).await,
+            Store::Postgres(s) => s.find_gift(user_id, gift_id, since_ms).await,
         }
     }
 

@@ -37,7 +37,7 @@ SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
     $7::int8[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::text[], $13::int8[],
     $14::int8[], $15::int8[])
 ON CONFLICT DO NOTHING
-RETURNING user_id, gift_id";
+RETURNING lsn";
 
 const UPSERT_WALLETS: &str = "
 INSERT INTO wallets (user_id, balance)
@@ -167,12 +167,26 @@ impl PgStore {
         .await
     }
 
-    pub async fn find_gift(&self, user_id: &str, gift_id: &str) -> Result<Option<GiftRecord>> {
+    /// The newest stored copy of the gift made at `since_ms` or later.
+    pub async fn find_gift(
+        &self,
+        user_id: &str,
+        gift_id: &str,
+        since_ms: u64,
+    ) -> Result<Option<GiftRecord>> {
         let (user_id, gift_id) = (user_id.to_string(), gift_id.to_string());
+        let since = to_i64(since_ms, "since_ms")?;
         self.run(|conn| async move {
-            let sql =
-                format!("SELECT {GIFT_COLUMNS} FROM gifts WHERE user_id = $1 AND gift_id = $2");
-            match conn.client.query_opt(&sql, &[&user_id, &gift_id]).await? {
+            let sql = format!(
+                "SELECT {GIFT_COLUMNS} FROM gifts
+                 WHERE user_id = $1 AND gift_id = $2 AND ts_ms >= $3
+                 ORDER BY lsn DESC LIMIT 1"
+            );
+            match conn
+                .client
+                .query_opt(&sql, &[&user_id, &gift_id, &since])
+                .await?
+            {
                 Some(row) => Ok(Some(gift_row(&row)?)),
                 None => Ok(None),
             }
@@ -224,7 +238,35 @@ async fn migrate(client: &mut Client, node: &str) -> Result<()> {
         &[&node],
     )
     .await?;
+    key_gifts_by_record(&tx).await?;
     tx.commit().await?;
+    Ok(())
+}
+
+/// The shared schema keys `gifts` by `(user_id, gift_id)`: one gift per id for ever. But the
+/// ledger accepts an id again once it is past the retention, and debits it, so the store must
+/// hold that gift too or its totals stop balancing. The key becomes `(user_id, gift_id, lsn)`,
+/// once (the primary key's index is rebuilt, in the migration's transaction): a gift is its
+/// journal record, and a replayed record is still inserted once.
+async fn key_gifts_by_record(tx: &tokio_postgres::Transaction<'_>) -> Result<()> {
+    let key_columns: i64 = tx
+        .query_one(
+            "SELECT COUNT(*)::int8 FROM information_schema.key_column_usage
+             WHERE table_schema = current_schema() AND table_name = 'gifts'
+                 AND constraint_name = 'gifts_pkey'",
+            &[],
+        )
+        .await?
+        .get(0);
+    if key_columns == 2 {
+        tracing::info!("postgres: keying the gift table by (user_id, gift_id, lsn) (once)");
+        tx.batch_execute(
+            "ALTER TABLE gifts DROP CONSTRAINT gifts_pkey;
+             ALTER TABLE gifts ADD CONSTRAINT gifts_pkey PRIMARY KEY (user_id, gift_id, lsn);",
+        )
+        .await?;
+        tracing::info!("postgres: the gift table is keyed by (user_id, gift_id, lsn)");
+    }
     Ok(())
 }
 
@@ -346,11 +388,10 @@ async fn apply(conn: &PgConn, node: &str, records: &[(Lsn, Arc<Record>)]) -> Res
                 ],
             )
             .await?;
-        // Borrowed from the returned rows: no copy of either id per gift.
-        let mut inserted: HashSet<(&str, &str)> =
-            rows.iter().map(|row| (row.get(0), row.get(1))).collect();
-        for (_, g) in chunk {
-            if inserted.remove(&(&*g.user_id, &*g.gift_id)) {
+        // A gift is its record: the LSN says which were inserted (not a replay of one stored).
+        let inserted: HashSet<i64> = rows.iter().map(|row| row.get(0)).collect();
+        for (lsn, g) in chunk {
+            if inserted.contains(&to_i64(*lsn, "lsn")?) {
                 deltas.add_gift(g)?;
             }
         }

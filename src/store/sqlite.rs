@@ -223,26 +223,51 @@ impl SqliteStore {
         .await
     }
 
-    /// Probes every key generation, oldest first (the first stored copy of a key is the
-    /// original gift), each an index lookup: ~50 generations at 100M stored gifts.
-    pub async fn find_gift(&self, user_id: &str, gift_id: &str) -> Result<Option<GiftRecord>> {
+    /// The newest stored copy of the gift made at `since_ms` or later. Only the key generations
+    /// holding such gifts are probed (`gift_generations`, newest first), one index lookup each:
+    /// the work is bounded by the gifts of the window, not by every gift ever stored.
+    pub async fn find_gift(
+        &self,
+        user_id: &str,
+        gift_id: &str,
+        since_ms: u64,
+    ) -> Result<Option<GiftRecord>> {
         let (user_id, gift_id) = (user_id.to_string(), gift_id.to_string());
         let hash = (self.keys.hash)(&user_id, &gift_id);
+        let since = to_i64(since_ms, "since_ms")?;
         self.with_reader(move |conn| {
-            let newest: Option<i64> =
-                conn.query_row("SELECT MAX(key_gen) FROM gifts", [], |r| r.get(0))?;
+            let generations: Vec<i64> = conn
+                .prepare_cached(
+                    "SELECT key_gen FROM gift_generations WHERE ts_max >= ?1 ORDER BY key_gen DESC",
+                )?
+                .query_map([since], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
             let sql = format!(
                 "SELECT {GIFT_COLUMNS} FROM gifts
-                 WHERE key_gen = ?1 AND key_hash = ?2 AND user_id = ?3 AND gift_id = ?4"
+                 WHERE key_gen = ?1 AND key_hash = ?2 AND user_id = ?3 AND gift_id = ?4
+                     AND ts_ms >= ?5
+                 ORDER BY lsn DESC LIMIT 1"
             );
             let mut stmt = conn.prepare_cached(&sql)?;
-            for gen in 0..=newest.unwrap_or(-1) {
-                let mut rows = stmt.query(params![gen, hash, user_id, gift_id])?;
+            for gen in generations {
+                let mut rows = stmt.query(params![gen, hash, user_id, gift_id, since])?;
                 if let Some(row) = rows.next()? {
                     return Ok(Some(gift_row(row)?));
                 }
             }
             Ok(None)
+        })
+        .await
+    }
+
+    /// FOR TESTS: `gift_generations` as stored: `(key_gen, ts_max)` by generation.
+    #[cfg(test)]
+    pub(crate) async fn gift_generations(&self) -> Result<Vec<(i64, i64)>> {
+        self.with_reader(|conn| {
+            Ok(conn
+                .prepare("SELECT key_gen, ts_max FROM gift_generations ORDER BY key_gen")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?)
         })
         .await
     }
@@ -321,6 +346,9 @@ fn migrate(conn: &mut Connection, node: &str, keys: KeyScheme) -> Result<()> {
     } else if !has_column(&tx, "key_gen")? {
         key_gifts_by_generation(&tx)?;
     }
+    if !has_table(&tx, "gift_generations")? {
+        index_gift_generations(&tx)?;
+    }
     tx.commit()?;
     Ok(())
 }
@@ -332,6 +360,47 @@ fn has_column(tx: &Transaction<'_>, column: &str) -> Result<bool> {
         |r| r.get(0),
     )?;
     Ok(n > 0)
+}
+
+fn has_table(tx: &Transaction<'_>, table: &str) -> Result<bool> {
+    let n: i64 = tx.query_row(
+        "SELECT COUNT(*) FROM sqlite_schema WHERE type = 'table' AND name = ?1",
+        [table],
+        |r| r.get(0),
+    )?;
+    Ok(n > 0)
+}
+
+/// `gift_generations`: each key generation's newest gift time (`ts_ms`, the wall clock of the
+/// gift, which is not in LSN order: the largest, not the last), kept by `apply` in each batch's
+/// transaction, so `find_gift` probes only the generations that may hold a gift of its window. Built once
+/// from the gifts of a file that predates it (one pass over the table, logged before and after).
+fn index_gift_generations(tx: &Transaction<'_>) -> Result<()> {
+    let total: i64 = tx.query_row("SELECT COUNT(*) FROM gifts", [], |r| r.get(0))?;
+    if total > 0 {
+        tracing::info!(
+            total,
+            "sqlite: indexing the gift table's key generations by time (once)"
+        );
+    }
+    tx.execute_batch(
+        "CREATE TABLE gift_generations (
+             key_gen INTEGER PRIMARY KEY,
+             ts_max INTEGER NOT NULL
+         );
+         INSERT INTO gift_generations (key_gen, ts_max)
+             SELECT key_gen, MAX(ts_ms) FROM gifts GROUP BY key_gen;",
+    )?;
+    if total > 0 {
+        let generations: i64 =
+            tx.query_row("SELECT COUNT(*) FROM gift_generations", [], |r| r.get(0))?;
+        tracing::info!(
+            total,
+            generations,
+            "sqlite: the gift table's key generations are indexed by time"
+        );
+    }
+    Ok(())
 }
 
 /// SQLite only (PostgreSQL keeps its `(user_id, gift_id)` key): the shared schema makes `gifts`
@@ -420,9 +489,11 @@ fn key_gifts_by_generation(tx: &Transaction<'_>) -> Result<()> {
     Ok(())
 }
 
-/// The gift insert of the hash-keyed table: a gift whose sender and id are stored already in
-/// its key generation is not inserted again (the first stays); a different gift with the same
-/// hash gets the next salt.
+/// The gift insert of the hash-keyed table: the record of an LSN stored already (the same
+/// sender, id and LSN in its key generation) is not inserted again; any other gift with the same
+/// hash gets the next salt. That includes a sender's gift id used again under a new LSN: the
+/// ledger accepts an id again once it is past the retention, debits it, and the store must hold
+/// every gift it debited, or its totals would not balance.
 struct GiftInsert<'t> {
     insert: rusqlite::CachedStatement<'t>,
     same_hash: rusqlite::CachedStatement<'t>,
@@ -440,26 +511,29 @@ impl<'t> GiftInsert<'t> {
                  ON CONFLICT DO NOTHING"
             ))?,
             same_hash: tx.prepare_cached(&format!(
-                "SELECT user_id, gift_id, key_salt FROM {table} WHERE key_gen = ?1 AND key_hash = ?2"
+                "SELECT user_id, gift_id, lsn, key_salt FROM {table}
+                 WHERE key_gen = ?1 AND key_hash = ?2"
             ))?,
         })
     }
 
-    /// Whether the gift was inserted (false: this sender's gift id is stored already in its
-    /// generation). `(gen, hash)`: `KeyScheme::key`.
+    /// Whether the gift was inserted (false: this very record, the sender's gift id under this
+    /// LSN, is stored already). `(gen, hash)`: `KeyScheme::key`.
     fn insert(&mut self, g: &GiftRecord, lsn: i64, (gen, hash): (i64, i64)) -> Result<bool> {
         if self.insert_salted(g, lsn, gen, hash, 0)? {
             return Ok(true);
         }
-        // Salt 0 is taken: by this very gift (a duplicate id) or by another with the same hash.
+        // Salt 0 is taken: by this very record (a replay) or by another gift with the same hash
+        // (another id, or this id under another LSN).
         let mut salt_max = 0i64;
         let mut rows = self.same_hash.query([gen, hash])?;
         while let Some(row) = rows.next()? {
-            let (user_id, gift_id): (String, String) = (row.get(0)?, row.get(1)?);
-            if *user_id == *g.user_id && *gift_id == *g.gift_id {
+            let (user_id, gift_id, stored_lsn): (String, String, i64) =
+                (row.get(0)?, row.get(1)?, row.get(2)?);
+            if stored_lsn == lsn && *user_id == *g.user_id && *gift_id == *g.gift_id {
                 return Ok(false);
             }
-            salt_max = salt_max.max(row.get(2)?);
+            salt_max = salt_max.max(row.get(3)?);
         }
         drop(rows);
         let salt = salt_max + 1;
@@ -579,6 +653,26 @@ fn apply(
                 (_, Some(g)) => deltas.add_gift(g)?,
                 _ => {}
             }
+        }
+        // Each generation's newest gift time, raised by the gifts inserted into it (a batch
+        // touches one generation, two at a boundary).
+        let mut newest: Vec<(i64, i64)> = Vec::new();
+        for (i, part) in parts.iter().enumerate().filter(|&(i, _)| inserted[i]) {
+            let (Some(g), Some((gen, _))) = (part.as_deref(), index_keys[i]) else {
+                continue;
+            };
+            let ts = to_i64(g.ts_ms, "ts_ms")?;
+            match newest.iter_mut().find(|n| n.0 == gen) {
+                Some(n) => n.1 = n.1.max(ts),
+                None => newest.push((gen, ts)),
+            }
+        }
+        let mut upsert_newest = tx.prepare_cached(
+            "INSERT INTO gift_generations (key_gen, ts_max) VALUES (?1, ?2)
+             ON CONFLICT (key_gen) DO UPDATE SET ts_max = MAX(ts_max, excluded.ts_max)",
+        )?;
+        for (gen, ts_max) in newest {
+            upsert_newest.execute([gen, ts_max])?;
         }
         let mut upsert_wallet = tx.prepare_cached(
             "INSERT INTO wallets (user_id, balance) VALUES (?1, ?2)

@@ -91,6 +91,30 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// Sets the store's checkpoint back to `lsn`, behind the store's back.
+    async fn rewind_checkpoint(&self, lsn: i64) {
+        match &self.schema {
+            Some(schema) => {
+                pg_admin()
+                    .await
+                    .execute(
+                        &format!("UPDATE {schema}.checkpoints SET lsn = $1"),
+                        &[&lsn],
+                    )
+                    .await
+                    .unwrap();
+            }
+            None => {
+                rusqlite::Connection::open(self.dir.path().join(SQLITE_FILE_NAME))
+                    .unwrap()
+                    .execute("UPDATE checkpoints SET lsn = ?1", [lsn])
+                    .unwrap();
+            }
+        }
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         if let Some(schema) = self.schema.take() {
@@ -175,12 +199,13 @@ pub(crate) fn history(users: u64, gifts_per_user: u64) -> Vec<(Lsn, Arc<Record>)
     records
 }
 
-/// What the store must hold after applying `records` (in order, each lsn once): the model.
+/// What the store must hold after applying `records` (in order, each lsn once): the model. A
+/// credit reference counts once (the ledger never accepts one twice); every gift record is a
+/// gift (the ledger accepts a gift id again once it is past the retention: a new gift).
 pub(crate) fn model(records: &[(Lsn, Arc<Record>)], since_ms: u64) -> Snapshot {
     let mut snapshot = Snapshot::default();
     let mut balances = BTreeMap::new();
     let mut seen_credits = HashSet::new();
-    let mut seen_gifts = HashSet::new();
     let mut revenue: BTreeMap<(String, String, String), RevenueRow> = BTreeMap::new();
     for (lsn, record) in records {
         snapshot.checkpoint_lsn = *lsn;
@@ -195,29 +220,27 @@ pub(crate) fn model(records: &[(Lsn, Arc<Record>)], since_ms: u64) -> Snapshot {
             other => {
                 if let Some(g) = super::gift_part(other) {
                     let g: &GiftRecord = &g;
-                    if seen_gifts.insert((g.user_id.clone(), g.gift_id.clone())) {
-                        snapshot.gifted_total += g.amount;
-                        if g.ts_ms >= since_ms {
-                            snapshot.gifts.push(g.clone());
-                        }
-                        let row = revenue
-                            .entry((
-                                g.stream.to_string(),
-                                g.sticker.to_string(),
-                                g.user_id.to_string(),
-                            ))
-                            .or_default();
-                        row.stream = g.stream.to_string();
-                        row.sticker = g.sticker.to_string();
-                        row.user_id = g.user_id.to_string();
-                        row.user_name = g.user_name.to_string();
-                        row.gifts += 1;
-                        row.stickers += u64::from(g.count);
-                        row.gross += g.amount;
-                        row.store += g.shares.store;
-                        row.streamer += g.shares.streamer;
-                        row.platform += g.shares.platform;
+                    snapshot.gifted_total += g.amount;
+                    if g.ts_ms >= since_ms {
+                        snapshot.gifts.push(g.clone());
                     }
+                    let row = revenue
+                        .entry((
+                            g.stream.to_string(),
+                            g.sticker.to_string(),
+                            g.user_id.to_string(),
+                        ))
+                        .or_default();
+                    row.stream = g.stream.to_string();
+                    row.sticker = g.sticker.to_string();
+                    row.user_id = g.user_id.to_string();
+                    row.user_name = g.user_name.to_string();
+                    row.gifts += 1;
+                    row.stickers += u64::from(g.count);
+                    row.gross += g.amount;
+                    row.store += g.shares.store;
+                    row.streamer += g.shares.streamer;
+                    row.platform += g.shares.platform;
                 }
                 if super::is_packet(other) {
                     snapshot.packets.push(other.clone());
@@ -343,24 +366,81 @@ async fn revenue_aggregation_is_exact(backend: Backend) {
     }
 }
 
-async fn a_duplicate_key_under_a_new_lsn_is_counted_once(backend: Backend) {
+/// A gift id under a new LSN is a new gift: the ledger accepts an id again once it is past the
+/// retention, and debits it, so the store keeps both and counts both, and its totals balance
+/// (credited = balances + gifted). Until 2026-12-07 it kept the first and dropped the second
+/// one's value while its debit stayed in the balance: the next start refused the ledger. A
+/// credit reference under a new LSN is stored once (the ledger keeps every reference).
+async fn a_gift_id_under_a_new_lsn_is_a_new_gift(backend: Backend) {
     let db = TestDb::new(backend).await;
     let mut records = history(3, 2);
-    let dup_gift = records[4].1.clone();
-    let dup_credit = records[0].1.clone();
+    let Record::Gift(first) = (*records[4].1).clone() else {
+        panic!("history's fifth record is a gift")
+    };
+    let last_balance = |records: &[(Lsn, Arc<Record>)], user: &str| {
+        records
+            .iter()
+            .rev()
+            .find(|(_, r)| r.user_id() == user)
+            .unwrap()
+            .1
+            .balance_after()
+    };
+    let mut again = first.clone();
+    again.balance_after = last_balance(&records, &first.user_id) - again.amount;
+    again.ts_ms += 7 * 24 * 3_600_000;
+    again.message = Some("the same id, a week later".into());
+    let Record::Credit(mut credit) = (*records[0].1).clone() else {
+        panic!("history begins with credits")
+    };
+    credit.balance_after = last_balance(&records, &credit.user_id);
     let next = records.len() as u64 + 1;
-    records.push((next, dup_gift));
-    records.push((next + 1, dup_credit));
+    records.push((next, Arc::new(Record::Gift(again.clone()))));
+    records.push((next + 1, Arc::new(Record::Credit(credit))));
     db.store.apply_batch(&records).await.unwrap();
     let snapshot = db.store.load(0).await.unwrap();
     assert_eq!(snapshot, model(&records, 0));
-    assert_eq!(snapshot.gifts.len(), 6);
+    assert_eq!(snapshot.gifts.len(), 7);
     assert_eq!(snapshot.credits.len(), 3);
+    let balances: u64 = snapshot.balances.iter().map(|(_, b)| b).sum();
+    assert_eq!(
+        snapshot.credited_total,
+        balances + snapshot.gifted_total,
+        "the store balances"
+    );
+    // Found: the newest copy, or the first one only for a window that ends before the second.
+    let find = |since| db.store.find_gift(&first.user_id, &first.gift_id, since);
+    assert_eq!(find(0).await.unwrap().as_ref(), Some(&again));
+    assert_eq!(find(again.ts_ms).await.unwrap().as_ref(), Some(&again));
+    assert_eq!(find(again.ts_ms + 1).await.unwrap(), None);
+    assert_eq!(
+        db.store
+            .find_gift(&first.user_id, "gift-1", again.ts_ms)
+            .await
+            .unwrap(),
+        None,
+        "a gift made before the window is not found"
+    );
+}
+
+/// The store's own idempotence, behind the checkpoint: records applied again after the
+/// checkpoint was moved back (which the server never does) are each inserted once, by their
+/// LSN, and counted once.
+async fn a_record_applied_again_behind_the_checkpoint_is_stored_once(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let records = history(4, 3);
+    db.store.apply_batch(&records).await.unwrap();
+    let stored = db.store.load(0).await.unwrap();
+    db.rewind_checkpoint(0).await;
+    db.store.apply_batch(&records[2..]).await.unwrap();
+    let again = db.store.load(0).await.unwrap();
+    assert_eq!(again, stored);
+    assert_eq!(again, model(&records, 0));
 }
 
 /// SQLite stores a batch's gifts in gift-id order, not LSN order; what is stored must not show it:
-/// a gift id twice in one batch keeps its first (LSN) version, and a revenue row keeps the name of
-/// the sender's latest gift by LSN. Here the ids fall as the LSNs rise.
+/// a gift id twice in one batch is two gifts, each as its record says, and a revenue row keeps
+/// the name of the sender's latest gift by LSN. Here the ids fall as the LSNs rise.
 async fn a_batch_keeps_lsn_order_semantics_whatever_its_key_order(backend: Backend) {
     let db = TestDb::new(backend).await;
     let split = Split::default();
@@ -395,22 +475,23 @@ async fn a_batch_keeps_lsn_order_semantics_whatever_its_key_order(backend: Backe
             })),
         ));
     }
-    // "m" again under a later LSN with other contents: not stored, not counted.
+    // "m" again under a later LSN with other contents: a second gift, stored and counted.
     let mut again = match &*records[2].1 {
         Record::Gift(g) => g.clone(),
         _ => unreachable!(),
     };
     again.user_name = "name 3".into();
     again.message = Some("the second one".into());
-    records.push((5, Arc::new(Record::Gift(again))));
+    again.balance_after = 960;
+    records.push((5, Arc::new(Record::Gift(again.clone()))));
     // A plain gift whose id is the one a red packet's host cut gets ("rp:<packet>"), then that
-    // packet: the plain gift came first, so it is the one stored.
+    // packet: two gifts under one id again, both stored.
     let mut plain = match &*records[3].1 {
         Record::Gift(g) => g.clone(),
         _ => unreachable!(),
     };
     plain.gift_id = "rp:p".into();
-    plain.balance_after = 960;
+    plain.balance_after = 950;
     records.push((6, Arc::new(Record::Gift(plain))));
     records.push((
         7,
@@ -426,7 +507,7 @@ async fn a_batch_keeps_lsn_order_semantics_whatever_its_key_order(backend: Backe
             random: false,
             seed: 1,
             message: None,
-            balance_after: 950,
+            balance_after: 940,
             ts_ms: 20,
             expires_ms: 99,
         })),
@@ -434,22 +515,50 @@ async fn a_batch_keeps_lsn_order_semantics_whatever_its_key_order(backend: Backe
     db.store.apply_batch(&records).await.unwrap();
     let snapshot = db.store.load(0).await.unwrap();
     assert_eq!(snapshot, model(&records, 0));
-    let m = snapshot.gifts.iter().find(|g| &*g.gift_id == "m").unwrap();
-    assert_eq!((&*m.user_name, m.message.as_deref()), ("name 1", None));
-    let rp = snapshot
-        .gifts
-        .iter()
-        .find(|g| &*g.gift_id == "rp:p")
-        .unwrap();
-    assert_eq!((rp.amount, &*rp.sticker), (10, "rose"));
-    assert_eq!(snapshot.gifted_total, 40);
-    assert_eq!(snapshot.revenue.len(), 1);
-    // The latest counted gift by LSN is "rp:p" (LSN 6, a copy of "a", LSN 4, so named "name 2"):
-    // "a" is the first in key order, so added up in key order the row would say "name 0" ("z").
-    assert_eq!(snapshot.revenue[0].user_name, "name 2");
+    let copies = |id: &str| {
+        let mut found: Vec<(String, Option<String>, u64, String)> = snapshot
+            .gifts
+            .iter()
+            .filter(|g| &*g.gift_id == id)
+            .map(|g| {
+                let name = g.user_name.to_string();
+                (name, g.message.clone(), g.amount, g.sticker.to_string())
+            })
+            .collect();
+        found.sort();
+        found
+    };
+    let rose = |name: &str, message: Option<&str>| {
+        (
+            name.to_string(),
+            message.map(String::from),
+            10,
+            "rose".to_string(),
+        )
+    };
     assert_eq!(
-        (snapshot.revenue[0].gifts, snapshot.revenue[0].gross),
-        (4, 40)
+        copies("m"),
+        [rose("name 1", None), rose("name 3", Some("the second one"))]
+    );
+    assert_eq!(
+        copies("rp:p"),
+        [
+            rose("name 2", None),
+            ("name 4".to_string(), None, 1, "red_packet".to_string())
+        ]
+    );
+    assert_eq!(snapshot.gifted_total, 51);
+    let rows: Vec<_> = snapshot
+        .revenue
+        .iter()
+        .map(|r| (&*r.sticker, &*r.user_name, r.gifts, r.gross))
+        .collect();
+    // The latest rose gift by LSN is the plain "rp:p" (LSN 6, a copy of "a", LSN 4, so named
+    // "name 2"): "a" is the first in key order, so added up in key order the row would say
+    // "name 0" ("z").
+    assert_eq!(
+        rows,
+        [("red_packet", "name 4", 1, 1), ("rose", "name 2", 5, 50)]
     );
 }
 
@@ -621,17 +730,20 @@ async fn gifts_load_split_by_the_resident_window_and_are_found_by_id(backend: Ba
     // Every stored gift is found whole by (user, id); others are not.
     for (_, record) in &records {
         if let Record::Gift(g) = &**record {
-            let found = db.store.find_gift(&g.user_id, &g.gift_id).await.unwrap();
+            let found = db.store.find_gift(&g.user_id, &g.gift_id, 0).await.unwrap();
             assert_eq!(found.as_ref(), Some(g));
         }
     }
     let some = whole.gifts[0].clone();
     assert_eq!(
-        db.store.find_gift(&some.user_id, "nope").await.unwrap(),
+        db.store.find_gift(&some.user_id, "nope", 0).await.unwrap(),
         None
     );
     assert_eq!(
-        db.store.find_gift("nobody", &some.gift_id).await.unwrap(),
+        db.store
+            .find_gift("nobody", &some.gift_id, 0)
+            .await
+            .unwrap(),
         None
     );
 }
@@ -655,7 +767,8 @@ both_backends!(
     replaying_batches_changes_nothing,
     records_at_or_below_the_checkpoint_are_skipped,
     revenue_aggregation_is_exact,
-    a_duplicate_key_under_a_new_lsn_is_counted_once,
+    a_gift_id_under_a_new_lsn_is_a_new_gift,
+    a_record_applied_again_behind_the_checkpoint_is_stored_once,
     packet_records_round_trip,
     gifts_load_split_by_the_resident_window_and_are_found_by_id,
     a_batch_keeps_lsn_order_semantics_whatever_its_key_order,
@@ -727,7 +840,7 @@ async fn sqlite_a_lookup_does_not_wait_for_the_writer() {
     let wait = Duration::from_secs(10);
     for (_, record) in &records {
         if let Record::Gift(g) = &**record {
-            let found = tokio::time::timeout(wait, db.store.find_gift(&g.user_id, &g.gift_id))
+            let found = tokio::time::timeout(wait, db.store.find_gift(&g.user_id, &g.gift_id, 0))
                 .await
                 .expect("find_gift waited for the writer")
                 .unwrap();
@@ -791,9 +904,10 @@ fn small_generations(hash: sqlite::KeyHash) -> sqlite::KeyScheme {
 
 /// What a migration of an older file must keep: 20 records are stored by today's store, then
 /// `older` turns the file back into an older giftcast's shape (and checks it did), and the next
-/// open migrates it; `migrated` checks the key it made. Then: every gift kept and found by id,
-/// the rest of the history stored, a stored id again (a new LSN, still generation 0, other
-/// contents) refused and not counted, and a second open changes nothing.
+/// open migrates it; `migrated` checks the key it made. Every older file also predates
+/// `gift_generations`, which the open builds. Then: every gift kept and found by id, the rest of
+/// the history stored, a stored id again (a new LSN, still generation 0, other contents) stored
+/// and counted as a new gift and found as the newest, and a second open changes nothing.
 async fn an_older_file_is_migrated(
     hash: sqlite::KeyHash,
     older: impl FnOnce(&rusqlite::Connection),
@@ -806,13 +920,33 @@ async fn an_older_file_is_migrated(
     let store = open_keyed(&path, keyed_by(hash)).await;
     store.apply_batch(first).await.unwrap();
     drop(store);
-    older(&rusqlite::Connection::open(&path).unwrap());
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        older(&conn);
+        conn.execute_batch("DROP TABLE gift_generations").unwrap();
+    }
     let store = open_keyed(&path, keyed_by(hash)).await;
     migrated(&path);
+    let Store::Sqlite(sqlite) = &store else {
+        unreachable!()
+    };
+    let newest = first
+        .iter()
+        .filter_map(|(_, r)| match &**r {
+            Record::Gift(g) => Some(g.ts_ms),
+            _ => None,
+        })
+        .max()
+        .unwrap();
+    assert_eq!(
+        sqlite.gift_generations().await.unwrap(),
+        [(0, newest as i64)],
+        "built from the gifts: all in generation 0"
+    );
     assert_eq!(store.load(0).await.unwrap(), model(first, 0));
     for (_, record) in first {
         if let Record::Gift(g) = &**record {
-            let found = store.find_gift(&g.user_id, &g.gift_id).await.unwrap();
+            let found = store.find_gift(&g.user_id, &g.gift_id, 0).await.unwrap();
             assert_eq!(found.as_ref(), Some(g));
         }
     }
@@ -825,25 +959,24 @@ async fn an_older_file_is_migrated(
     let mut again = original.clone();
     again.message = Some("other".into());
     let last = records.last().unwrap().0;
-    store
-        .apply_batch(&[(last + 1, Arc::new(Record::Gift(again)))])
-        .await
-        .unwrap();
+    let more = [(last + 1, Arc::new(Record::Gift(again.clone())))];
+    store.apply_batch(&more).await.unwrap();
     let after = store.load(0).await.unwrap();
+    let everything = model(&[&records[..], &more[..]].concat(), 0);
     assert_eq!(
-        (after.gifts, after.gifted_total),
-        (all.gifts.clone(), all.gifted_total)
+        (&after.gifts, after.gifted_total),
+        (&everything.gifts, all.gifted_total + again.amount)
     );
     let found = store
-        .find_gift(&original.user_id, &original.gift_id)
+        .find_gift(&original.user_id, &original.gift_id, 0)
         .await
         .unwrap();
-    assert_eq!(found.as_ref(), Some(original));
+    assert_eq!(found.as_ref(), Some(&again));
     drop(store);
     let store = open_keyed(&path, keyed_by(hash)).await;
     assert_eq!(
         store.load(0).await.unwrap().gifts,
-        all.gifts,
+        everything.gifts,
         "a second open changes nothing"
     );
 }
@@ -901,6 +1034,66 @@ async fn sqlite_a_file_keyed_by_the_id_strings_is_rebuilt_keyed_by_hash() {
 #[tokio::test]
 async fn sqlite_a_file_keyed_by_the_id_strings_is_rebuilt_keyed_by_a_colliding_hash() {
     a_file_keyed_by_the_id_strings_is_rebuilt_keyed_by(colliding_key_hash).await;
+}
+
+/// A PostgreSQL schema of an older giftcast keys `gifts` by `(user_id, gift_id)`; the next open
+/// re-keys it by `(user_id, gift_id, lsn)`, once, keeping every gift, so a gift id again under a
+/// new LSN (past the retention) is stored and counted.
+#[tokio::test]
+async fn postgres_an_older_schema_gets_the_gift_key_by_record() {
+    let (schema, url) = pg_schema("127.0.0.1:5432").await;
+    let dir = tempfile::tempdir().unwrap();
+    let key_columns = || async {
+        pg_admin()
+            .await
+            .query(
+                "SELECT a.attname::text FROM pg_index i
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+                 WHERE i.indrelid = $1::text::regclass AND i.indisprimary
+                 ORDER BY array_position(i.indkey, a.attnum)",
+                &[&format!("{schema}.gifts")],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+    };
+    let records = history(3, 4);
+    let store = Store::open(Some(&url), dir.path()).await.unwrap();
+    assert_eq!(key_columns().await, ["user_id", "gift_id", "lsn"]);
+    store.apply_batch(&records).await.unwrap();
+    drop(store);
+    pg_admin()
+        .await
+        .batch_execute(&format!(
+            "ALTER TABLE {schema}.gifts DROP CONSTRAINT gifts_pkey;
+             ALTER TABLE {schema}.gifts ADD PRIMARY KEY (user_id, gift_id);"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(key_columns().await, ["user_id", "gift_id"], "the old shape");
+    let store = Store::open(Some(&url), dir.path()).await.unwrap();
+    assert_eq!(key_columns().await, ["user_id", "gift_id", "lsn"]);
+    assert_eq!(store.load(0).await.unwrap(), model(&records, 0));
+    let Record::Gift(mut again) = (*records[5].1).clone() else {
+        panic!("history's sixth record is a gift")
+    };
+    again.message = Some("a week later".into());
+    let more = [
+        &records[..],
+        &[(records.len() as u64 + 1, Arc::new(Record::Gift(again)))],
+    ]
+    .concat();
+    store.apply_batch(&more).await.unwrap();
+    let after = store.load(0).await.unwrap();
+    let all = model(&more, 0);
+    assert_eq!(
+        (&after.gifts, after.gifted_total),
+        (&all.gifts, all.gifted_total)
+    );
+    drop(store);
+    drop_schema(schema);
 }
 
 #[tokio::test]
@@ -1006,12 +1199,12 @@ async fn gifts_in_many_key_generations_are_stored_and_found(hash: sqlite::KeyHas
     for store in [store, open_keyed(&path, small_generations(hash)).await] {
         for (_, record) in &records {
             if let Record::Gift(g) = &**record {
-                let found = store.find_gift(&g.user_id, &g.gift_id).await.unwrap();
+                let found = store.find_gift(&g.user_id, &g.gift_id, 0).await.unwrap();
                 assert_eq!(found.as_ref(), Some(g));
             }
         }
-        assert_eq!(store.find_gift("user-0", "gift-6").await.unwrap(), None);
-        assert_eq!(store.find_gift("user-6", "gift-0").await.unwrap(), None);
+        assert_eq!(store.find_gift("user-0", "gift-6", 0).await.unwrap(), None);
+        assert_eq!(store.find_gift("user-6", "gift-0", 0).await.unwrap(), None);
     }
 }
 
@@ -1025,15 +1218,14 @@ async fn sqlite_gifts_in_many_key_generations_are_stored_and_found_colliding() {
     gifts_in_many_key_generations_are_stored_and_found(colliding_key_hash).await;
 }
 
-/// What the store refuses is a gift key twice in one generation (a replayed or duplicated
-/// record). Across generations it takes the record (the ledger is what refuses a gift id twice:
-/// resident ids, the evicted-id filter and `find_gift`), and `find_gift` answers with the first
-/// copy, the original gift. This pins the documented limit (docs/durability.md "Store").
-#[tokio::test]
-async fn sqlite_a_gift_key_is_refused_twice_within_its_generation_only() {
+/// A sender's gift id stored again under a new LSN (the ledger accepted it again past the
+/// retention) is taken in its own generation (under the next salt) as in the next, and counted;
+/// `find_gift` answers with the newest copy of its window. With the real hash and the colliding
+/// one.
+async fn a_gift_id_again_is_stored_in_any_generation_and_found_newest_first(hash: sqlite::KeyHash) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(SQLITE_FILE_NAME);
-    let store = open_keyed(&path, small_generations(sqlite::gift_key_hash)).await;
+    let store = open_keyed(&path, small_generations(hash)).await;
     // LSN 1 a credit, 2-4 gifts; generations of 4 LSNs: 0-3, 4-7, 8-11.
     let records = history(1, 3);
     store.apply_batch(&records).await.unwrap();
@@ -1041,8 +1233,12 @@ async fn sqlite_a_gift_key_is_refused_twice_within_its_generation_only() {
         panic!("history's fourth record is a gift")
     };
     assert_eq!(records[3].0, 4, "the original is in generation 1");
-    let mut again = original.clone();
-    again.message = Some("other".into());
+    let copy = |message: &str, ts_ms: u64| {
+        let mut g = original.clone();
+        g.message = Some(message.into());
+        g.ts_ms = ts_ms;
+        g
+    };
     let copies = |snapshot: &Snapshot| {
         snapshot
             .gifts
@@ -1052,31 +1248,131 @@ async fn sqlite_a_gift_key_is_refused_twice_within_its_generation_only() {
             .collect::<Vec<_>>()
     };
     let gifted = model(&records, 0).gifted_total;
-    // LSN 7: the same generation. Refused, not counted.
+    // LSN 7: the same generation. Taken, and counted.
+    let second = copy("second", 50_000);
     store
-        .apply_batch(&[(7, Arc::new(Record::Gift(again.clone())))])
+        .apply_batch(&[(7, Arc::new(Record::Gift(second.clone())))])
         .await
         .unwrap();
     let snapshot = store.load(0).await.unwrap();
-    assert_eq!(copies(&snapshot), std::slice::from_ref(original));
-    assert_eq!(snapshot.gifted_total, gifted);
-    // LSN 8: the next generation. Taken (the ledger never sends this), and counted.
+    assert_eq!(copies(&snapshot), [original.clone(), second.clone()]);
+    assert_eq!(snapshot.gifted_total, gifted + second.amount);
+    // LSN 8: the next generation. Taken, and counted.
+    let third = copy("third", 90_000);
     store
-        .apply_batch(&[(8, Arc::new(Record::Gift(again.clone())))])
+        .apply_batch(&[(8, Arc::new(Record::Gift(third.clone())))])
         .await
         .unwrap();
     let snapshot = store.load(0).await.unwrap();
-    assert_eq!(copies(&snapshot), [original.clone(), again.clone()]);
-    assert_eq!(snapshot.gifted_total, gifted + again.amount);
     assert_eq!(
-        store
-            .find_gift(&original.user_id, &original.gift_id)
-            .await
-            .unwrap()
-            .as_ref(),
-        Some(original),
-        "the first copy answers"
+        copies(&snapshot),
+        [original.clone(), second.clone(), third.clone()]
     );
+    assert_eq!(snapshot.gifted_total, gifted + second.amount + third.amount);
+    let (gens, _) = stored_generations(&path);
+    assert_eq!(&gens[gens.len() - 2..], [(1, 7), (2, 8)]);
+    let find = |since| store.find_gift(&original.user_id, &original.gift_id, since);
+    assert_eq!(find(0).await.unwrap().as_ref(), Some(&third), "the newest");
+    assert_eq!(find(90_000).await.unwrap().as_ref(), Some(&third));
+    assert_eq!(find(90_001).await.unwrap(), None);
+    // With the third copy's generation out of the way, the newest of generation 1 answers.
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute("DELETE FROM gift_generations WHERE key_gen = 2", [])
+        .unwrap();
+    assert_eq!(
+        find(0).await.unwrap().as_ref(),
+        Some(&second),
+        "salt 1 over salt 0"
+    );
+    assert_eq!(find(50_001).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn sqlite_a_gift_id_again_is_stored_in_any_generation_and_found_newest_first() {
+    a_gift_id_again_is_stored_in_any_generation_and_found_newest_first(sqlite::gift_key_hash).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_gift_id_again_is_stored_in_any_generation_and_found_newest_first_colliding() {
+    a_gift_id_again_is_stored_in_any_generation_and_found_newest_first(colliding_key_hash).await;
+}
+
+/// `gift_generations` holds each key generation's newest gift time, whatever order the wall
+/// clock gave them (it went back here, inside a generation and across one), and
+/// `find_gift` probes only the generations whose newest gift is in its window: a gift made
+/// before the window is not found, one in it is, in whatever generation. With the real hash and
+/// the colliding one.
+async fn find_gift_probes_the_generations_of_its_window(hash: sqlite::KeyHash) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(SQLITE_FILE_NAME);
+    let store = open_keyed(&path, small_generations(hash)).await;
+    let mut records = history(2, 6);
+    // LSNs 3-14 are gifts, generations (4 LSNs) 0 to 3. The clock as the gifts saw it:
+    let times: [u64; 12] = [
+        100, // 3: generation 0
+        200, 300, 9_000, 250, // 4-7: generation 1, the clock back after 9,000
+        400, 500, 600, 700, // 8-11: generation 2
+        800, 10, 20, // 12-14: generation 3, the clock back to 10
+    ];
+    for ((_, record), ts) in records[2..].iter_mut().zip(times) {
+        let Record::Gift(g) = &**record else {
+            panic!("history's gifts follow its 2 credits")
+        };
+        let mut g = g.clone();
+        g.ts_ms = ts;
+        *record = Arc::new(Record::Gift(g));
+    }
+    for batch in records.chunks(5) {
+        store.apply_batch(batch).await.unwrap();
+    }
+    let Store::Sqlite(sqlite) = &store else {
+        unreachable!()
+    };
+    assert_eq!(
+        sqlite.gift_generations().await.unwrap(),
+        [(0, 100), (1, 9_000), (2, 700), (3, 800)]
+    );
+    let gift = |lsn: usize| match &*records[lsn - 1].1 {
+        Record::Gift(g) => g.clone(),
+        _ => unreachable!(),
+    };
+    let find = |lsn: usize, since: u64| {
+        let g = gift(lsn);
+        async move {
+            sqlite
+                .find_gift(&g.user_id, &g.gift_id, since)
+                .await
+                .unwrap()
+        }
+    };
+    // Generation 1's newest gift is at 9,000 (LSN 6, not its last): it is probed for windows
+    // from 9,000, so the gift at 9,000 is found.
+    assert_eq!(find(6, 9_000).await, Some(gift(6)));
+    assert_eq!(find(6, 9_001).await, None);
+    // LSN 7 (250) sits in generation 1 too; from 260 on it is out of the window.
+    assert_eq!(find(7, 250).await, Some(gift(7)));
+    assert_eq!(find(7, 260).await, None);
+    // Generation 3's last gifts went back to 10 and 20: from 15, LSN 14 (20) is found, LSN 13
+    // (10) is not.
+    assert_eq!(find(14, 15).await, Some(gift(14)));
+    assert_eq!(find(13, 15).await, None);
+    assert_eq!(find(3, 100).await, Some(gift(3)));
+    assert_eq!(find(3, 101).await, None);
+    // Every gift from 0.
+    for lsn in 3..=14 {
+        assert_eq!(find(lsn, 0).await, Some(gift(lsn)), "LSN {lsn}");
+    }
+}
+
+#[tokio::test]
+async fn sqlite_find_gift_probes_the_generations_of_its_window() {
+    find_gift_probes_the_generations_of_its_window(sqlite::gift_key_hash).await;
+}
+
+#[tokio::test]
+async fn sqlite_find_gift_probes_the_generations_of_its_window_colliding() {
+    find_gift_probes_the_generations_of_its_window(colliding_key_hash).await;
 }
 
 /// A file keyed by `(key_hash, key_salt)` without generations (giftcast of 2026-12-03 to
