@@ -457,6 +457,42 @@ mod tests {
         assert!(!f.may_contain("u", "ancient", later));
     }
 
+    /// `remembered_since_ms` is exactly where the filter's memory begins, the window a store
+    /// lookup after a "maybe" must cover: every id of a gift made at it or later (and inserted
+    /// then) is still answered "maybe", and none made before it is, at any time of the day.
+    #[test]
+    fn the_filter_remembers_exactly_the_gifts_since_remembered_since_ms() {
+        let span = (7 * DAY).div_ceil(GENERATIONS - 1);
+        for now in [
+            100 * DAY,
+            100 * DAY + 1,
+            100 * DAY + span / 2,
+            101 * DAY - 1,
+        ] {
+            let f = EvictedIds::new(1 << 20, 7 * DAY);
+            let since = f.remembered_since_ms(now);
+            assert!(since <= now - 7 * DAY, "at least the retention");
+            assert!(now - since <= 7 * DAY + span, "at most a span more");
+            // Ids made around the boundary, each evicted the moment it was made or later.
+            for offset in 0..6u64 {
+                for ts in [since + offset, since - 1 - offset] {
+                    f.insert("u", &format!("at{ts}"), ts, ts.max(since));
+                }
+            }
+            for offset in 0..6u64 {
+                let (inside, before) = (since + offset, since - 1 - offset);
+                assert!(
+                    f.may_contain("u", &format!("at{inside}"), now),
+                    "{inside} forgotten"
+                );
+                assert!(
+                    !f.may_contain("u", &format!("at{before}"), now),
+                    "{before} kept"
+                );
+            }
+        }
+    }
+
     #[test]
     fn the_filter_memory_is_bounded_and_allocated_as_used() {
         let bytes = 1 << 16;
