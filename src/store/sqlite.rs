@@ -50,8 +50,8 @@ pub(crate) type KeyHash = fn(&str, &str) -> i64;
 /// current generation's part of the index, which stays about the size of the page cache
 /// (~2M entries of ~20 bytes), instead of all over an index as large as the whole table: the
 /// pages a batch dirties no longer grow with the table (docs/durability.md "Store",
-/// docs/benchmarks.md "Key generations"). A key is refused twice within its generation;
-/// across generations the ledger is what keeps a gift id from being accepted twice.
+/// docs/benchmarks.md "Key generations"). What keeps a gift id from being accepted twice is
+/// the ledger; the store holds every gift record it is given, once per LSN (`GiftInsert`).
 pub const GIFT_KEY_GEN_SHIFT: u32 = 21;
 
 /// How a store is keyed: the hash and the generation size (tests use tiny generations).
@@ -373,8 +373,9 @@ fn has_table(tx: &Transaction<'_>, table: &str) -> Result<bool> {
 
 /// `gift_generations`: each key generation's newest gift time (`ts_ms`, the wall clock of the
 /// gift, which is not in LSN order: the largest, not the last), kept by `apply` in each batch's
-/// transaction, so `find_gift` probes only the generations that may hold a gift of its window. Built once
-/// from the gifts of a file that predates it (one pass over the table, logged before and after).
+/// transaction, so `find_gift` probes only the generations that may hold a gift of its window.
+/// Built once from the gifts of a file that predates it (one pass over the table, logged before
+/// and after).
 fn index_gift_generations(tx: &Transaction<'_>) -> Result<()> {
     let total: i64 = tx.query_row("SELECT COUNT(*) FROM gifts", [], |r| r.get(0))?;
     if total > 0 {
@@ -403,7 +404,7 @@ fn index_gift_generations(tx: &Transaction<'_>) -> Result<()> {
     Ok(())
 }
 
-/// SQLite only (PostgreSQL keeps its `(user_id, gift_id)` key): the shared schema makes `gifts`
+/// SQLite only (PostgreSQL keys by the strings and the LSN): the shared schema makes `gifts`
 /// keyed by the two strings; this rebuilds it keyed by `(key_gen, key_hash, key_salt)` (see
 /// `gift_key_hash`, `GIFT_KEY_GEN_SHIFT`), once, copying any gifts a file of an older giftcast
 /// holds, in LSN order.
