@@ -1566,7 +1566,16 @@ async fn a_corrupt_journal_stops_the_start_naming_segment_and_offset() {
             .await;
     }
     let l = load(&server, &users, "k", 4).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Enough frames to damage one in the middle: a count of acks, not a time (under a loaded
+    // CI, 200 ms once gave 4 frames, the credits alone).
+    let deadline = Instant::now() + WAIT;
+    while l.acks.load(Ordering::Relaxed) < 40 {
+        assert!(
+            Instant::now() < deadline,
+            "40 gifts acknowledged in {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     model.absorb(l.finish().await);
     let audit = server.audit().await;
     assert_eq!(server.sigterm().await, Some(0));
