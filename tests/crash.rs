@@ -1629,6 +1629,79 @@ async fn a_corrupt_journal_stops_the_start_naming_segment_and_offset() {
     assert_eq!(server.sigterm().await, Some(0));
 }
 
+/// A data dir whose store a newer giftcast has upgraded (a shape step this build does not know)
+/// stops the start with one clear line and exit 2, before the journal is opened or anything
+/// is written; the same data dir at the step this build knows starts with all its money.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_from_a_newer_giftcast_stops_the_start() {
+    let mut node = Node::new(Opts::default());
+    let server = node.start().await;
+    let mut model = Model::default();
+    let users: Vec<(String, usize)> = (0..2).map(|i| (format!("n{i}"), 1)).collect();
+    for (user, _) in &users {
+        model
+            .credit(&server, user, 100_000, &format!("fund-{user}"))
+            .await;
+    }
+    let l = load(&server, &users, "n", 2).await;
+    let deadline = Instant::now() + WAIT;
+    while l.acks.load(Ordering::Relaxed) < 10 {
+        assert!(
+            Instant::now() < deadline,
+            "10 gifts acknowledged in {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    model.absorb(l.finish().await);
+    let audit = server.audit().await;
+    assert_eq!(server.sigterm().await, Some(0));
+
+    let db = node.dir().join("giftcast.db");
+    let step: i64 = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0))
+        .unwrap();
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute(
+            "INSERT INTO schema_version (version) VALUES (?1)",
+            [step + 1],
+        )
+        .unwrap();
+    let journal = segments(node.dir());
+    let failure = node
+        .try_start()
+        .await
+        .err()
+        .expect("a store from a newer giftcast must stop the start");
+    assert_eq!(failure.code, Some(2), "{failure:?}");
+    let lines: Vec<&str> = failure
+        .stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert_eq!(lines.len(), 1, "one line: {:?}", failure.stderr);
+    eprintln!("newer store: exit 2, stderr: {}", lines[0]);
+    assert!(
+        lines[0].contains("newer giftcast") && lines[0].contains(&format!("step {}", step + 1)),
+        "{}",
+        lines[0]
+    );
+    assert_eq!(segments(node.dir()), journal, "the journal is not touched");
+
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute("DELETE FROM schema_version WHERE version = ?1", [step + 1])
+        .unwrap();
+    let server = node.start().await;
+    assert_eq!(server.audit().await, audit);
+    let prices = server.prices().await;
+    let (acked, credits) = (model.acked.clone(), model.credits.clone());
+    let bad = check(&server, &model, &prices, &acked, &credits).await;
+    assert!(bad.is_empty(), "after the start: {bad:#?}");
+    assert_eq!(server.sigterm().await, Some(0));
+}
+
 /// A SIGTERM while the server is still starting (here: waiting for a "PostgreSQL" that accepts
 /// the connection and never answers) ends the start at once with exit 0, never by the signal's
 /// default action: the handlers are installed before anything else (src/main.rs) and the start

@@ -48,6 +48,12 @@ pub enum StoreError {
     Task(String),
     #[error("storage I/O: {0}")]
     Io(#[from] std::io::Error),
+    #[error(
+        "the store was written by a newer giftcast (shape step {found}; this build knows steps up \
+         to {known}). Downgrades are not supported: run that giftcast or a newer one, or restore a \
+         copy of the store taken before the upgrade"
+    )]
+    Newer { found: i64, known: i64 },
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -339,7 +345,13 @@ macro_rules! gift_column_defs {
 }
 pub(crate) use gift_column_defs;
 
-const MIGRATIONS: &[&str] = &[
+/// The store's shape, step by step: a store records in `schema_version` every step it has
+/// taken, and each backend's `migrate` takes the missing ones at open, in one transaction.
+/// **Every change of the stored shape adds a step here**, also one made in code rather than by
+/// these statements (an empty step): a store at a step this build does not know was written by
+/// a newer giftcast, and is refused (`StoreError::Newer`), because writing it in an older shape
+/// could lose what the newer one relies on (docs/durability.md, "Upgrades only").
+pub(crate) const MIGRATIONS: &[&str] = &[
     concat!(
         r#"
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -389,6 +401,10 @@ CREATE TABLE IF NOT EXISTS packet_records (
     PRIMARY KEY (node_id, lsn)
 );
 "#,
+    // Step 3 (2026-12-07), made in code by each backend's `migrate`: SQLite's gifts keyed by
+    // generation and hash with `gift_generations`; PostgreSQL's gifts keyed by record. The
+    // first step an older giftcast can be refused for (giftcasts before it do not check).
+    "",
 ];
 
 /// Red packet records are kept whole (bincode, as in the journal): the ledger rebuilds the

@@ -221,10 +221,19 @@ async fn migrate(client: &mut Client, node: &str) -> Result<()> {
         )
         .await?
         .get(0);
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(StoreError::Newer {
+            found: version,
+            known,
+        });
+    }
     for (index, ddl) in MIGRATIONS.iter().enumerate() {
         let number = index as i64 + 1;
         if number > version {
-            tx.batch_execute(ddl).await?;
+            if !ddl.is_empty() {
+                tx.batch_execute(ddl).await?;
+            }
             tx.execute(
                 "INSERT INTO schema_version (version) VALUES ($1)",
                 &[&number],

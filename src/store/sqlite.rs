@@ -329,10 +329,19 @@ fn migrate(conn: &mut Connection, node: &str, keys: KeyScheme) -> Result<()> {
         [],
         |r| r.get(0),
     )?;
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(StoreError::Newer {
+            found: version,
+            known,
+        });
+    }
     for (index, ddl) in MIGRATIONS.iter().enumerate() {
         let number = index as i64 + 1;
         if number > version {
-            tx.execute_batch(ddl)?;
+            if !ddl.is_empty() {
+                tx.execute_batch(ddl)?;
+            }
             tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [number])?;
         }
     }

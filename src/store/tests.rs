@@ -29,6 +29,8 @@ pub(crate) struct TestDb {
     pub store: Store,
     pub dir: tempfile::TempDir,
     pub schema: Option<String>,
+    backend: Backend,
+    url: Option<String>,
 }
 
 static SCHEMA_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -67,6 +69,8 @@ impl TestDb {
                     store,
                     dir,
                     schema: None,
+                    backend,
+                    url: None,
                 }
             }
             Backend::SqliteCollidingKeys => {
@@ -75,6 +79,8 @@ impl TestDb {
                     store: open_keyed(&path, keyed_by(colliding_key_hash)).await,
                     dir,
                     schema: None,
+                    backend,
+                    url: None,
                 }
             }
             Backend::Postgres => {
@@ -85,6 +91,8 @@ impl TestDb {
                     store,
                     dir,
                     schema: Some(schema),
+                    backend,
+                    url: Some(url),
                 }
             }
         }
@@ -92,6 +100,38 @@ impl TestDb {
 }
 
 impl TestDb {
+    /// The same database opened again, as a restart would.
+    async fn try_reopen(&self) -> Result<Store> {
+        match self.backend {
+            Backend::Sqlite | Backend::Postgres => {
+                Store::open(self.url.as_deref(), self.dir.path()).await
+            }
+            Backend::SqliteCollidingKeys => Ok(Store::Sqlite(
+                sqlite::SqliteStore::open_with_keys(
+                    &self.dir.path().join(SQLITE_FILE_NAME),
+                    NODE_ID_DEFAULT,
+                    keyed_by(colliding_key_hash),
+                )
+                .await?,
+            )),
+        }
+    }
+
+    /// Runs `sql` on the store's database behind the store's back (its schema on PostgreSQL).
+    async fn behind(&self, sql: &str) {
+        match &self.schema {
+            Some(schema) => pg_admin()
+                .await
+                .batch_execute(&format!("SET search_path TO {schema}; {sql}"))
+                .await
+                .unwrap(),
+            None => rusqlite::Connection::open(self.dir.path().join(SQLITE_FILE_NAME))
+                .unwrap()
+                .execute_batch(sql)
+                .unwrap(),
+        }
+    }
+
     /// Sets the store's checkpoint back to `lsn`, behind the store's back.
     async fn rewind_checkpoint(&self, lsn: i64) {
         match &self.schema {
@@ -748,6 +788,47 @@ async fn gifts_load_split_by_the_resident_window_and_are_found_by_id(backend: Ba
     );
 }
 
+/// A store at a shape step this build does not know was written by a newer giftcast: the open
+/// refuses it, naming both steps, and changes nothing. At the step this build knows (the step
+/// taken away again) the same store opens with everything in it.
+async fn a_store_from_a_newer_giftcast_is_refused(backend: Backend) {
+    let mut db = TestDb::new(backend).await;
+    let records = history(3, 4);
+    db.store.apply_batch(&records).await.unwrap();
+    let known = MIGRATIONS.len() as i64;
+    db.behind(&format!(
+        "INSERT INTO schema_version (version) VALUES ({})",
+        known + 1
+    ))
+    .await;
+    let refused = db
+        .try_reopen()
+        .await
+        .err()
+        .expect("a newer store is refused");
+    assert!(
+        matches!(refused, StoreError::Newer { found, known: k } if found == known + 1 && k == known),
+        "{refused:?}"
+    );
+    let message = refused.to_string();
+    assert!(
+        message.contains("newer giftcast")
+            && message.contains(&format!("step {}", known + 1))
+            && message.contains(&format!("up to {known}")),
+        "{message}"
+    );
+    db.behind(&format!(
+        "DELETE FROM schema_version WHERE version = {}",
+        known + 1
+    ))
+    .await;
+    db.store = db
+        .try_reopen()
+        .await
+        .expect("the step this build knows opens");
+    assert_eq!(db.store.load(0).await.unwrap(), model(&records, 0));
+}
+
 macro_rules! both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite_backend {
@@ -772,6 +853,7 @@ both_backends!(
     packet_records_round_trip,
     gifts_load_split_by_the_resident_window_and_are_found_by_id,
     a_batch_keeps_lsn_order_semantics_whatever_its_key_order,
+    a_store_from_a_newer_giftcast_is_refused,
 );
 
 fn pragma(path: &std::path::Path, name: &str) -> i64 {
@@ -1124,6 +1206,58 @@ async fn postgres_reconnects_after_its_connection_is_killed() {
         }
         db.store.ping().await.unwrap();
     }
+    db.store.apply_batch(&records).await.unwrap();
+    assert_eq!(db.store.load(0).await.unwrap(), model(&records, 0));
+}
+
+/// A PostgreSQL node that is running when a newer giftcast upgrades the shared database writes
+/// nothing more into it: its next connection refuses the newer step, and every batch fails
+/// (the journal keeps them) until the step is one it knows again.
+#[tokio::test]
+async fn postgres_a_running_node_refuses_the_database_once_a_newer_giftcast_upgraded_it() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let schema = db.schema.clone().unwrap();
+    let records = history(4, 5);
+    db.store.apply_batch(&records[..10]).await.unwrap();
+    let newer = MIGRATIONS.len() as i64 + 1;
+    db.behind(&format!(
+        "INSERT INTO schema_version (version) VALUES ({newer})"
+    ))
+    .await;
+    pg_admin()
+        .await
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            &[&schema],
+        )
+        .await
+        .unwrap();
+    let mut refusals = 0;
+    for _ in 0..3 {
+        match db.store.apply_batch(&records).await {
+            Err(StoreError::Newer { found, .. }) if found == newer => refusals += 1,
+            Err(e) => eprintln!("the dead connection: {e}"),
+            Ok(()) => panic!("a batch written into a newer giftcast's database"),
+        }
+    }
+    assert!(refusals >= 2, "{refusals} refusals in 3 batches");
+    assert_eq!(
+        db.store
+            .load(0)
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default(),
+        StoreError::Newer {
+            found: newer,
+            known: newer - 1
+        }
+        .to_string()
+    );
+    db.behind(&format!(
+        "DELETE FROM schema_version WHERE version = {newer}"
+    ))
+    .await;
     db.store.apply_batch(&records).await.unwrap();
     assert_eq!(db.store.load(0).await.unwrap(), model(&records, 0));
 }
