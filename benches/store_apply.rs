@@ -160,12 +160,18 @@ async fn lookups(store: &Store, label: &str, sampled: &[GiftRecord]) -> anyhow::
         let started = Instant::now();
         // From 0: every generation is in the window (the run's gifts span seconds, well within
         // the 7-day retention the server looks back).
-        let got = store.find_gift(&gift.user_id, &gift.gift_id, 0).await?;
+        let got = store
+            .find_gift(&gift.user_id, &gift.gift_id, giftcast::store::since(0))
+            .await?;
         found.push(started.elapsed().as_secs_f64());
         anyhow::ensure!(got.as_ref() == Some(gift), "stored gift {i} found whole");
         let started = Instant::now();
         let got = store
-            .find_gift(&gift.user_id, &format!("never-{i}"), 0)
+            .find_gift(
+                &gift.user_id,
+                &format!("never-{i}"),
+                giftcast::store::since(0),
+            )
             .await?;
         missed.push(started.elapsed().as_secs_f64());
         anyhow::ensure!(got.is_none(), "an id never stored is not found");

@@ -608,12 +608,12 @@ impl App {
                 }
                 slot
             }
-            GiftStart::Lookup { mark, since_ms } => {
+            GiftStart::Lookup { mark, spans } => {
                 if let Some(r) = reservation {
                     self.daily_spend.release(user_id, r);
                 }
                 let tries = checked.map_or(0, |c| c.tries) + 1;
-                return self.look_up_gift(gift, answer, StoreChecked { mark, tries }, since_ms);
+                return self.look_up_gift(gift, answer, StoreChecked { mark, tries }, spans);
             }
             GiftStart::New { slot, .. } => slot,
         };
@@ -635,13 +635,14 @@ impl App {
     /// A gift whose id the ledger may have evicted: the store says whether it is a retry (then
     /// it gets its original `gift_ok`, or `conflict`) or new (then it goes round again). Off the
     /// wallet lock, on a task: this is the rare path (a retry after `resident_ms`, or a filter
-    /// false positive). Only gifts made at `since_ms` or later count: what the filter remembers.
+    /// false positive). Only gifts made in `spans` count: the days of the filter that answered
+    /// "maybe" for this id.
     fn look_up_gift(
         self: &Arc<Self>,
         gift: &WalletGift<'_>,
         answer: GiftAnswer,
         at: StoreChecked,
-        since_ms: u64,
+        spans: Vec<std::ops::Range<u64>>,
     ) {
         let unavailable = |app: &App, user_id: &str| GiftReply::Rejected {
             code: "unavailable",
@@ -655,11 +656,9 @@ impl App {
         tokio::spawn(async move {
             let gift = owned.as_gift();
             let timeout = Duration::from_millis(IDEMPOTENCY_LOOKUP_TIMEOUT_MS);
-            let found = tokio::time::timeout(
-                timeout,
-                store.find_gift(gift.user_id, gift.gift_id, since_ms),
-            )
-            .await;
+            let found =
+                tokio::time::timeout(timeout, store.find_gift(gift.user_id, gift.gift_id, &spans))
+                    .await;
             #[cfg(test)]
             if let Some(hook) = app.after_find_gift.get() {
                 hook(gift.user_id, gift.gift_id);

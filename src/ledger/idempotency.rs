@@ -33,6 +33,7 @@ use fastbloom::AtomicBloomFilter;
 use parking_lot::{Mutex, RwLock};
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -298,19 +299,44 @@ impl EvictedIds {
     /// The time from which `may_contain(_, _, now_ms)` remembers ids: it answers for the gifts
     /// made at this time or later, and never for older ones (so a store lookup after a "maybe"
     /// needs to look no further back; `Store::find_gift`).
-    pub(crate) fn remembered_since_ms(&self, now_ms: u64) -> u64 {
+    #[cfg(test)]
+    fn remembered_since_ms(&self, now_ms: u64) -> u64 {
         self.oldest_live(now_ms) * self.span_ms
     }
 
-    /// False: the id was never evicted (within the retention). True: it may have been.
-    pub(crate) fn may_contain(&self, user_id: &str, gift_id: &str, now_ms: u64) -> bool {
+    /// When the gift of an evicted id may have been made: the span of gift time (`ts_ms`,
+    /// half-open) of each live generation that answers "maybe" for it, newest first. Empty:
+    /// the id was never evicted (within the retention). An id goes into the generation of its
+    /// gift's time, so a store lookup after a "maybe" needs to look only among the gifts made
+    /// in these spans (`Store::find_gift`), usually one day of the seven, where a copy of the
+    /// id evicted since `remembered_since_ms` is sure to be.
+    pub(crate) fn spans_containing(
+        &self,
+        user_id: &str,
+        gift_id: &str,
+        now_ms: u64,
+    ) -> Vec<Range<u64>> {
         let oldest = self.oldest_live(now_ms);
         let key = self.hash(user_id, gift_id);
-        self.slots
+        let mut spans: Vec<Range<u64>> = self
+            .slots
             .read()
             .iter()
             .flatten()
-            .any(|g| g.number >= oldest && g.stages.iter().any(|s| s.filter.contains_hash(key)))
+            .filter(|g| g.number >= oldest && g.stages.iter().any(|s| s.filter.contains_hash(key)))
+            .map(|g| {
+                let start = g.number.saturating_mul(self.span_ms);
+                start..start.saturating_add(self.span_ms)
+            })
+            .collect();
+        spans.sort_unstable_by_key(|s| std::cmp::Reverse(s.start));
+        spans
+    }
+
+    /// False: the id was never evicted (within the retention). True: it may have been.
+    #[cfg(test)]
+    fn may_contain(&self, user_id: &str, gift_id: &str, now_ms: u64) -> bool {
+        !self.spans_containing(user_id, gift_id, now_ms).is_empty()
     }
 
     /// Bytes allocated for the filter now (stages are allocated when first used).
@@ -410,6 +436,7 @@ impl ResidentQueue {
 }
 
 #[cfg(test)]
+#[allow(clippy::single_range_in_vec_init)] // a list of spans that holds one
 mod tests {
     use super::*;
 
@@ -434,6 +461,35 @@ mod tests {
             !f.may_contain("v", "g1", now),
             "the user is part of the key"
         );
+    }
+
+    /// An id answers "maybe" in the generation of its gift's time: the spans are those days,
+    /// newest first, each one span long and holding its gift's time; the same id made on two
+    /// days names both; an id never inserted names none (but for a false positive).
+    #[test]
+    fn spans_containing_names_the_days_of_the_gifts_time() {
+        let f = EvictedIds::new(1 << 20, 7 * DAY);
+        let now = 100 * DAY + 7;
+        let (three_days_back, five_days_back) = (now - 3 * DAY + 11, now - 5 * DAY - 13);
+        f.insert("u", "once", three_days_back, now);
+        f.insert("u", "twice", three_days_back, now);
+        f.insert("u", "twice", five_days_back, now);
+        f.insert("u", "today", now, now);
+        assert_eq!(f.spans_containing("u", "once", now), [97 * DAY..98 * DAY]);
+        assert_eq!(
+            f.spans_containing("u", "twice", now),
+            [97 * DAY..98 * DAY, 94 * DAY..95 * DAY],
+            "newest first"
+        );
+        assert_eq!(
+            f.spans_containing("u", "today", now),
+            [100 * DAY..101 * DAY]
+        );
+        assert!(f.spans_containing("u", "never", now).is_empty());
+        assert!(f.spans_containing("v", "once", now).is_empty());
+        for (id, ts) in [("once", three_days_back), ("today", now)] {
+            assert!(f.spans_containing("u", id, now)[0].contains(&ts));
+        }
     }
 
     #[test]

@@ -302,9 +302,13 @@ pub enum GiftStart {
     /// A retry of an accepted gift: answer from the slot, debit nothing.
     Retry(Arc<Slot>),
     /// The id is not resident but may have been evicted: look it up in the store among the
-    /// gifts made at `since_ms` or later, the ones the evicted-id filter remembers (found: a
-    /// retry; not found: call again with `store_checked: Some(mark)`). Nothing changed.
-    Lookup { mark: Lsn, since_ms: u64 },
+    /// gifts made in `spans`, the days of the evicted-id filter that answered "maybe" for it,
+    /// newest first (found: a retry; not found: call again with `store_checked: Some(mark)`).
+    /// Nothing changed.
+    Lookup {
+        mark: Lsn,
+        spans: Vec<std::ops::Range<u64>>,
+    },
     Rejected {
         code: &'static str,
         balance: Option<u64>,
@@ -454,16 +458,18 @@ impl Ledger {
             && req
                 .store_checked
                 .is_none_or(|mark| wallet.evicted_lsn_max > mark)
-            && self
-                .evicted_ids
-                .may_contain(req.user_id, req.gift_id, req.ts_ms)
         {
-            metrics::counter!("giftcast_idempotency_lookups_total").increment(1);
-            // Read under the wallet's entry: this id, accepted later, gets a higher LSN.
-            return GiftStart::Lookup {
-                mark: self.sink.assigned_lsn(),
-                since_ms: self.evicted_ids.remembered_since_ms(req.ts_ms),
-            };
+            let spans = self
+                .evicted_ids
+                .spans_containing(req.user_id, req.gift_id, req.ts_ms);
+            if !spans.is_empty() {
+                metrics::counter!("giftcast_idempotency_lookups_total").increment(1);
+                // Read under the wallet's entry: this id, accepted later, gets a higher LSN.
+                return GiftStart::Lookup {
+                    mark: self.sink.assigned_lsn(),
+                    spans,
+                };
+            }
         }
         let Some(balance_after) = wallet.balance.checked_sub(amount.0) else {
             return GiftStart::Rejected {

@@ -1,3 +1,5 @@
+// Lists of time spans that hold one span are what these tests mean.
+#![allow(clippy::single_range_in_vec_init)]
 use super::*;
 use proptest::prelude::*;
 use std::sync::Mutex;
@@ -522,6 +524,31 @@ fn old_stored_ids_leave_memory_after_the_resident_time() {
     assert_eq!(l.resident_gifts(), 1, "only the one older than 60 s left");
     assert_eq!(start(&l, &gift_now("a", "old")), "lookup");
     assert_eq!(start(&l, &gift_now("a", "recent")), "retry");
+}
+
+/// A lookup names the days of the evicted-id filter that answered "maybe" for the id: the day
+/// of its gift's time (three days back here), not the whole retention. That day is all the
+/// store probes.
+#[test]
+fn a_lookup_names_the_day_of_the_evicted_gift() {
+    const DAY: u64 = 24 * 3600 * 1000;
+    let (l, sink) = bounded(0, 0);
+    credit(&l, "a", 100, "r");
+    sink.set_stored(u64::MAX);
+    let made = crate::now_ms() - 3 * DAY;
+    let old = GiftRequest {
+        ts_ms: made,
+        ..gift("a", "g1", 1, 1)
+    };
+    assert_eq!(start(&l, &old), "new");
+    sink.settle_all();
+    assert_eq!(l.resident_gifts(), 0, "evicted once stored");
+    let GiftStart::Lookup { spans, .. } = l.begin_gift(&gift_now("a", "g1"), no_completion) else {
+        panic!("g1 needs a lookup")
+    };
+    let day = made / DAY * DAY;
+    assert_eq!(spans, [day..day + DAY]);
+    assert!(spans[0].contains(&made));
 }
 
 #[test]

@@ -16,6 +16,7 @@ pub use self::sqlite::SqliteStore;
 
 use crate::record::{CreditRecord, GiftRecord, Lsn, Record};
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -267,19 +268,30 @@ impl Store {
         }
     }
 
-    /// The stored gift `gift_id` of `user_id` made at `since_ms` or later, if any (for a retry of
-    /// an evicted id; `since_ms` is where the evicted-id filter's memory begins, so an older
-    /// gift with the same id is past the retention and not this one). The newest copy if there
-    /// are several (an id used again once past the retention is a new gift, stored as such).
+    /// The stored gift `gift_id` of `user_id` made in one of `spans` (gift times, `ts_ms`,
+    /// half-open), if any: for a retry of an evicted id, the spans are the days of the
+    /// evicted-id filter that answered "maybe" for it, where its gift is sure to be if it was
+    /// evicted, and a copy made outside them is past the retention or never was evicted. The
+    /// newest copy if there are several (an id used again once past the retention is a new
+    /// gift, stored as such). [`since`] gives every gift made from a time on.
     pub async fn find_gift(
         &self,
         user_id: &str,
         gift_id: &str,
-        since_ms: u64,
+        spans: impl AsRef<[Range<u64>]>,
     ) -> Result<Option<GiftRecord>> {
+        let spans: Vec<(i64, i64)> = spans
+            .as_ref()
+            .iter()
+            .filter(|s| s.start < s.end)
+            .map(|s| (clamp_i64(s.start), clamp_i64(s.end)))
+            .collect();
+        if spans.is_empty() {
+            return Ok(None);
+        }
         match self {
-            Store::Sqlite(s) => s.find_gift(user_id, gift_id, since_ms).await,
-            Store::Postgres(s) => s.find_gift(user_id, gift_id, since_ms).await,
+            Store::Sqlite(s) => s.find_gift(user_id, gift_id, spans).await,
+            Store::Postgres(s) => s.find_gift(user_id, gift_id, spans).await,
         }
     }
 
@@ -405,6 +417,9 @@ CREATE TABLE IF NOT EXISTS packet_records (
     // generation and hash with `gift_generations`; PostgreSQL's gifts keyed by record. The
     // first step an older giftcast can be refused for (giftcasts before it do not check).
     "",
+    // Step 4 (2026-12-07), made in code by SQLite's `migrate`: `gift_generations.ts_min`, so
+    // a lookup probes only the generations of the filter's days that answered "maybe".
+    "",
 ];
 
 /// Red packet records are kept whole (bincode, as in the journal): the ledger rebuilds the
@@ -441,6 +456,23 @@ pub(crate) fn is_packet(record: &Record) -> bool {
 /// The DDL of the version table itself (always run first).
 const SCHEMA_VERSION_DDL: &str =
     "CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)";
+
+/// `[since_ms, ∞)` for [`Store::find_gift`]: every gift made at `since_ms` or later.
+#[allow(clippy::single_range_in_vec_init)] // one span, as a list of spans
+pub fn since(since_ms: u64) -> [Range<u64>; 1] {
+    [since_ms..u64::MAX]
+}
+
+/// A gift time as stored (`BIGINT`): times past `i64::MAX` (none is made) as `i64::MAX`.
+fn clamp_i64(ms: u64) -> i64 {
+    i64::try_from(ms).unwrap_or(i64::MAX)
+}
+
+/// Whether `ts_ms` is in one of `spans` (as given to the backends' `find_gift`).
+pub(crate) fn in_spans(spans: &[(i64, i64)], ts_ms: u64) -> bool {
+    let ts = clamp_i64(ts_ms);
+    spans.iter().any(|&(start, end)| start <= ts && ts < end)
+}
 
 /// tokio-postgres' own Display says only "db error": add the server's message and SQLSTATE,
 /// or the I/O cause, so /readyz and the logs say what is wrong.

@@ -167,24 +167,27 @@ impl PgStore {
         .await
     }
 
-    /// The newest stored copy of the gift made at `since_ms` or later.
+    /// The newest stored copy of the gift made in one of `spans` (`Store::find_gift`): the
+    /// primary key `(user_id, gift_id, lsn)` finds the copies, the spans choose among them.
     pub async fn find_gift(
         &self,
         user_id: &str,
         gift_id: &str,
-        since_ms: u64,
+        spans: Vec<(i64, i64)>,
     ) -> Result<Option<GiftRecord>> {
         let (user_id, gift_id) = (user_id.to_string(), gift_id.to_string());
-        let since = to_i64(since_ms, "since_ms")?;
+        let (starts, ends): (Vec<i64>, Vec<i64>) = spans.into_iter().unzip();
         self.run(|conn| async move {
             let sql = format!(
                 "SELECT {GIFT_COLUMNS} FROM gifts
-                 WHERE user_id = $1 AND gift_id = $2 AND ts_ms >= $3
+                 WHERE user_id = $1 AND gift_id = $2
+                     AND EXISTS (SELECT 1 FROM unnest($3::int8[], $4::int8[]) AS s (a, b)
+                                 WHERE gifts.ts_ms >= s.a AND gifts.ts_ms < s.b)
                  ORDER BY lsn DESC LIMIT 1"
             );
             match conn
                 .client
-                .query_opt(&sql, &[&user_id, &gift_id, &since])
+                .query_opt(&sql, &[&user_id, &gift_id, &starts, &ends])
                 .await?
             {
                 Some(row) => Ok(Some(gift_row(&row)?)),

@@ -223,36 +223,54 @@ impl SqliteStore {
         .await
     }
 
-    /// The newest stored copy of the gift made at `since_ms` or later. Only the key generations
-    /// holding such gifts are probed (`gift_generations`, newest first), one index lookup each:
-    /// the work is bounded by the gifts of the window, not by every gift ever stored.
+    /// The newest stored copy of the gift made in one of `spans` (`Store::find_gift`). Only
+    /// the key generations that may hold such gifts are probed (`gift_generations`: those whose
+    /// gift times overlap a span), newest first, one index lookup each: the work is bounded by
+    /// the gifts of the spans, usually one day's, not by every gift ever stored.
     pub async fn find_gift(
         &self,
         user_id: &str,
         gift_id: &str,
-        since_ms: u64,
+        spans: Vec<(i64, i64)>,
     ) -> Result<Option<GiftRecord>> {
         let (user_id, gift_id) = (user_id.to_string(), gift_id.to_string());
         let hash = (self.keys.hash)(&user_id, &gift_id);
-        let since = to_i64(since_ms, "since_ms")?;
+        let from = spans.iter().map(|s| s.0).min().unwrap_or(i64::MAX);
+        let to = spans.iter().map(|s| s.1).max().unwrap_or(i64::MIN);
         self.with_reader(move |conn| {
             let generations: Vec<i64> = conn
                 .prepare_cached(
-                    "SELECT key_gen FROM gift_generations WHERE ts_max >= ?1 ORDER BY key_gen DESC",
+                    "SELECT key_gen, ts_min, ts_max FROM gift_generations
+                     WHERE ts_max >= ?1 AND ts_min < ?2 ORDER BY key_gen DESC",
                 )?
-                .query_map([since], |r| r.get(0))?
+                .query_map([from, to], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                })?
+                .filter_map(|row| match row {
+                    Ok((gen, ts_min, ts_max)) => spans
+                        .iter()
+                        .any(|&(start, end)| start <= ts_max && ts_min < end)
+                        .then_some(Ok(gen)),
+                    Err(e) => Some(Err(e)),
+                })
                 .collect::<rusqlite::Result<_>>()?;
             let sql = format!(
                 "SELECT {GIFT_COLUMNS} FROM gifts
                  WHERE key_gen = ?1 AND key_hash = ?2 AND user_id = ?3 AND gift_id = ?4
-                     AND ts_ms >= ?5
-                 ORDER BY lsn DESC LIMIT 1"
+                 ORDER BY lsn DESC"
             );
             let mut stmt = conn.prepare_cached(&sql)?;
             for gen in generations {
-                let mut rows = stmt.query(params![gen, hash, user_id, gift_id, since])?;
-                if let Some(row) = rows.next()? {
-                    return Ok(Some(gift_row(row)?));
+                let mut rows = stmt.query(params![gen, hash, user_id, gift_id])?;
+                while let Some(row) = rows.next()? {
+                    let gift = gift_row(row)?;
+                    if super::in_spans(&spans, gift.ts_ms) {
+                        return Ok(Some(gift));
+                    }
                 }
             }
             Ok(None)
@@ -260,13 +278,13 @@ impl SqliteStore {
         .await
     }
 
-    /// FOR TESTS: `gift_generations` as stored: `(key_gen, ts_max)` by generation.
+    /// FOR TESTS: `gift_generations` as stored: `(key_gen, ts_min, ts_max)` by generation.
     #[cfg(test)]
-    pub(crate) async fn gift_generations(&self) -> Result<Vec<(i64, i64)>> {
+    pub(crate) async fn gift_generations(&self) -> Result<Vec<(i64, i64, i64)>> {
         self.with_reader(|conn| {
             Ok(conn
-                .prepare("SELECT key_gen, ts_max FROM gift_generations ORDER BY key_gen")?
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .prepare("SELECT key_gen, ts_min, ts_max FROM gift_generations ORDER BY key_gen")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
                 .collect::<rusqlite::Result<_>>()?)
         })
         .await
@@ -350,22 +368,28 @@ fn migrate(conn: &mut Connection, node: &str, keys: KeyScheme) -> Result<()> {
          ON CONFLICT (node_id) DO NOTHING",
         [node],
     )?;
-    if !has_column(&tx, "key_hash")? {
+    if !has_column(&tx, "gifts", "key_hash")? {
         key_gifts_by_hash(&tx, keys)?;
-    } else if !has_column(&tx, "key_gen")? {
+    } else if !has_column(&tx, "gifts", "key_gen")? {
         key_gifts_by_generation(&tx)?;
     }
     if !has_table(&tx, "gift_generations")? {
         index_gift_generations(&tx)?;
+    } else if !has_column(&tx, "gift_generations", "ts_min")? {
+        // Step 4: the oldest gift time of each generation. Not known for the generations
+        // stored before: 0, so they are probed for any span until they are past the retention.
+        tx.execute_batch(
+            "ALTER TABLE gift_generations ADD COLUMN ts_min INTEGER NOT NULL DEFAULT 0",
+        )?;
     }
     tx.commit()?;
     Ok(())
 }
 
-fn has_column(tx: &Transaction<'_>, column: &str) -> Result<bool> {
+fn has_column(tx: &Transaction<'_>, table: &str, column: &str) -> Result<bool> {
     let n: i64 = tx.query_row(
-        "SELECT COUNT(*) FROM pragma_table_info('gifts') WHERE name = ?1",
-        [column],
+        "SELECT COUNT(*) FROM pragma_table_info(?1) WHERE name = ?2",
+        [table, column],
         |r| r.get(0),
     )?;
     Ok(n > 0)
@@ -380,9 +404,10 @@ fn has_table(tx: &Transaction<'_>, table: &str) -> Result<bool> {
     Ok(n > 0)
 }
 
-/// `gift_generations`: each key generation's newest gift time (`ts_ms`, the wall clock of the
-/// gift, which is not in LSN order: the largest, not the last), kept by `apply` in each batch's
-/// transaction, so `find_gift` probes only the generations that may hold a gift of its window.
+/// `gift_generations`: each key generation's oldest and newest gift time (`ts_ms`, the wall
+/// clock of the gift, which is not in LSN order: the smallest and the largest, not the first
+/// and the last), kept by `apply` in each batch's transaction, so `find_gift` probes only the
+/// generations that may hold a gift of its spans.
 /// Built once from the gifts of a file that predates it (one pass over the table, logged before
 /// and after).
 fn index_gift_generations(tx: &Transaction<'_>) -> Result<()> {
@@ -394,10 +419,11 @@ fn index_gift_generations(tx: &Transaction<'_>) -> Result<()> {
     tx.execute_batch(
         "CREATE TABLE gift_generations (
              key_gen INTEGER PRIMARY KEY,
-             ts_max INTEGER NOT NULL
+             ts_max INTEGER NOT NULL,
+             ts_min INTEGER NOT NULL DEFAULT 0
          );
-         INSERT INTO gift_generations (key_gen, ts_max)
-             SELECT key_gen, MAX(ts_ms) FROM gifts GROUP BY key_gen;",
+         INSERT INTO gift_generations (key_gen, ts_min, ts_max)
+             SELECT key_gen, MIN(ts_ms), MAX(ts_ms) FROM gifts GROUP BY key_gen;",
     )?;
     if any {
         let generations: i64 =
@@ -661,25 +687,26 @@ fn apply(
                 _ => {}
             }
         }
-        // Each generation's newest gift time, raised by the gifts inserted into it (a batch
-        // touches one generation, two at a boundary).
-        let mut newest: Vec<(i64, i64)> = Vec::new();
+        // Each generation's oldest and newest gift time, widened by the gifts inserted into
+        // it (a batch touches one generation, two at a boundary).
+        let mut times: Vec<(i64, i64, i64)> = Vec::new();
         for (i, part) in parts.iter().enumerate().filter(|&(i, _)| inserted[i]) {
             let (Some(g), Some((gen, _))) = (part.as_deref(), index_keys[i]) else {
                 continue;
             };
             let ts = to_i64(g.ts_ms, "ts_ms")?;
-            match newest.iter_mut().find(|n| n.0 == gen) {
-                Some(n) => n.1 = n.1.max(ts),
-                None => newest.push((gen, ts)),
+            match times.iter_mut().find(|t| t.0 == gen) {
+                Some(t) => (t.1, t.2) = (t.1.min(ts), t.2.max(ts)),
+                None => times.push((gen, ts, ts)),
             }
         }
-        let mut upsert_newest = tx.prepare_cached(
-            "INSERT INTO gift_generations (key_gen, ts_max) VALUES (?1, ?2)
-             ON CONFLICT (key_gen) DO UPDATE SET ts_max = MAX(ts_max, excluded.ts_max)",
+        let mut upsert_times = tx.prepare_cached(
+            "INSERT INTO gift_generations (key_gen, ts_min, ts_max) VALUES (?1, ?2, ?3)
+             ON CONFLICT (key_gen) DO UPDATE SET
+                 ts_min = MIN(ts_min, excluded.ts_min), ts_max = MAX(ts_max, excluded.ts_max)",
         )?;
-        for (gen, ts_max) in newest {
-            upsert_newest.execute([gen, ts_max])?;
+        for (gen, ts_min, ts_max) in times {
+            upsert_times.execute([gen, ts_min, ts_max])?;
         }
         let mut upsert_wallet = tx.prepare_cached(
             "INSERT INTO wallets (user_id, balance) VALUES (?1, ?2)

@@ -2,6 +2,9 @@
 //! PostgreSQL on 127.0.0.1:5432 (database `test`, user `postgres`), each in its own schema.
 //! A PostgreSQL test FAILS when the server is unreachable: it is never skipped.
 
+// Lists of time spans that hold one span are what these tests mean.
+#![allow(clippy::single_range_in_vec_init)]
+
 use super::*;
 use crate::money::{Coins, Split};
 use crate::record::{CreditRecord, GiftRecord};
@@ -448,14 +451,45 @@ async fn a_gift_id_under_a_new_lsn_is_a_new_gift(backend: Backend) {
         balances + snapshot.gifted_total,
         "the store balances"
     );
-    // Found: the newest copy, or the first one only for a window that ends before the second.
-    let find = |since| db.store.find_gift(&first.user_id, &first.gift_id, since);
+    // Found: the newest copy of the window.
+    let find = |from| {
+        db.store
+            .find_gift(&first.user_id, &first.gift_id, since(from))
+    };
     assert_eq!(find(0).await.unwrap().as_ref(), Some(&again));
     assert_eq!(find(again.ts_ms).await.unwrap().as_ref(), Some(&again));
     assert_eq!(find(again.ts_ms + 1).await.unwrap(), None);
+    // In spans: the newest copy made in one of them; none made in none.
+    let (t1, t2) = (first.ts_ms, again.ts_ms);
+    let in_spans = |spans: Vec<std::ops::Range<u64>>| {
+        db.store.find_gift(&first.user_id, &first.gift_id, spans)
+    };
+    assert_eq!(
+        in_spans(vec![t1..t1 + 1]).await.unwrap().as_ref(),
+        Some(&first)
+    );
+    assert_eq!(
+        in_spans(vec![t1..t2]).await.unwrap().as_ref(),
+        Some(&first),
+        "ends before"
+    );
+    assert_eq!(
+        in_spans(vec![t2..t2 + 1, t1..t1 + 1])
+            .await
+            .unwrap()
+            .as_ref(),
+        Some(&again)
+    );
+    assert_eq!(
+        in_spans(vec![t1 - 10..t1, t1 + 1..t2, t2 + 1..t2 + 10])
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(in_spans(vec![]).await.unwrap(), None);
     assert_eq!(
         db.store
-            .find_gift(&first.user_id, "gift-1", again.ts_ms)
+            .find_gift(&first.user_id, "gift-1", since(again.ts_ms))
             .await
             .unwrap(),
         None,
@@ -770,18 +804,25 @@ async fn gifts_load_split_by_the_resident_window_and_are_found_by_id(backend: Ba
     // Every stored gift is found whole by (user, id); others are not.
     for (_, record) in &records {
         if let Record::Gift(g) = &**record {
-            let found = db.store.find_gift(&g.user_id, &g.gift_id, 0).await.unwrap();
+            let found = db
+                .store
+                .find_gift(&g.user_id, &g.gift_id, super::since(0))
+                .await
+                .unwrap();
             assert_eq!(found.as_ref(), Some(g));
         }
     }
     let some = whole.gifts[0].clone();
     assert_eq!(
-        db.store.find_gift(&some.user_id, "nope", 0).await.unwrap(),
+        db.store
+            .find_gift(&some.user_id, "nope", super::since(0))
+            .await
+            .unwrap(),
         None
     );
     assert_eq!(
         db.store
-            .find_gift("nobody", &some.gift_id, 0)
+            .find_gift("nobody", &some.gift_id, super::since(0))
             .await
             .unwrap(),
         None
@@ -922,10 +963,11 @@ async fn sqlite_a_lookup_does_not_wait_for_the_writer() {
     let wait = Duration::from_secs(10);
     for (_, record) in &records {
         if let Record::Gift(g) = &**record {
-            let found = tokio::time::timeout(wait, db.store.find_gift(&g.user_id, &g.gift_id, 0))
-                .await
-                .expect("find_gift waited for the writer")
-                .unwrap();
+            let found =
+                tokio::time::timeout(wait, db.store.find_gift(&g.user_id, &g.gift_id, since(0)))
+                    .await
+                    .expect("find_gift waited for the writer")
+                    .unwrap();
             assert_eq!(found.as_ref(), Some(g));
         }
     }
@@ -1012,23 +1054,23 @@ async fn an_older_file_is_migrated(
     let Store::Sqlite(sqlite) = &store else {
         unreachable!()
     };
-    let newest = first
-        .iter()
-        .filter_map(|(_, r)| match &**r {
-            Record::Gift(g) => Some(g.ts_ms),
-            _ => None,
-        })
-        .max()
-        .unwrap();
+    let times = first.iter().filter_map(|(_, r)| match &**r {
+        Record::Gift(g) => Some(g.ts_ms as i64),
+        _ => None,
+    });
+    let (oldest, newest) = (times.clone().min().unwrap(), times.max().unwrap());
     assert_eq!(
         sqlite.gift_generations().await.unwrap(),
-        [(0, newest as i64)],
+        [(0, oldest, newest)],
         "built from the gifts: all in generation 0"
     );
     assert_eq!(store.load(0).await.unwrap(), model(first, 0));
     for (_, record) in first {
         if let Record::Gift(g) = &**record {
-            let found = store.find_gift(&g.user_id, &g.gift_id, 0).await.unwrap();
+            let found = store
+                .find_gift(&g.user_id, &g.gift_id, since(0))
+                .await
+                .unwrap();
             assert_eq!(found.as_ref(), Some(g));
         }
     }
@@ -1050,7 +1092,7 @@ async fn an_older_file_is_migrated(
         (&everything.gifts, all.gifted_total + again.amount)
     );
     let found = store
-        .find_gift(&original.user_id, &original.gift_id, 0)
+        .find_gift(&original.user_id, &original.gift_id, since(0))
         .await
         .unwrap();
     assert_eq!(found.as_ref(), Some(&again));
@@ -1333,12 +1375,21 @@ async fn gifts_in_many_key_generations_are_stored_and_found(hash: sqlite::KeyHas
     for store in [store, open_keyed(&path, small_generations(hash)).await] {
         for (_, record) in &records {
             if let Record::Gift(g) = &**record {
-                let found = store.find_gift(&g.user_id, &g.gift_id, 0).await.unwrap();
+                let found = store
+                    .find_gift(&g.user_id, &g.gift_id, since(0))
+                    .await
+                    .unwrap();
                 assert_eq!(found.as_ref(), Some(g));
             }
         }
-        assert_eq!(store.find_gift("user-0", "gift-6", 0).await.unwrap(), None);
-        assert_eq!(store.find_gift("user-6", "gift-0", 0).await.unwrap(), None);
+        assert_eq!(
+            store.find_gift("user-0", "gift-6", since(0)).await.unwrap(),
+            None
+        );
+        assert_eq!(
+            store.find_gift("user-6", "gift-0", since(0)).await.unwrap(),
+            None
+        );
     }
 }
 
@@ -1405,7 +1456,7 @@ async fn a_gift_id_again_is_stored_in_any_generation_and_found_newest_first(hash
     assert_eq!(snapshot.gifted_total, gifted + second.amount + third.amount);
     let (gens, _) = stored_generations(&path);
     assert_eq!(&gens[gens.len() - 2..], [(1, 7), (2, 8)]);
-    let find = |since| store.find_gift(&original.user_id, &original.gift_id, since);
+    let find = |from| store.find_gift(&original.user_id, &original.gift_id, since(from));
     assert_eq!(find(0).await.unwrap().as_ref(), Some(&third), "the newest");
     assert_eq!(find(90_000).await.unwrap().as_ref(), Some(&third));
     assert_eq!(find(90_001).await.unwrap(), None);
@@ -1432,16 +1483,18 @@ async fn sqlite_a_gift_id_again_is_stored_in_any_generation_and_found_newest_fir
     a_gift_id_again_is_stored_in_any_generation_and_found_newest_first(colliding_key_hash).await;
 }
 
-/// `gift_generations` holds each key generation's newest gift time, whatever order the wall
-/// clock gave them (it went back here, inside a generation and across one), and
-/// `find_gift` probes only the generations whose newest gift is in its window: a gift made
-/// before the window is not found, one in it is, in whatever generation. With the real hash and
-/// the colliding one.
-async fn find_gift_probes_the_generations_of_its_window(hash: sqlite::KeyHash) {
+/// `gift_generations` holds each key generation's oldest and newest gift time, whatever order
+/// the wall clock gave them (it went back here, inside a generation and across one), and
+/// `find_gift` probes only the generations whose times overlap one of its spans: a gift made
+/// outside the spans is not found, one inside them is, in whatever generation. A generation
+/// whose times do not overlap is not probed at all (shown by narrowing one behind the store's
+/// back). A file from before `ts_min` gets it at open, 0 for the generations stored then (every
+/// gift still found), the real time for those after. With the real hash and the colliding one.
+async fn find_gift_probes_the_generations_of_its_spans(hash: sqlite::KeyHash) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(SQLITE_FILE_NAME);
     let store = open_keyed(&path, small_generations(hash)).await;
-    let mut records = history(2, 6);
+    let mut records = history(2, 7);
     // LSNs 3-14 are gifts, generations (4 LSNs) 0 to 3. The clock as the gifts saw it:
     let times: [u64; 12] = [
         100, // 3: generation 0
@@ -1457,7 +1510,8 @@ async fn find_gift_probes_the_generations_of_its_window(hash: sqlite::KeyHash) {
         g.ts_ms = ts;
         *record = Arc::new(Record::Gift(g));
     }
-    for batch in records.chunks(5) {
+    let (now, later) = records.split_at(14);
+    for batch in now.chunks(5) {
         store.apply_batch(batch).await.unwrap();
     }
     let Store::Sqlite(sqlite) = &store else {
@@ -1465,48 +1519,120 @@ async fn find_gift_probes_the_generations_of_its_window(hash: sqlite::KeyHash) {
     };
     assert_eq!(
         sqlite.gift_generations().await.unwrap(),
-        [(0, 100), (1, 9_000), (2, 700), (3, 800)]
+        [(0, 100, 100), (1, 200, 9_000), (2, 400, 700), (3, 10, 800)]
     );
     let gift = |lsn: usize| match &*records[lsn - 1].1 {
         Record::Gift(g) => g.clone(),
         _ => unreachable!(),
     };
-    let find = |lsn: usize, since: u64| {
-        let g = gift(lsn);
+    let find = |store: &Store, lsn: usize, spans: &[std::ops::Range<u64>]| {
+        let (g, spans, store) = (gift(lsn), spans.to_vec(), store.clone());
         async move {
-            sqlite
-                .find_gift(&g.user_id, &g.gift_id, since)
+            store
+                .find_gift(&g.user_id, &g.gift_id, spans)
                 .await
                 .unwrap()
         }
     };
-    // Generation 1's newest gift is at 9,000 (LSN 6, not its last): it is probed for windows
-    // from 9,000, so the gift at 9,000 is found.
-    assert_eq!(find(6, 9_000).await, Some(gift(6)));
-    assert_eq!(find(6, 9_001).await, None);
+    // Generation 1's newest gift is at 9,000 (LSN 6, not its last): found in a span holding
+    // 9,000, not in one ending there.
+    assert_eq!(find(&store, 6, &since(9_000)).await, Some(gift(6)));
+    assert_eq!(find(&store, 6, &[9_000..9_001]).await, Some(gift(6)));
+    assert_eq!(find(&store, 6, &[0..9_000]).await, None);
+    assert_eq!(find(&store, 6, &since(9_001)).await, None);
     // LSN 7 (250) sits in generation 1 too; from 260 on it is out of the window.
-    assert_eq!(find(7, 250).await, Some(gift(7)));
-    assert_eq!(find(7, 260).await, None);
+    assert_eq!(find(&store, 7, &since(250)).await, Some(gift(7)));
+    assert_eq!(find(&store, 7, &since(260)).await, None);
     // Generation 3's last gifts went back to 10 and 20: from 15, LSN 14 (20) is found, LSN 13
-    // (10) is not.
-    assert_eq!(find(14, 15).await, Some(gift(14)));
-    assert_eq!(find(13, 15).await, None);
-    assert_eq!(find(3, 100).await, Some(gift(3)));
-    assert_eq!(find(3, 101).await, None);
-    // Every gift from 0.
+    // (10) is not; a span around 10 finds it, however many other spans there are.
+    assert_eq!(find(&store, 14, &since(15)).await, Some(gift(14)));
+    assert_eq!(find(&store, 13, &since(15)).await, None);
+    assert_eq!(
+        find(&store, 13, &[800..900, 300..400, 5..11]).await,
+        Some(gift(13))
+    );
+    assert_eq!(find(&store, 13, &[800..900, 300..400]).await, None);
+    assert_eq!(find(&store, 3, &since(100)).await, Some(gift(3)));
+    assert_eq!(find(&store, 3, &since(101)).await, None);
+    assert_eq!(find(&store, 3, &[]).await, None, "no span, no gift");
+    // Every gift from 0, and in a span of its own time.
     for lsn in 3..=14 {
-        assert_eq!(find(lsn, 0).await, Some(gift(lsn)), "LSN {lsn}");
+        let ts = gift(lsn).ts_ms;
+        assert_eq!(
+            find(&store, lsn, &since(0)).await,
+            Some(gift(lsn)),
+            "LSN {lsn}"
+        );
+        assert_eq!(
+            find(&store, lsn, &[ts..ts + 1]).await,
+            Some(gift(lsn)),
+            "LSN {lsn}"
+        );
     }
+    // Generation 2 (400-700) said to begin at 650: a span before that does not probe it, so
+    // LSN 8 (400) is not found there, though its row is in the table.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute(
+        "UPDATE gift_generations SET ts_min = 650 WHERE key_gen = 2",
+        [],
+    )
+    .unwrap();
+    assert_eq!(
+        find(&store, 8, &[390..410]).await,
+        None,
+        "generation 2 probed"
+    );
+    assert_eq!(
+        find(&store, 8, &[9_000..9_001, 390..410]).await,
+        None,
+        "generation 2 probed for spans around it"
+    );
+    assert_eq!(find(&store, 11, &[690..710]).await, Some(gift(11)));
+    // A file from before step 4: no `ts_min`.
+    drop(store);
+    conn.execute_batch(
+        "ALTER TABLE gift_generations DROP COLUMN ts_min;
+         DELETE FROM schema_version WHERE version = 4;",
+    )
+    .unwrap();
+    let store = open_keyed(&path, small_generations(hash)).await;
+    let Store::Sqlite(sqlite) = &store else {
+        unreachable!()
+    };
+    assert_eq!(
+        sqlite.gift_generations().await.unwrap(),
+        [(0, 0, 100), (1, 0, 9_000), (2, 0, 700), (3, 0, 800)],
+        "the times before unknown: 0"
+    );
+    let step: i64 = conn
+        .query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(step, MIGRATIONS.len() as i64);
+    for lsn in 3..=14 {
+        let ts = gift(lsn).ts_ms;
+        assert_eq!(
+            find(&store, lsn, &[ts..ts + 1]).await,
+            Some(gift(lsn)),
+            "LSN {lsn}"
+        );
+    }
+    // LSN 15 (at 1,015) joins generation 3, whose unknown start stays 0; LSN 16 (1,016)
+    // begins generation 4, with its real time.
+    store.apply_batch(later).await.unwrap();
+    assert_eq!(
+        sqlite.gift_generations().await.unwrap()[3..],
+        [(3, 0, 1_015), (4, 1_016, 1_016)]
+    );
 }
 
 #[tokio::test]
-async fn sqlite_find_gift_probes_the_generations_of_its_window() {
-    find_gift_probes_the_generations_of_its_window(sqlite::gift_key_hash).await;
+async fn sqlite_find_gift_probes_the_generations_of_its_spans() {
+    find_gift_probes_the_generations_of_its_spans(sqlite::gift_key_hash).await;
 }
 
 #[tokio::test]
-async fn sqlite_find_gift_probes_the_generations_of_its_window_colliding() {
-    find_gift_probes_the_generations_of_its_window(colliding_key_hash).await;
+async fn sqlite_find_gift_probes_the_generations_of_its_spans_colliding() {
+    find_gift_probes_the_generations_of_its_spans(colliding_key_hash).await;
 }
 
 /// A file keyed by `(key_hash, key_salt)` without generations (giftcast of 2026-12-03 to
