@@ -953,6 +953,33 @@ fn frames(data: &[u8]) -> Vec<(usize, u64)> {
     out
 }
 
+/// Starts `node`, funds `users` wallets named `{prefix}{i}`, sends gifts from each until at
+/// least `acks` are acknowledged, then stops the server with SIGTERM (exit 0). Returns what was
+/// done and the audit taken before the stop.
+async fn gifts_then_stop(node: &mut Node, prefix: &str, users: usize, acks: u64) -> (Model, Value) {
+    let server = node.start().await;
+    let mut model = Model::default();
+    let users: Vec<(String, usize)> = (0..users).map(|i| (format!("{prefix}{i}"), 1)).collect();
+    for (user, _) in &users {
+        model
+            .credit(&server, user, 100_000, &format!("fund-{user}"))
+            .await;
+    }
+    let l = load(&server, &users, prefix, users.len()).await;
+    let deadline = Instant::now() + WAIT;
+    while l.acks.load(Ordering::Relaxed) < acks {
+        assert!(
+            Instant::now() < deadline,
+            "{acks} gifts acknowledged in {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    model.absorb(l.finish().await);
+    let audit = server.audit().await;
+    assert_eq!(server.sigterm().await, Some(0));
+    (model, audit)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------------------------
@@ -1574,28 +1601,9 @@ async fn a_corrupt_journal_stops_the_start_naming_segment_and_offset() {
         plain_segments: true,
         ..Opts::default()
     });
-    let server = node.start().await;
-    let mut model = Model::default();
-    let users: Vec<(String, usize)> = (0..4).map(|i| (format!("k{i}"), 1)).collect();
-    for (user, _) in &users {
-        model
-            .credit(&server, user, 100_000, &format!("fund-{user}"))
-            .await;
-    }
-    let l = load(&server, &users, "k", 4).await;
     // Enough frames to damage one in the middle: a count of acks, not a time (under a loaded
     // CI, 200 ms once gave 4 frames, the credits alone).
-    let deadline = Instant::now() + WAIT;
-    while l.acks.load(Ordering::Relaxed) < 40 {
-        assert!(
-            Instant::now() < deadline,
-            "40 gifts acknowledged in {WAIT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    model.absorb(l.finish().await);
-    let audit = server.audit().await;
-    assert_eq!(server.sigterm().await, Some(0));
+    let (_, audit) = gifts_then_stop(&mut node, "k", 4, 40).await;
 
     let segs = segments(node.dir());
     assert_eq!(segs.len(), 1, "one plain segment");
@@ -1648,26 +1656,7 @@ async fn a_corrupt_journal_stops_the_start_naming_segment_and_offset() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_from_a_newer_giftcast_stops_the_start() {
     let mut node = Node::new(Opts::default());
-    let server = node.start().await;
-    let mut model = Model::default();
-    let users: Vec<(String, usize)> = (0..2).map(|i| (format!("n{i}"), 1)).collect();
-    for (user, _) in &users {
-        model
-            .credit(&server, user, 100_000, &format!("fund-{user}"))
-            .await;
-    }
-    let l = load(&server, &users, "n", 2).await;
-    let deadline = Instant::now() + WAIT;
-    while l.acks.load(Ordering::Relaxed) < 10 {
-        assert!(
-            Instant::now() < deadline,
-            "10 gifts acknowledged in {WAIT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    model.absorb(l.finish().await);
-    let audit = server.audit().await;
-    assert_eq!(server.sigterm().await, Some(0));
+    let (model, audit) = gifts_then_stop(&mut node, "n", 2, 10).await;
 
     let db = node.dir().join("giftcast.db");
     let step: i64 = rusqlite::Connection::open(&db)
