@@ -199,6 +199,24 @@ impl Node {
         panic!("no free port after 5 attempts");
     }
 
+    /// A start that `why` must stop: exit 2 and one line on stderr, which is returned.
+    async fn start_refused(&mut self, why: &str) -> String {
+        let failure = self
+            .try_start()
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{why} must stop the start"));
+        assert_eq!(failure.code, Some(2), "{why}: {failure:?}");
+        let lines: Vec<&str> = failure
+            .stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        assert_eq!(lines.len(), 1, "{why}: one line: {:?}", failure.stderr);
+        eprintln!("{why}: exit 2, stderr: {}", lines[0]);
+        lines[0].to_string()
+    }
+
     async fn start(&mut self) -> Server {
         match self.try_start().await {
             Ok(s) => s,
@@ -1619,24 +1637,12 @@ async fn a_corrupt_journal_stops_the_start_naming_segment_and_offset() {
     }
     std::fs::write(&path, &corrupt).unwrap();
 
-    let failure = node
-        .try_start()
-        .await
-        .err()
-        .expect("a corrupt journal must stop the start");
-    assert_eq!(failure.code, Some(2), "{failure:?}");
-    let lines: Vec<&str> = failure
-        .stderr
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .collect();
-    assert_eq!(lines.len(), 1, "one line: {:?}", failure.stderr);
-    eprintln!("corrupt journal: exit 2, stderr: {}", lines[0]);
+    let line = node.start_refused("a corrupt journal").await;
     let name = path.file_name().unwrap().to_string_lossy();
     assert!(
-        lines[0].contains(name.as_ref()) && lines[0].contains(&format!("offset {damaged_frame}")),
+        line.contains(name.as_ref()) && line.contains(&format!("offset {damaged_frame}")),
         "names segment {name} and offset {damaged_frame}: {}",
-        lines[0]
+        line
     );
     assert_eq!(
         std::fs::read(&path).unwrap(),
@@ -1671,23 +1677,11 @@ async fn a_store_from_a_newer_giftcast_stops_the_start() {
         )
         .unwrap();
     let journal = segments(node.dir());
-    let failure = node
-        .try_start()
-        .await
-        .err()
-        .expect("a store from a newer giftcast must stop the start");
-    assert_eq!(failure.code, Some(2), "{failure:?}");
-    let lines: Vec<&str> = failure
-        .stderr
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .collect();
-    assert_eq!(lines.len(), 1, "one line: {:?}", failure.stderr);
-    eprintln!("newer store: exit 2, stderr: {}", lines[0]);
+    let line = node.start_refused("a store from a newer giftcast").await;
     assert!(
-        lines[0].contains("newer giftcast") && lines[0].contains(&format!("step {}", step + 1)),
+        line.contains("newer giftcast") && line.contains(&format!("step {}", step + 1)),
         "{}",
-        lines[0]
+        line
     );
     assert_eq!(segments(node.dir()), journal, "the journal is not touched");
 
