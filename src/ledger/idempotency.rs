@@ -296,9 +296,9 @@ impl EvictedIds {
         slots.iter().flatten().map(Generation::growth_bytes).sum()
     }
 
-    /// The time from which `may_contain(_, _, now_ms)` remembers ids: it answers for the gifts
-    /// made at this time or later, and never for older ones (so a store lookup after a "maybe"
-    /// needs to look no further back; `Store::find_gift`).
+    /// The time from which the filter remembers ids at `now_ms`: it answers for the gifts made
+    /// at this time or later, and never for older ones (every span `spans_containing` names
+    /// starts here or later).
     #[cfg(test)]
     fn remembered_since_ms(&self, now_ms: u64) -> u64 {
         self.oldest_live(now_ms) * self.span_ms

@@ -363,7 +363,7 @@ pub(crate) use gift_column_defs;
 /// these statements (an empty step): a store at a step this build does not know was written by
 /// a newer giftcast, and is refused (`StoreError::Newer`), because writing it in an older shape
 /// could lose what the newer one relies on (docs/durability.md, "Upgrades only").
-pub(crate) const MIGRATIONS: &[&str] = &[
+const MIGRATIONS: &[&str] = &[
     concat!(
         r#"
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -456,6 +456,22 @@ pub(crate) fn is_packet(record: &Record) -> bool {
 /// The DDL of the version table itself (always run first).
 const SCHEMA_VERSION_DDL: &str =
     "CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)";
+
+/// The steps of `MIGRATIONS` a store at step `version` has still to take, as `(number, ddl)`,
+/// `ddl` empty for a step made in code; a store at a step this build does not know is refused
+/// (a newer giftcast wrote it). Both backends' `migrate` take them the same way.
+fn steps_after(version: i64) -> Result<impl Iterator<Item = (i64, &'static str)>> {
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(StoreError::Newer {
+            found: version,
+            known,
+        });
+    }
+    Ok((1..=known)
+        .zip(MIGRATIONS.iter().copied())
+        .filter(move |&(number, _)| number > version))
+}
 
 /// `[since_ms, ∞)` for [`Store::find_gift`]: every gift made at `since_ms` or later.
 #[allow(clippy::single_range_in_vec_init)] // one span, as a list of spans

@@ -4,7 +4,7 @@
 
 use super::{
     final_balances, to_i64, to_u64, Deltas, Result, RevenueRow, Snapshot, StoreError, GIFT_COLUMNS,
-    MIGRATIONS, SCHEMA_VERSION_DDL, STORE_OPERATION_TIMEOUT_MS,
+    SCHEMA_VERSION_DDL, STORE_OPERATION_TIMEOUT_MS,
 };
 use crate::money::Shares;
 use crate::record::{CreditRecord, GiftRecord, Lsn, Record};
@@ -224,25 +224,15 @@ async fn migrate(client: &mut Client, node: &str) -> Result<()> {
         )
         .await?
         .get(0);
-    let known = MIGRATIONS.len() as i64;
-    if version > known {
-        return Err(StoreError::Newer {
-            found: version,
-            known,
-        });
-    }
-    for (index, ddl) in MIGRATIONS.iter().enumerate() {
-        let number = index as i64 + 1;
-        if number > version {
-            if !ddl.is_empty() {
-                tx.batch_execute(ddl).await?;
-            }
-            tx.execute(
-                "INSERT INTO schema_version (version) VALUES ($1)",
-                &[&number],
-            )
-            .await?;
+    for (number, ddl) in super::steps_after(version)? {
+        if !ddl.is_empty() {
+            tx.batch_execute(ddl).await?;
         }
+        tx.execute(
+            "INSERT INTO schema_version (version) VALUES ($1)",
+            &[&number],
+        )
+        .await?;
     }
     tx.execute(
         "INSERT INTO checkpoints (node_id, lsn, credited_total, gifted_total) VALUES ($1, 0, 0, 0)

@@ -2,7 +2,7 @@
 
 use super::{
     final_balances, to_i64, to_u64, Deltas, Result, RevenueRow, Snapshot, StoreError, GIFT_COLUMNS,
-    MIGRATIONS, SCHEMA_VERSION_DDL,
+    SCHEMA_VERSION_DDL,
 };
 use crate::money::Shares;
 use crate::record::{CreditRecord, GiftRecord, Lsn, Record};
@@ -347,21 +347,11 @@ fn migrate(conn: &mut Connection, node: &str, keys: KeyScheme) -> Result<()> {
         [],
         |r| r.get(0),
     )?;
-    let known = MIGRATIONS.len() as i64;
-    if version > known {
-        return Err(StoreError::Newer {
-            found: version,
-            known,
-        });
-    }
-    for (index, ddl) in MIGRATIONS.iter().enumerate() {
-        let number = index as i64 + 1;
-        if number > version {
-            if !ddl.is_empty() {
-                tx.execute_batch(ddl)?;
-            }
-            tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [number])?;
+    for (number, ddl) in super::steps_after(version)? {
+        if !ddl.is_empty() {
+            tx.execute_batch(ddl)?;
         }
+        tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [number])?;
     }
     tx.execute(
         "INSERT INTO checkpoints (node_id, lsn, credited_total, gifted_total) VALUES (?1, 0, 0, 0)
